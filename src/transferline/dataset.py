@@ -1,0 +1,448 @@
+"""Layouts, validation, de-duplication and the stratified split; the tf.data image loader.
+
+Everything here up to `make_image_dataset` is pure Python (PIL, NumPy): the split stage never
+imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_DIR_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                   "validation": "val", "test": "test", "testing": "test"}
+SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
+# Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read.
+SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
+Layout = Literal["auto", "class_folders", "presplit", "filename"]
+
+
+class DataError(ValueError):
+    """The data set cannot be split as asked; the message names the folder, class or count."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str  # relative to the raw root, posix
+    label: str
+    split: str | None = None  # given by a pre-split layout
+
+
+@dataclass
+class SplitResult:
+    manifests: dict[str, list[tuple[str, str]]]  # split -> [(path, label)]
+    classes: list[str]
+    rejected: list[tuple[str, str]]  # (path, reason)
+    duplicates: int
+    layout: str
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def _visible(entries: Iterable[Path]) -> list[Path]:
+    return sorted((p for p in entries if not is_hidden(p.name)), key=lambda p: p.name)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every visible file below `folder`, skipping hidden files and system folders."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        out += [Path(dirpath) / f for f in sorted(filenames) if not is_hidden(f)]
+    return out
+
+
+def _unwrap(folder: Path) -> Path:
+    """Descend through wrapper folders (one visible subfolder and no files), e.g. PetImages/."""
+    while True:
+        entries = _visible(folder.iterdir())
+        dirs = [e for e in entries if e.is_dir()]
+        if len(dirs) == 1 and len(entries) == 1:
+            folder = dirs[0]
+        else:
+            return folder
+
+
+def _split_dirs(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in _visible(folder.iterdir()):
+        name = SPLIT_DIR_NAMES.get(d.name.lower())
+        if d.is_dir() and name:
+            if name in found:
+                raise DataError(
+                    f"{folder}: both {found[name].name}/ and {d.name}/ look like the {name} split; "
+                    f"keep one, or set data.subdir to the one to use."
+                )
+            found[name] = d
+    return found
+
+
+_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9-]*?)[._ -]")
+
+
+def label_from_filename(name: str) -> str | None:
+    """`cat.0.jpg` -> `cat`, `dog_12.png` -> `dog`; None when the name carries no label."""
+    m = _PREFIX.match(name)
+    return m.group(1).lower() if m else None
+
+
+def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> list[Candidate]:
+    folder = _unwrap(folder)
+    out = []
+    for class_dir in _visible(folder.iterdir()):
+        if class_dir.is_dir():
+            out += [
+                Candidate(f.relative_to(rel_to).as_posix(), class_dir.name, split)
+                for f in _files_under(class_dir)
+            ]
+    return out
+
+
+def _filename_candidates(folder: Path, rel_to: Path) -> list[Candidate]:
+    out = []
+    for f in _files_under(folder):
+        label = label_from_filename(f.name)
+        out.append(Candidate(f.relative_to(rel_to).as_posix(), label or ""))
+    return out
+
+
+def detect_layout(root: Path) -> str:
+    folder = _unwrap(root)
+    if len(_split_dirs(folder)) >= 2 and "train" in _split_dirs(folder):
+        return "presplit"
+    entries = _visible(folder.iterdir())
+    if any(e.is_dir() for e in entries):
+        return "class_folders"
+    return "filename"
+
+
+def reconcile_labels(cands: list[Candidate], label_map: dict[str, str] | None = None) -> list[Candidate]:
+    """Make class names agree across given splits.
+
+    Rule: a label that differs between splits is mapped to the shortest label of another split
+    that is its prefix at a `.`/`_`/`-`/space boundary (chest CT:
+    `adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib` -> `adenocarcinoma`). Explicit `label_map`
+    entries win. A label still present in one split but not another is an error.
+    """
+    label_map = dict(label_map or {})
+    cands = [Candidate(c.path, label_map.get(c.label, c.label), c.split) for c in cands]
+    per_split: dict[str, set[str]] = defaultdict(set)
+    for c in cands:
+        per_split[c.split or "all"].add(c.label)
+    if len({frozenset(s) for s in per_split.values()}) <= 1:
+        return cands
+    all_labels = set().union(*per_split.values())
+    mapping = {}
+    for label in all_labels:
+        prefixes = [
+            other for other in all_labels
+            if other != label and label.startswith(other) and label[len(other)] in "._- "
+        ]
+        if prefixes:
+            mapping[label] = min(prefixes, key=len)
+    cands = [Candidate(c.path, mapping.get(c.label, c.label), c.split) for c in cands]
+    per_split = defaultdict(set)
+    for c in cands:
+        per_split[c.split or "all"].add(c.label)
+    if len({frozenset(s) for s in per_split.values()}) > 1:
+        listing = "; ".join(f"{s}: {sorted(v)}" for s, v in sorted(per_split.items()))
+        raise DataError(
+            f"the class folders differ between the given splits and no prefix rule joins them "
+            f"({listing}). Rename the folders so every split has the same classes."
+        )
+    if mapping:
+        log.info("reconciled labels across splits: %s", mapping)
+    return cands
+
+
+def find_candidates(
+    root: Path, layout: Layout = "auto", rel_to: Path | None = None
+) -> tuple[str, list[Candidate]]:
+    """Label every visible file under `root` according to the layout (detected when auto).
+
+    Paths are relative to `rel_to` (default: `root`).
+    """
+    rel_to = rel_to or root
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder. Run the download stage first, or fix data.subdir.")
+    chosen = detect_layout(root) if layout == "auto" else layout
+    folder = _unwrap(root)
+    if chosen == "presplit":
+        dirs = _split_dirs(folder)
+        if "train" not in dirs:
+            raise DataError(
+                f"{folder}: data.layout is presplit but there is no train/ folder; found "
+                f"{[d.name for d in _visible(folder.iterdir())]}. Use data.layout: auto."
+            )
+        cands = []
+        for split, d in dirs.items():
+            cands += _class_folder_candidates(d, rel_to, split)
+        return chosen, reconcile_labels(cands)
+    if chosen == "class_folders":
+        return chosen, _class_folder_candidates(folder, rel_to, None)
+    return chosen, _filename_candidates(folder, rel_to)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    reason: str
+    digest: str
+
+
+def check_image(path: str | Path) -> Check:
+    """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Check(False, f"unreadable: {exc.strerror or exc}", "")
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if not data:
+        return Check(False, "empty file (0 bytes)", digest)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            if fmt not in SUPPORTED_FORMATS:
+                return Check(
+                    False,
+                    f"unsupported image format {fmt} (supported: {', '.join(sorted(SUPPORTED_FORMATS))})",
+                    digest,
+                )
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return Check(False, "image has no pixels", digest)
+    except UnidentifiedImageError:
+        return Check(False, "not an image (unrecognised file format)", digest)
+    except (OSError, ValueError, SyntaxError) as exc:
+        return Check(False, f"corrupt or truncated image: {exc}", digest)
+    return Check(True, "", digest)
+
+
+def check_images(paths: Sequence[Path], workers: int | None = None) -> list[Check]:
+    """`check_image` over all cores; results in input order."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(paths) < 64:
+        return [check_image(p) for p in paths]
+    chunk = max(16, len(paths) // (workers * 8))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_image, paths, chunksize=chunk))
+
+
+# ---------------------------------------------------------------- split
+
+
+def _seeded_order(items: list[Candidate], seed: int, salt: str) -> list[Candidate]:
+    """Deterministic shuffle that ignores listing order: sort by path, then permute by seed."""
+    ordered = sorted(items, key=lambda c: c.path)
+    rng = np.random.default_rng([seed, int(hashlib.md5(salt.encode()).hexdigest()[:8], 16)])
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def _counts(n: int, val: float, test: float) -> tuple[int, int]:
+    return int(round(n * val)), int(round(n * test))
+
+
+def split_candidates(
+    cands: list[Candidate], val: float, test: float, seed: int, max_per_class: int | None
+) -> dict[str, list[Candidate]]:
+    """Stratified, seeded split; pre-split (given) assignments are kept, missing splits carved
+    out of train."""
+    by_class: dict[str, list[Candidate]] = defaultdict(list)
+    for c in cands:
+        by_class[c.label].append(c)
+    if not by_class:
+        raise DataError(
+            "no usable images were found. Check data.dataset / data.subdir, and rejected.csv for "
+            "files that were refused."
+        )
+    if len(by_class) < 2:
+        (only, items), = by_class.items()
+        raise DataError(
+            f"only one class ({only!r}, {len(items)} images) was found; classification needs at "
+            f"least two class folders (or file-name prefixes)."
+        )
+    out: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
+    for label in sorted(by_class):
+        items = by_class[label]
+        given = {s: _seeded_order([c for c in items if c.split == s], seed, label + s) for s in SPLITS}
+        pool = _seeded_order([c for c in items if c.split in (None, "train")], seed, label)
+        if max_per_class:
+            pool = pool[:max_per_class]
+            given = {s: v[:max_per_class] for s, v in given.items()}
+        n = len(pool)
+        n_val, n_test = _counts(n, val, test)
+        n_val = 0 if given["val"] else n_val
+        n_test = 0 if given["test"] else n_test
+        need_val = not given["val"]
+        need_test = not given["test"]
+        if (need_val and n_val < 1) or (need_test and n_test < 1) or n - n_val - n_test < 1:
+            minimum = int(np.ceil(max(1 / val if need_val else 1, 1 / test if need_test else 1))) + 1
+            raise DataError(
+                f"class {label!r} has {n} usable images, too few to split with val={val}, "
+                f"test={test} (every split needs at least one). Add images (about {minimum} or "
+                f"more), raise the fractions, or drop the class folder."
+            )
+        out["test"] += given["test"] or pool[:n_test]
+        out["val"] += given["val"] or pool[n_test : n_test + n_val]
+        out["train"] += pool[n_test + n_val :]
+    return out
+
+
+def build_split(
+    root: Path,
+    *,
+    layout: Layout,
+    val: float,
+    test: float,
+    seed: int,
+    max_per_class: int | None,
+    rel_to: Path | None = None,
+    workers: int | None = None,
+) -> SplitResult:
+    """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
+
+    Manifest paths are relative to `rel_to` (default: `root`).
+    """
+    rel_to = rel_to or root
+    chosen, cands = find_candidates(root, layout, rel_to)
+    log.info("layout: %s, %d candidate files", chosen, len(cands))
+    rejected: list[tuple[str, str]] = []
+    labelled = []
+    for c in cands:
+        if c.label:
+            labelled.append(c)
+        else:
+            rejected.append((c.path, "no label: the file name has no class prefix like cat.1.jpg"))
+    checks = check_images([rel_to / c.path for c in labelled], workers)
+    good: list[tuple[Candidate, str]] = []
+    for c, chk in zip(labelled, checks, strict=True):
+        if chk.ok:
+            good.append((c, chk.digest))
+        else:
+            rejected.append((c.path, chk.reason))
+    # Exact duplicates: one copy survives (the first by path); copies that disagree on the
+    # label are all refused, since no rule can say which label is right.
+    by_digest: dict[str, list[Candidate]] = defaultdict(list)
+    for c, d in sorted(good, key=lambda t: t[0].path):
+        by_digest[d].append(c)
+    kept, duplicates = [], 0
+    for copies in by_digest.values():
+        duplicates += len(copies) - 1
+        if len({c.label for c in copies}) > 1:
+            others = ", ".join(f"{c.path} ({c.label})" for c in copies)
+            rejected += [(c.path, f"identical bytes under different labels: {others}")
+                         for c in copies]
+            continue
+        given = next((c for c in copies if c.split in ("test", "val")), copies[0])
+        kept.append(given)
+    split = split_candidates(kept, val, test, seed, max_per_class)
+    classes = sorted({c.label for c in kept})
+    manifests = {s: sorted((c.path, c.label) for c in split[s]) for s in SPLITS}
+    counts = {s: dict(sorted(Counter(lbl for _, lbl in manifests[s]).items())) for s in SPLITS}
+    return SplitResult(manifests, classes, sorted(rejected), duplicates, chosen, counts)
+
+
+def write_split(result: SplitResult, folder: Path) -> dict:
+    """Manifests, classes.json and rejected.csv into `folder`; returns the split metrics."""
+    import csv  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    def table(name: str, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+        with (folder / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    for split, rows in result.manifests.items():
+        table(f"{split}.csv", ("path", "label"), rows)
+    table("rejected.csv", ("path", "reason"), result.rejected)
+    (folder / "classes.json").write_text(json.dumps(result.classes, indent=2) + "\n")
+    return {"counts": result.counts, "rejected": len(result.rejected),
+            "duplicates": result.duplicates, "layout": result.layout}
+
+
+# ---------------------------------------------------------------- tf.data
+
+
+def read_manifest(path: Path) -> list[tuple[str, str]]:
+    import csv  # noqa: PLC0415
+
+    with Path(path).open(newline="") as f:
+        return [(r["path"], r["label"]) for r in csv.DictReader(f)]
+
+
+def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode any supported file to RGB float32 0..255 at image_size x image_size."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    return tf.ensure_shape(img, (image_size, image_size, 3))
+
+
+def make_image_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    augment=None,
+) -> tf.data.Dataset:
+    """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
+
+    `augment` is a Keras layer applied to training batches only (it is called with
+    training=True here and never saved with the model).
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    if labels is not None:
+        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if labels is not None:
+        ds = ds.map(lambda p, y: (load_image(p, image_size), y),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda p: load_image(p, image_size),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_arrays(
+    raw: Path, splits_dir: Path, split: str, classes: list[str]
+) -> tuple[list[str], np.ndarray]:
+    """Absolute file paths and integer labels of one split's manifest."""
+    rows = read_manifest(splits_dir / f"{split}.csv")
+    index = {c: i for i, c in enumerate(classes)}
+    return [str(raw / p) for p, _ in rows], np.array([index[lbl] for _, lbl in rows], dtype=np.int64)

@@ -1,0 +1,5 @@
+"""The error every stage turns into one clean paragraph (the message says what to do)."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to do."""

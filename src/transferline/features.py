@@ -1,0 +1,117 @@
+"""Bottleneck features: run the frozen base once over every image, stream the result to .npy.
+
+Features go straight from each batch into a memory-mapped .npy beside the target, so peak
+memory does not grow with the data set; the file is moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from transferline.files import atomic_path
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+def compiled_forward(model: keras.Model):
+    """One traced inference function for every batch size (no retracing on the last batch)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+
+    @tf.function(input_signature=[spec], reduce_retracing=True)
+    def forward(x):
+        return model(x, training=False)
+
+    return forward
+
+
+def extract_to_npy(
+    model: keras.Model,
+    images: tf.data.Dataset,
+    n: int,
+    out: Path,
+    dtype: str = "float32",
+    desc: str = "extract",
+) -> dict[str, float]:
+    """Write model(images) to `out` as an (n, features) array; returns timing figures."""
+    forward = compiled_forward(model)
+    dim = int(model.output_shape[-1])
+    start = time.perf_counter()
+    with atomic_path(out, suffix=".npy") as tmp:
+        arr = open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
+        i = 0
+        with tqdm(total=n, unit="img", desc=desc, disable=n == 0) as bar:
+            for batch in images:
+                feats = forward(batch).numpy()
+                arr[i : i + len(feats)] = feats
+                i += len(feats)
+                bar.update(len(feats))
+        if i != n:
+            raise RuntimeError(f"{desc}: expected {n} images, the pipeline yielded {i}")
+        arr.flush()
+        del arr
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2) if n else 0.0}
+
+
+def extract_dataset(
+    raw: Path,
+    splits_dir: Path,
+    out_dir: Path,
+    *,
+    backbone: str,
+    weights: str,
+    image_size: int,
+    pooling: str,
+    batch_size: int,
+    dtype: str,
+    seed: int,
+) -> dict:
+    """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics."""
+    import json  # noqa: PLC0415
+
+    from transferline import backbones, dataset, models  # noqa: PLC0415
+
+    classes = json.loads((splits_dir / "classes.json").read_text())
+    extractor = models.build_feature_extractor(
+        backbones.get(backbone), weights, image_size, pooling, seed
+    )
+    per_split, total_n, total_s = {}, 0, 0.0
+    for split in dataset.SPLITS:
+        paths, labels = dataset.split_arrays(raw, splits_dir, split, classes)
+        images = dataset.make_image_dataset(paths, None, image_size, batch_size)
+        per_split[split] = extract_to_npy(
+            extractor, images, len(paths), out_dir / f"{split}_features.npy", dtype, desc=split
+        )
+        np.save(out_dir / f"{split}_labels.npy", labels)
+        total_n += len(paths)
+        total_s += per_split[split]["seconds"]
+    meta = {
+        "backbone": backbone, "weights": weights, "image_size": image_size, "pooling": pooling,
+        "dtype": dtype, "classes": classes, "feature_dim": int(extractor.output_shape[-1]),
+        "seed": seed,
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return {
+        "images_per_second": round(total_n / total_s, 2) if total_s else 0.0,
+        "seconds": round(total_s, 3),
+        "images": total_n,
+        "per_split": per_split,
+    }
+
+
+def load_split(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return (np.load(features_dir / f"{split}_features.npy"),
+            np.load(features_dir / f"{split}_labels.npy"))

@@ -1,0 +1,95 @@
+"""Atomic outputs: a killed stage never leaves a half-written file or folder behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _tmp_sibling(target: Path, suffix: str = "") -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix,
+                                dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path beside `target`; move it into place only on success.
+
+    `suffix` keeps an extension some writers insist on (Keras wants `.keras`).
+    """
+    target = Path(target)
+    tmp = _tmp_sibling(target, suffix)
+    try:
+        yield tmp
+        _replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; it replaces `target` on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], header: list[str] | None = None) -> None:
+    """Rows of dicts as CSV (header from the first row unless given)."""
+    import csv  # noqa: PLC0415
+
+    header = header or (list(rows[0]) if rows else [])
+    with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+SKIPPED_KEY = "transferline_skipped"
+
+
+def write_skip_marker(path: Path, reason: str) -> None:
+    """A small JSON file standing where a skipped stage's model would be, so the DAG stays whole."""
+    write_json(path, {SKIPPED_KEY: True, "reason": reason})
+
+
+def is_skip_marker(path: Path) -> bool:
+    path = Path(path)
+    if path.stat().st_size > 4096:
+        return False
+    try:
+        return bool(read_json(path).get(SKIPPED_KEY))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False

@@ -1,0 +1,245 @@
+"""Classifier heads trained on cached bottleneck features.
+
+logreg: scikit-learn StandardScaler + LogisticRegression, saved as joblib plus plain arrays of
+the equivalent softmax layer (scaler folded in), so fine-tuning can start from exactly the same
+function. dense: a small Keras head with early stopping on validation loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import joblib
+import numpy as np
+
+from transferline.files import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:
+    import keras
+    from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+META = "head.json"
+LOGREG_JOBLIB = "head.joblib"
+LOGREG_ARRAYS = "head.npz"
+DENSE_MODEL = "head.keras"
+
+
+def train_logreg(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    C: float,
+    max_iter: int,
+    class_weight: str | None,
+    seed: int,
+) -> Pipeline:
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
+
+    clf = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=seed),
+    )
+    clf.fit(x_train.astype(np.float32), y_train)
+    return clf
+
+
+def logreg_as_softmax(clf: Pipeline, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (features, classes) and bias of a softmax layer equal to the fitted pipeline.
+
+    With z = (x - mean) / scale and logits W z + b: kernel = (W / scale).T and
+    bias = b - W @ (mean / scale). A binary model's single logit becomes [0, logit], which
+    softmax turns into [1 - p, p].
+    """
+    scaler, lr = clf[0], clf[-1]
+    coef, intercept = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
+    w = coef / scale
+    b = intercept - w @ scaler.mean_
+    if coef.shape[0] == 1 and n_classes == 2:
+        w = np.vstack([np.zeros_like(w), w])
+        b = np.concatenate([[0.0], b])
+    return w.T.astype(np.float32), b.astype(np.float32)
+
+
+def build_dense_head(dim: int, n_classes: int, units: int, dropout: float) -> keras.Model:
+    """features -> class probabilities; units == 0 gives a linear (softmax) head."""
+    import keras  # noqa: PLC0415
+
+    x = inputs = keras.Input((dim,), name="features")
+    if units:
+        x = keras.layers.Dense(units, activation="relu", name="head_hidden")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="head_output", dtype="float32")(x)
+    return keras.Model(inputs, out, name="head")
+
+
+def softmax_head(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
+    """A Keras head holding the folded logreg weights."""
+    import keras  # noqa: PLC0415
+
+    inputs = keras.Input((kernel.shape[0],), name="features")
+    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name="head_output",
+                               dtype="float32")
+    model = keras.Model(inputs, dense(inputs), name="head")
+    dense.set_weights([kernel, bias])
+    return model
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    return {i: float(len(y) / (n_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def train_dense(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    *,
+    units: int,
+    dropout: float,
+    learning_rate: float,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    balanced: bool = False,
+) -> tuple[keras.Model, list[dict[str, float]]]:
+    """Train the dense head; returns the best-by-val-loss model and per-epoch history."""
+    import keras  # noqa: PLC0415
+
+    model = build_dense_head(x_train.shape[1], n_classes, units, dropout)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+    hist = model.fit(
+        x_train.astype(np.float32),
+        y_train,
+        validation_data=(x_val.astype(np.float32), y_val),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        class_weight=class_weights(y_train, n_classes) if balanced else None,
+        callbacks=[stop],
+        verbose=0,
+    )
+    history = [
+        {"epoch": i, **{k: float(v[i]) for k, v in hist.history.items()}}
+        for i in range(len(hist.history["loss"]))
+    ]
+    log.info("dense head: %d epochs, best epoch %d", len(history), stop.best_epoch)
+    return model, history
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_logreg(folder: Path, clf: Pipeline, classes: list[str], meta: dict[str, Any]) -> None:
+    kernel, bias = logreg_as_softmax(clf, len(classes))
+    joblib.dump(clf, folder / LOGREG_JOBLIB)
+    np.savez(folder / LOGREG_ARRAYS, kernel=kernel, bias=bias, mean=clf[0].mean_,
+             scale=clf[0].scale_, coef=clf[-1].coef_, intercept=clf[-1].intercept_)
+    write_json(folder / META, {"type": "logreg", "classes": classes, **meta})
+
+
+def save_dense(folder: Path, model: keras.Model, classes: list[str], meta: dict[str, Any]) -> None:
+    with atomic_path(folder / DENSE_MODEL, suffix=".keras") as tmp:
+        model.save(tmp)
+    write_json(folder / META, {"type": "dense", "classes": classes, **meta})
+
+
+def head_meta(folder: Path) -> dict[str, Any]:
+    return read_json(Path(folder) / META)
+
+
+def predict_proba(folder: Path, features: np.ndarray) -> np.ndarray:
+    """Class probabilities of a saved head on features."""
+    folder = Path(folder)
+    kind = head_meta(folder)["type"]
+    x = features.astype(np.float32)
+    if kind == "logreg":
+        return joblib.load(folder / LOGREG_JOBLIB).predict_proba(x)
+    return keras_head(folder).predict(x, batch_size=1024, verbose=0)
+
+
+def keras_head(folder: Path) -> keras.Model:
+    """The saved head as a Keras model over features (logreg rebuilt from its arrays)."""
+    import keras  # noqa: PLC0415
+
+    folder = Path(folder)
+    if head_meta(folder)["type"] == "logreg":
+        arrays = np.load(folder / LOGREG_ARRAYS)
+        return softmax_head(arrays["kernel"], arrays["bias"])
+    return keras.saving.load_model(folder / DENSE_MODEL)
+
+
+def copy_head(src: Path, dest: Path) -> None:
+    """Copy a saved head folder's files into `dest` (the fine-tune hand-over)."""
+    for f in sorted(Path(src).iterdir()):
+        shutil.copy2(f, dest / f.name)
+
+
+def train_from_features(
+    features_dir: Path,
+    out_dir: Path,
+    *,
+    head_type: str,
+    logreg: Any,
+    dense: Any,
+    seed: int,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Train the configured head on cached features, save it to `out_dir`.
+
+    `logreg` / `dense` are the typed `head.logreg` / `head.dense` params. Returns the stage
+    metrics (validation accuracy and loss) and the per-epoch history.
+    """
+    from sklearn.metrics import accuracy_score, log_loss  # noqa: PLC0415
+
+    from transferline.features import load_split  # noqa: PLC0415
+
+    meta = read_json(Path(features_dir) / "meta.json")
+    classes: list[str] = meta["classes"]
+    labels = list(range(len(classes)))
+    x_train, y_train = load_split(features_dir, "train")
+    x_val, y_val = load_split(features_dir, "val")
+    saved = {"feature_dim": int(x_train.shape[1]), "backbone": meta["backbone"]}
+
+    def scores(probs_train: np.ndarray, probs_val: np.ndarray) -> dict[str, float]:
+        return {
+            "accuracy": float(accuracy_score(y_train, probs_train.argmax(1))),
+            "loss": float(log_loss(y_train, probs_train, labels=labels)),
+            "val_accuracy": float(accuracy_score(y_val, probs_val.argmax(1))),
+            "val_loss": float(log_loss(y_val, probs_val, labels=labels)),
+        }
+
+    if head_type == "logreg":
+        clf = train_logreg(x_train, y_train, C=logreg.C, max_iter=logreg.max_iter,
+                           class_weight=logreg.class_weight, seed=seed)
+        final = scores(clf.predict_proba(x_train.astype(np.float32)),
+                       clf.predict_proba(x_val.astype(np.float32)))
+        history = [{"epoch": 0, **final}]
+        save_logreg(out_dir, clf, classes, {**saved, **final})
+    else:
+        model, history = train_dense(
+            x_train, y_train, x_val, y_val, len(classes), units=dense.units,
+            dropout=dense.dropout, learning_rate=dense.learning_rate, epochs=dense.epochs,
+            batch_size=dense.batch_size, patience=dense.patience,
+        )
+        final = scores(model.predict(x_train.astype(np.float32), verbose=0),
+                       model.predict(x_val.astype(np.float32), verbose=0))
+        save_dense(out_dir, model, classes, {**saved, **final})
+    metrics = {**{k: round(v, 6) for k, v in final.items()}, "epochs": len(history)}
+    return metrics, history

@@ -1,0 +1,83 @@
+"""Keras building blocks shared by extract, finetune and evaluate.
+
+Models take raw RGB pixels in 0..255: each backbone's own preprocessing is a layer inside the
+model, so a saved model needs nothing else to predict on images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import keras
+import numpy as np
+
+from transferline.backbones import Backbone, build_base
+
+log = logging.getLogger(__name__)
+
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and Keras/TensorFlow and make TF ops deterministic."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+@keras.saving.register_keras_serializable(package="transferline")
+class Preprocess(keras.layers.Layer):
+    """The backbone family's `preprocess_input`, as a saved layer.
+
+    Modes follow keras.applications: caffe (RGB->BGR, ImageNet mean subtracted), tf (scale to
+    -1..1), torch (0..1, ImageNet mean/std), builtin (the model scales its own input).
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "tf", "torch", "builtin"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        ops = keras.ops
+        x = ops.cast(x, self.compute_dtype)
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, x.dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN, x.dtype)
+            std = ops.convert_to_tensor(_TORCH_STD, x.dtype)
+            return (x / 255.0 - mean) / std
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def build_feature_extractor(
+    backbone: Backbone, weights: str, image_size: int, pooling: str, seed: int
+) -> keras.Model:
+    """Raw RGB image -> pooled bottleneck features, base frozen and in inference mode."""
+    base = build_base(backbone, weights, image_size, pooling, seed)
+    image = keras.Input((image_size, image_size, 3), name="image")
+    x = Preprocess(backbone.preprocessing, name="preprocess")(image)
+    features = base(x, training=False)
+    return keras.Model(image, features, name=f"{backbone.key}_features")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    """The keras.applications base nested in a model built by this module."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not nested:
+        raise ValueError(f"model {model.name} holds no nested base model")
+    return nested[0]

@@ -1,0 +1,264 @@
+"""Typed, validated params.yaml.
+
+Every stage loads params through `load_params`, which fails with one readable paragraph per
+problem (key, bad value, accepted values) before any heavy import happens.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from transferline import backbones
+
+PRESETS = ("cats_vs_dogs", "chest_ct", "digits")
+_KAGGLE_RE = re.compile(r"^kaggle://(datasets/[^/\s]+/[^/\s]+|competitions/[^/\s]+)/?$")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds a bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Strict):
+    dataset: str = Field(description="preset name or a source (kaggle://, https://, path)")
+    layout: Literal["auto", "class_folders", "presplit", "filename"] = "auto"
+    subdir: str | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("is empty; use a preset (" + ", ".join(PRESETS) + ") or a source")
+        if v.startswith("kaggle://") and not _KAGGLE_RE.match(v):
+            raise ValueError(
+                "is not a Kaggle source; write kaggle://datasets/OWNER/NAME or "
+                "kaggle://competitions/NAME"
+            )
+        if v.startswith("http://"):
+            raise ValueError("uses plain http; use an https:// address")
+        if "://" in v and not v.startswith(("kaggle://", "https://", "file://")):
+            raise ValueError("has an unknown scheme; use kaggle://, https://, file:// or a path")
+        return v
+
+
+class SplitParams(_Strict):
+    val: float = 0.1
+    test: float = 0.1
+    max_per_class: int | None = Field(default=None, ge=1)
+
+    @field_validator("val", "test")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be a fraction strictly between 0 and 1, e.g. 0.1")
+        return v
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitParams:
+        if self.val + self.test >= 1.0:
+            raise ValueError(
+                f"split.val + split.test = {self.val + self.test:g} leaves nothing to train on; "
+                "their sum must be below 1 (e.g. val: 0.1, test: 0.1)"
+            )
+        return self
+
+
+class ModelParams(_Strict):
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    image_size: int | None = Field(default=None, ge=1)
+    pooling: Literal["avg", "max"] = "avg"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in backbones.REGISTRY:
+            close = difflib.get_close_matches(v, backbones.REGISTRY, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"is not a known backbone.{hint} Accepted: {', '.join(backbones.REGISTRY)} "
+                "(`transferline backbones` lists them with their sizes)"
+            )
+        return v
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> str:
+        if v is None:
+            return "none"
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be 'imagenet', 'none' or the path of a weights file")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _size(self) -> ModelParams:
+        spec = backbones.get(self.backbone)
+        if self.image_size is not None and self.image_size < spec.min_size:
+            raise ValueError(
+                f"model.image_size = {self.image_size} is below the minimum of {spec.min_size} "
+                f"px for {self.backbone}; use at least {spec.min_size} "
+                f"(its default is {spec.default_size})"
+            )
+        return self
+
+    @property
+    def spec(self) -> backbones.Backbone:
+        return backbones.get(self.backbone)
+
+    @property
+    def size(self) -> int:
+        """The input size actually used: the param, or the backbone's default."""
+        return self.image_size or self.spec.default_size
+
+
+class ExtractParams(_Strict):
+    batch_size: int = Field(default=32, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class LogregParams(_Strict):
+    C: float = Field(default=1.0, gt=0)
+    max_iter: int = Field(default=1000, ge=1)
+    class_weight: Literal["balanced"] | None = None
+
+
+class DenseParams(_Strict):
+    units: int = Field(default=256, ge=0)
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    epochs: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    patience: int = Field(default=5, ge=1)
+
+
+class HeadParams(_Strict):
+    type: Literal["logreg", "dense"] = "logreg"
+    logreg: LogregParams = LogregParams()
+    dense: DenseParams = DenseParams()
+
+
+class AugmentParams(_Strict):
+    flip: bool = True
+    rotation: float = Field(default=0.05, ge=0, le=0.5)
+    zoom: float = Field(default=0.1, ge=0, lt=1)
+
+
+class FinetuneParams(_Strict):
+    enabled: bool = True
+    epochs: int = Field(default=10, ge=1)
+    unfreeze_layers: int = Field(default=4, ge=0)
+    learning_rate: float = Field(default=1e-5, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    augment: AugmentParams = AugmentParams()
+
+
+class MlflowParams(_Strict):
+    experiment: str = Field(default="transferline", min_length=1)
+
+
+class Params(_Strict):
+    seed: int = 42
+    data: DataParams
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    extract: ExtractParams = ExtractParams()
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Params as dotted keys (`model.backbone`), the way MLflow shows them."""
+        return flatten(self.as_dict())
+
+    def digest(self) -> str:
+        """Hash of the resolved params: the identity of an MLflow run."""
+        blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Accepted keys at the parent of `loc`, for unknown-key messages."""
+    for part in loc[:-1]:
+        ann = model.model_fields[str(part)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        accepted = _field_names(Params, loc)
+        close = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
+        hint = f" Did you mean `{'.'.join(map(str, loc[:-1] + (close[0],)))}`?" if close else ""
+        return (
+            f"{source}: unknown key `{key}`.{hint} Accepted keys here: {', '.join(accepted)}. "
+            f"Remove or rename it."
+        )
+    if err["type"] == "missing":
+        return f"{source}: required key `{key}` is missing. Add it (see the README's params table)."
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    if err["type"] == "literal_error":
+        msg = f"must be one of {err['ctx']['expected']}"
+    if isinstance(value, dict):  # model-level validators report on the section
+        return f"{source}: `{key}`: {msg}. Fix it in {source} or in your `-S` override."
+    return f"{source}: `{key}` = {value!r} {msg}. Fix it in {source} or in your `-S` override."
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a raw mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path}: not found. Run the stage from the repository root, where params.yaml is."
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the syntax.") from None
+    return parse_params(raw, str(path))

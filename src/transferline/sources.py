@@ -1,0 +1,314 @@
+"""The download stage: turn `data.dataset` into a folder of images under data/raw.
+
+Sources: presets, kaggle://datasets/OWNER/NAME, kaggle://competitions/NAME, https:// archives,
+local folders and archives (also file://). Only this module imports `kaggle`, and only lazily,
+because importing it tries to authenticate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+class SourceError(RuntimeError):
+    """The data set cannot be fetched; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    source: str
+    subdir: str | None  # the folder inside the download that holds the labelled images
+    note: str
+
+
+PRESETS: dict[str, Preset] = {
+    # The Kaggle competition: a zip of train.zip (cat.0.jpg, dog.0.jpg, ...) and an unlabelled
+    # test1.zip; only train/ carries labels.
+    "cats_vs_dogs": Preset(
+        "kaggle://competitions/dogs-vs-cats", "train", "25,000 labelled photos of cats and dogs"
+    ),
+    # Pre-split into Data/train, Data/valid, Data/test with four classes.
+    "chest_ct": Preset(
+        "kaggle://datasets/mohamedhanyyy/chest-ctscan-images", "Data", "4-class chest CT scans"
+    ),
+    "digits": Preset("builtin://digits", None, "scikit-learn's 1,797 8x8 digits, offline"),
+}
+
+
+def preset_subdir(dataset: str) -> str | None:
+    preset = PRESETS.get(dataset)
+    return preset.subdir if preset else None
+
+
+# ---------------------------------------------------------------- archives
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _inside(root: Path, name: str) -> bool:
+    target = (root / name).resolve()
+    return target == root or root in target.parents
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Extract zip or tar into `dest`, refusing entries that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                bad = [n for n in zf.namelist() if n.startswith("/") or not _inside(root, n)]
+                if bad:
+                    raise SourceError(
+                        f"{archive}: refusing to extract; entry {bad[0]!r} would be written "
+                        f"outside the target folder (absolute path or '..'). Re-create the "
+                        f"archive with relative paths inside it."
+                    )
+                zf.extractall(dest)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                try:
+                    tf.extractall(dest, filter="data")
+                except tarfile.FilterError as exc:
+                    raise SourceError(
+                        f"{archive}: refusing to extract ({exc}); the entry would be written "
+                        f"outside the target folder or is an unsafe link. Re-create the archive "
+                        f"with relative paths and no links pointing outside it."
+                    ) from exc
+        else:
+            raise SourceError(
+                f"{archive}: not a zip or tar archive this pipeline can read. Supported: "
+                f"{', '.join(ARCHIVE_SUFFIXES)}."
+            )
+    except (zipfile.BadZipFile, tarfile.ReadError, EOFError) as exc:
+        raise SourceError(f"{archive}: the archive is damaged ({exc}). Download it again.") from exc
+
+
+def _archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def expand_nested_archives(root: Path, max_depth: int = 3) -> None:
+    """Extract archives found inside a download (Kaggle ships zips of zips), in place.
+
+    Only ever called on our own download folder, never on a user's folder.
+    """
+    for _ in range(max_depth):
+        nested = sorted(p for p in root.rglob("*") if p.is_file() and is_archive(p))
+        if not nested:
+            return
+        for archive in nested:
+            target = archive.with_name(_archive_stem(archive))
+            if target.exists():
+                target = archive.with_name(_archive_stem(archive) + "_extracted")
+            log.info("extracting nested archive %s", archive.relative_to(root))
+            extract_archive(archive, target)
+            archive.unlink()
+
+
+# ---------------------------------------------------------------- kaggle
+
+
+class KaggleClient(Protocol):
+    def dataset_download_files(self, dataset: str, path: str, quiet: bool, unzip: bool) -> Any: ...
+
+    def competition_download_files(self, competition: str, path: str, quiet: bool) -> Any: ...
+
+
+def kaggle_credentials_present(env: dict[str, str] | None = None, home: Path | None = None) -> bool:
+    """Whether any credential the kaggle package accepts is present, without importing it."""
+    env = dict(os.environ) if env is None else env
+    home = Path.home() if home is None else home
+    if env.get("KAGGLE_API_TOKEN") or (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")):
+        return True
+    dirs = [Path(env["KAGGLE_CONFIG_DIR"])] if env.get("KAGGLE_CONFIG_DIR") else []
+    dirs += [home / ".kaggle", home / ".config" / "kaggle"]
+    names = ("kaggle.json", "access_token", "credentials.json")
+    return any((d / n).is_file() for d in dirs for n in names)
+
+
+_NO_CREDENTIALS = (
+    "Kaggle credentials not found. Create an API token at https://www.kaggle.com/settings "
+    "(API -> Create New Token) and either save kaggle.json to ~/.kaggle/kaggle.json (chmod 600; "
+    "or to the folder named by KAGGLE_CONFIG_DIR), or export KAGGLE_USERNAME and KAGGLE_KEY, or "
+    "export KAGGLE_API_TOKEN. To work without Kaggle, set data.dataset to a local folder or "
+    "archive, an https:// archive, or the offline preset 'digits'."
+)
+
+
+def default_kaggle_client() -> KaggleClient:
+    """The real client, imported and authenticated only now."""
+    if not kaggle_credentials_present():
+        raise SourceError(_NO_CREDENTIALS)
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi  # noqa: PLC0415
+    except SystemExit as exc:  # the package exits on failed authentication at import
+        raise SourceError(_NO_CREDENTIALS) from exc
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except SystemExit as exc:
+        raise SourceError(_NO_CREDENTIALS) from exc
+    return api
+
+
+def _http_status(exc: BaseException) -> int | None:
+    for obj in (getattr(exc, "response", None), exc):
+        for attr in ("status_code", "status"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def download_kaggle(
+    source: str, dest: Path, client_factory: Callable[[], KaggleClient] = default_kaggle_client
+) -> None:
+    """Download a Kaggle data set or competition into `dest` and unpack it."""
+    kind, _, slug = source.removeprefix("kaggle://").strip("/").partition("/")
+    client = client_factory()
+    page = (
+        f"https://www.kaggle.com/competitions/{slug}"
+        if kind == "competitions"
+        else f"https://www.kaggle.com/datasets/{slug}"
+    )
+    try:
+        if kind == "datasets":
+            client.dataset_download_files(slug, path=str(dest), quiet=False, unzip=False)
+        else:
+            client.competition_download_files(slug, path=str(dest), quiet=False)
+    except SourceError:
+        raise
+    except Exception as exc:
+        status = _http_status(exc)
+        if status == 404:
+            raise SourceError(
+                f"data.dataset: Kaggle has no {kind[:-1]} '{slug}' (404). Check the slug on "
+                f"{page} (datasets are OWNER/NAME, competitions NAME)."
+            ) from exc
+        if status == 403 and kind == "competitions":
+            raise SourceError(
+                f"data.dataset: Kaggle refused the download of competition '{slug}' (403): its "
+                f"rules have not been accepted with this account. Open {page}/rules, click "
+                f"'I Understand and Accept', then run the stage again."
+            ) from exc
+        if status in (401, 403):
+            raise SourceError(
+                f"data.dataset: Kaggle refused the credentials ({status}) for {page}. Create a "
+                f"new API token at https://www.kaggle.com/settings and replace "
+                f"~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY/KAGGLE_API_TOKEN."
+            ) from exc
+        raise SourceError(
+            f"data.dataset: downloading {source} failed ({type(exc).__name__}: {exc}). Check "
+            f"the network connection and {page}."
+        ) from exc
+    archives = sorted(p for p in dest.iterdir() if p.is_file() and is_archive(p))
+    for archive in archives:
+        extract_archive(archive, dest)
+        archive.unlink()
+    expand_nested_archives(dest)
+
+
+# ---------------------------------------------------------------- https and local
+
+
+def download_https(url: str, dest: Path) -> None:
+    """Fetch an archive over https into `dest` and unpack it."""
+    name = Path(url.split("?")[0].rstrip("/")).name or "download"
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        archive = Path(tmp) / name
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            with urllib.request.urlopen(url, timeout=60) as resp, archive.open("wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except OSError as exc:
+            raise SourceError(
+                f"data.dataset: could not download {url} ({exc}). Check the address and the "
+                f"network, or download it yourself and set data.dataset to the local file."
+            ) from exc
+        if not is_archive(archive) and not zipfile.is_zipfile(archive):
+            raise SourceError(
+                f"data.dataset: {url} is not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
+                f"point it at a zip or tar of image folders."
+            )
+        extract_archive(archive, dest)
+    expand_nested_archives(dest)
+
+
+def copy_local(path: Path, dest: Path) -> None:
+    """Copy a local folder (or unpack a local archive) into `dest`; the original is untouched."""
+    if path.is_dir():
+        shutil.copytree(path, dest, dirs_exist_ok=True, symlinks=False)
+    elif path.is_file() and (is_archive(path) or zipfile.is_zipfile(path)):
+        extract_archive(path, dest)
+        expand_nested_archives(dest)
+    elif path.exists():
+        raise SourceError(
+            f"data.dataset: {path} is neither a folder nor a zip/tar archive. Point it at a "
+            f"folder of class folders, or an archive of one."
+        )
+    else:
+        raise SourceError(
+            f"data.dataset: {path} does not exist. Use a preset ({', '.join(PRESETS)}), "
+            f"kaggle://datasets/OWNER/NAME, kaggle://competitions/NAME, an https:// archive, or "
+            f"an existing local folder or archive (relative paths start at the repository root)."
+        )
+
+
+def write_digits(dest: Path) -> int:
+    """scikit-learn's bundled 8x8 digits as PNG files in class folders (no network needed)."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
+    digits = load_digits()
+    images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
+    for i, (img, label) in enumerate(zip(images, digits.target, strict=True)):
+        folder = dest / "digits" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+    return len(images)
+
+
+def download(
+    dataset: str,
+    dest: Path,
+    client_factory: Callable[[], KaggleClient] = default_kaggle_client,
+) -> None:
+    """Fill the (empty, temporary) folder `dest` from `data.dataset`."""
+    source = PRESETS[dataset].source if dataset in PRESETS else dataset
+    log.info("download: %s -> %s", source, dest)
+    if source == "builtin://digits":
+        n = write_digits(dest)
+        log.info("wrote %d digit images", n)
+    elif source.startswith("kaggle://"):
+        download_kaggle(source, dest, client_factory)
+    elif source.startswith("https://"):
+        download_https(source, dest)
+    else:
+        copy_local(Path(source.removeprefix("file://")).expanduser(), dest)

@@ -1,0 +1,101 @@
+"""What every stage script shares: arguments, logging, params, clean errors, timing, paths."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from transferline import logs
+from transferline.backbones import WeightsError
+from transferline.dataset import DataError
+from transferline.errors import StageError
+from transferline.params import Params, ParamsError, load_params
+from transferline.sources import SourceError
+
+log = logging.getLogger("transferline")
+
+RAW = Path("data/raw")
+SPLITS = Path("data/splits")
+FEATURES = Path("data/features")
+HEAD = Path("models/head")
+FINETUNE_INIT = Path("models/finetune_init")
+FINETUNED = Path("models/finetuned.keras")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+KNOWN_ERRORS = (ParamsError, SourceError, DataError, WeightsError, StageError)
+
+
+def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"stages/{stage}.py", description=f"DVC stage '{stage}' of transferline."
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, TensorFlow's too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    args = parser.parse_args(argv)
+    logs.setup(args.verbose, args.quiet)
+    start = time.perf_counter()
+    log.info("stage %s: start", stage)
+    try:
+        params = load_params(args.params)
+        body(params)
+    except KNOWN_ERRORS as exc:
+        print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
+        return 2
+    log.info("stage %s: done in %.1f s", stage, time.perf_counter() - start)
+    return 0
+
+
+@contextlib.contextmanager
+def mlflow_run(params: Params) -> Iterator:
+    """The MLflow run of this parameter set, closed as failed if the stage fails."""
+    from transferline import tracking  # noqa: PLC0415
+
+    name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
+    run = tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+    try:
+        yield run
+    except BaseException:
+        tracking.close_run(run, failed=True)
+        raise
+    tracking.close_run(run)
+
+
+# metrics file stem -> MLflow namespace
+NAMESPACES = {"split": "split.", "extract": "extract.", "train_head": "head.",
+              "finetune": "finetune.", "evaluate": "test."}
+HISTORIES = {"head_history.csv": "head.history.", "finetune_history.csv": "finetune.history."}
+
+
+def log_everything(run) -> None:
+    """Every metrics/*.json, per-epoch curves and figures into the run, so it is whole even
+    when DVC restored earlier stages from its cache."""
+    import csv  # noqa: PLC0415
+
+    from transferline.files import read_json  # noqa: PLC0415
+    from transferline.params import flatten  # noqa: PLC0415
+
+    for stem, prefix in NAMESPACES.items():
+        path = METRICS / f"{stem}.json"
+        if path.exists():
+            run.log_metrics(flatten(read_json(path)), prefix=prefix)
+            run.log_artifact(path, "metrics")
+    for name, prefix in HISTORIES.items():
+        path = PLOTS / name
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+            run.log_history(rows, prefix=prefix)
+            run.log_artifact(path, "plots")
+    figures = PLOTS / "evaluate"
+    for path in sorted(figures.glob("*")) if figures.is_dir() else []:
+        run.log_artifact(path, "plots/evaluate")
+    for path in (Path("params.yaml"), Path("dvc.lock")):
+        run.log_artifact(path)

@@ -1,0 +1,156 @@
+"""MLflow tracking: one run per resolved parameter set. The only module that imports mlflow.
+
+Each stage finds the run tagged with the params digest (or creates it) and logs into it, so the
+stages of one `dvc repro` / `dvc exp run` land in one run; evaluate logs the complete picture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+HASH_TAG = "transferline.params_hash"
+_PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The user's repository root, also from inside `dvc exp run --temp/--queue` copies.
+
+    DVC runs those in <repo>/.dvc/tmp/exps/..., so the part before `.dvc` is the real root and
+    every experiment lands in the same store.
+    """
+    start = (start or Path.cwd()).resolve()
+    parts = start.parts
+    for i in range(len(parts) - 2):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
+            return Path(*parts[:i])
+    return start
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, check=False)
+    except OSError:
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def context_tags() -> dict[str, str]:
+    """Commit, dirty flag, DVC experiment name, data hash and package versions."""
+    tags = {"git.commit": _git("rev-parse", "HEAD") or "none"}
+    tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    data_hash = dvc_lock_hash("download", "data/raw")
+    if data_hash:
+        tags["data.raw_md5"] = data_hash
+    for pkg in _PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def dvc_lock_hash(stage: str, path: str, lock: Path = Path("dvc.lock")) -> str | None:
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for out in data.get("stages", {}).get(stage, {}).get("outs", []):
+        if out.get("path") == path:
+            return out.get("md5")
+    return None
+
+
+class Run:
+    """A handle on the MLflow run of one parameter set."""
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, prefix: str = "") -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        now = int(time.time() * 1000)
+        batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_history(self, history: Iterable[Mapping[str, float]], prefix: str) -> None:
+        """Per-epoch curves as MLflow steps."""
+        for row in history:
+            self.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                             step=int(row["epoch"]), prefix=prefix)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag  # noqa: PLC0415
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _experiment_id(client: Any, name: str, root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {}
+    if tracking_uri(root).startswith("sqlite:"):
+        # Keep artifacts at the repo root, not in whatever folder the stage ran in.
+        kwargs["artifact_location"] = (repo_root(root) / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, **kwargs)
+    except Exception:  # created concurrently by another stage process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def open_run(experiment: str, params_hash: str, flat_params: Mapping[str, Any],
+             run_name: str, root: Path | None = None) -> Run:
+    """Find the run of this parameter set (by tag) or create it; params and tags logged."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+    from mlflow.entities import Param  # noqa: PLC0415
+
+    uri = tracking_uri(root)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, experiment, root or Path.cwd())
+    found = client.search_runs([exp_id], filter_string=f"tags.`{HASH_TAG}` = '{params_hash}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {HASH_TAG: params_hash, "mlflow.runName": run_name}
+        run_id = client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
+        params = [Param(k, str(v)) for k, v in flat_params.items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+        log.info("MLflow: new run %s (%s) in %s", run_name, run_id, uri)
+    run = Run(client, run_id)
+    run.set_tags(context_tags())
+    return run
+
+
+def close_run(run: Run, failed: bool = False) -> None:
+    run.client.set_terminated(run.run_id, status="FAILED" if failed else "FINISHED")

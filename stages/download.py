@@ -1,0 +1,14 @@
+"""DVC stage `download`: data.dataset -> data/raw/ (written to a temporary folder, then moved)."""
+
+from transferline import sources, stagekit
+from transferline.files import atomic_dir
+from transferline.params import Params
+
+
+def run(p: Params) -> None:
+    with atomic_dir(stagekit.RAW) as tmp:
+        sources.download(p.data.dataset, tmp)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stagekit.main("download", run))

@@ -1,0 +1,40 @@
+"""DVC stage `finetune`: base + trained head, top layers unfrozen -> models/finetuned.keras.
+
+With finetune.enabled false it writes a small skip marker instead, so the DAG stays whole.
+"""
+
+from transferline import stagekit
+from transferline.files import write_csv, write_json, write_skip_marker
+from transferline.params import Params
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+
+
+def run(p: Params) -> None:
+    f = p.finetune
+    if not f.enabled:
+        write_skip_marker(stagekit.FINETUNED, "finetune.enabled is false")
+        write_json(stagekit.METRICS / "finetune.json", {"skipped": True})
+        write_csv(stagekit.PLOTS / "finetune_history.csv", [], header=HISTORY_COLUMNS)
+        stagekit.log.info("finetune: skipped (finetune.enabled is false)")
+        return
+    from transferline import finetune, models
+
+    models.seed_everything(p.seed)
+    metrics, history = finetune.run_finetune(
+        stagekit.RAW, stagekit.SPLITS, stagekit.FEATURES, stagekit.FINETUNE_INIT,
+        stagekit.FINETUNED, backbone=p.model.backbone, weights=p.model.weights,
+        image_size=p.model.size, pooling=p.model.pooling, epochs=f.epochs,
+        unfreeze_layers=f.unfreeze_layers, learning_rate=f.learning_rate,
+        batch_size=f.batch_size, flip=f.augment.flip, rotation=f.augment.rotation,
+        zoom=f.augment.zoom, seed=p.seed,
+    )
+    write_json(stagekit.METRICS / "finetune.json", metrics)
+    write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)
+    with stagekit.mlflow_run(p) as run:
+        run.log_metrics(metrics, prefix="finetune.")
+        run.log_history(history, prefix="finetune.history.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(stagekit.main("finetune", run))

@@ -1,0 +1,35 @@
+"""DVC stage `split`: data/raw -> data/splits/ manifests + metrics/split.json.
+
+Validates every image once, de-duplicates by content, splits stratified and seeded. The raw
+folder is only read.
+"""
+
+from transferline import dataset, sources, stagekit
+from transferline.files import atomic_dir, write_json
+from transferline.params import Params
+
+
+def run(p: Params) -> None:
+    subdir = p.data.subdir or sources.preset_subdir(p.data.dataset) or ""
+    result = dataset.build_split(
+        stagekit.RAW / subdir,
+        layout=p.data.layout,
+        val=p.split.val,
+        test=p.split.test,
+        seed=p.seed,
+        max_per_class=p.split.max_per_class,
+        rel_to=stagekit.RAW,
+    )
+    with atomic_dir(stagekit.SPLITS) as tmp:
+        metrics = dataset.write_split(result, tmp)
+    write_json(stagekit.METRICS / "split.json", metrics)
+    stagekit.log.info("split: %s; rejected %d, duplicates %d", metrics["counts"],
+                      metrics["rejected"], metrics["duplicates"])
+    with stagekit.mlflow_run(p) as run:
+        totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
+        run.log_metrics({**totals, "rejected": metrics["rejected"],
+                         "duplicates": metrics["duplicates"]}, prefix="split.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(stagekit.main("split", run))

@@ -1,0 +1,36 @@
+"""DVC stage `train_head`: cached features -> models/head/ (+ the fine-tune hand-over).
+
+models/finetune_init/ holds a copy of the head when fine-tuning is on and a marker when it is
+off, so head-only experiments with fine-tuning off never re-run the finetune stage.
+"""
+
+from transferline import heads, stagekit
+from transferline.files import atomic_dir, write_csv, write_json
+from transferline.params import Params
+
+
+def run(p: Params) -> None:
+    if p.head.type == "dense":
+        from transferline.models import seed_everything
+
+        seed_everything(p.seed)
+    with atomic_dir(stagekit.HEAD) as tmp:
+        metrics, history = heads.train_from_features(
+            stagekit.FEATURES, tmp, head_type=p.head.type, logreg=p.head.logreg,
+            dense=p.head.dense, seed=p.seed,
+        )
+    with atomic_dir(stagekit.FINETUNE_INIT) as tmp:
+        if p.finetune.enabled:
+            heads.copy_head(stagekit.HEAD, tmp)
+        else:
+            write_json(tmp / "disabled.json", {"finetune.enabled": False})
+    write_json(stagekit.METRICS / "train_head.json", metrics)
+    write_csv(stagekit.PLOTS / "head_history.csv", history)
+    stagekit.log.info("head (%s): val_accuracy %.4f", p.head.type, metrics["val_accuracy"])
+    with stagekit.mlflow_run(p) as run:
+        run.log_metrics(metrics, prefix="head.")
+        run.log_history(history, prefix="head.history.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(stagekit.main("train_head", run))
