@@ -9,13 +9,20 @@ from transferline.params import Params
 def run(p: Params) -> None:
     with atomic_dir(stagekit.PLOTS / "evaluate") as tmp:
         metrics = evaluation.evaluate_models(
-            stagekit.RAW, stagekit.SPLITS, stagekit.FEATURES, stagekit.HEAD, stagekit.FINETUNED,
-            tmp, image_size=p.model.size, batch_size=p.extract.batch_size,
+            stagekit.RAW,
+            stagekit.SPLITS,
+            stagekit.FEATURES,
+            stagekit.HEAD,
+            stagekit.FINETUNED,
+            tmp,
+            image_size=p.model.size,
+            batch_size=p.extract.batch_size,
         )
     write_json(stagekit.METRICS / "evaluate.json", metrics)
     for name, m in metrics.items():
-        stagekit.log.info("test %s: accuracy %.4f, macro-F1 %.4f", name, m["accuracy"],
-                          m["macro_f1"])
+        stagekit.log.info(
+            "test %s: accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"]
+        )
     with stagekit.mlflow_run(p) as run:
         stagekit.log_everything(run)
 

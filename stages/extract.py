@@ -6,7 +6,7 @@ from transferline.params import Params
 
 
 def run(p: Params) -> None:
-    from transferline import features, models
+    from transferline import features, models  # noqa: PLC0415  (TensorFlow: after params)
 
     models.seed_everything(p.seed)
     with atomic_dir(stagekit.FEATURES) as tmp:
@@ -23,11 +23,13 @@ def run(p: Params) -> None:
             seed=p.seed,
         )
     write_json(stagekit.METRICS / "extract.json", metrics)
-    stagekit.log.info("extract: %d images at %.1f img/s", metrics["images"],
-                      metrics["images_per_second"])
+    stagekit.log.info(
+        "extract: %d images at %.1f img/s", metrics["images"], metrics["images_per_second"]
+    )
     with stagekit.mlflow_run(p) as run:
-        run.log_metrics({k: metrics[k] for k in ("images_per_second", "seconds")},
-                        prefix="extract.")
+        run.log_metrics(
+            {k: metrics[k] for k in ("images_per_second", "seconds")}, prefix="extract."
+        )
 
 
 if __name__ == "__main__":

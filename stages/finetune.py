@@ -18,16 +18,27 @@ def run(p: Params) -> None:
         write_csv(stagekit.PLOTS / "finetune_history.csv", [], header=HISTORY_COLUMNS)
         stagekit.log.info("finetune: skipped (finetune.enabled is false)")
         return
-    from transferline import finetune, models
+    from transferline import finetune, models  # noqa: PLC0415  (TensorFlow: after params)
 
     models.seed_everything(p.seed)
     metrics, history = finetune.run_finetune(
-        stagekit.RAW, stagekit.SPLITS, stagekit.FEATURES, stagekit.FINETUNE_INIT,
-        stagekit.FINETUNED, backbone=p.model.backbone, weights=p.model.weights,
-        image_size=p.model.size, pooling=p.model.pooling, epochs=f.epochs,
-        unfreeze_layers=f.unfreeze_layers, learning_rate=f.learning_rate,
-        batch_size=f.batch_size, flip=f.augment.flip, rotation=f.augment.rotation,
-        zoom=f.augment.zoom, seed=p.seed,
+        stagekit.RAW,
+        stagekit.SPLITS,
+        stagekit.FEATURES,
+        stagekit.FINETUNE_INIT,
+        stagekit.FINETUNED,
+        backbone=p.model.backbone,
+        weights=p.model.weights,
+        image_size=p.model.size,
+        pooling=p.model.pooling,
+        epochs=f.epochs,
+        unfreeze_layers=f.unfreeze_layers,
+        learning_rate=f.learning_rate,
+        batch_size=f.batch_size,
+        flip=f.augment.flip,
+        rotation=f.augment.rotation,
+        zoom=f.augment.zoom,
+        seed=p.seed,
     )
     write_json(stagekit.METRICS / "finetune.json", metrics)
     write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)

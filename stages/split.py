@@ -23,12 +23,18 @@ def run(p: Params) -> None:
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)
     write_json(stagekit.METRICS / "split.json", metrics)
-    stagekit.log.info("split: %s; rejected %d, duplicates %d", metrics["counts"],
-                      metrics["rejected"], metrics["duplicates"])
+    stagekit.log.info(
+        "split: %s; rejected %d, duplicates %d",
+        metrics["counts"],
+        metrics["rejected"],
+        metrics["duplicates"],
+    )
     with stagekit.mlflow_run(p) as run:
         totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
-        run.log_metrics({**totals, "rejected": metrics["rejected"],
-                         "duplicates": metrics["duplicates"]}, prefix="split.")
+        run.log_metrics(
+            {**totals, "rejected": metrics["rejected"], "duplicates": metrics["duplicates"]},
+            prefix="split.",
+        )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,17 @@ from transferline.params import Params
 
 def run(p: Params) -> None:
     if p.head.type == "dense":
-        from transferline.models import seed_everything
+        from transferline.models import seed_everything  # noqa: PLC0415  (TensorFlow)
 
         seed_everything(p.seed)
     with atomic_dir(stagekit.HEAD) as tmp:
         metrics, history = heads.train_from_features(
-            stagekit.FEATURES, tmp, head_type=p.head.type, logreg=p.head.logreg,
-            dense=p.head.dense, seed=p.seed,
+            stagekit.FEATURES,
+            tmp,
+            head_type=p.head.type,
+            logreg=p.head.logreg,
+            dense=p.head.dense,
+            seed=p.seed,
         )
     with atomic_dir(stagekit.FINETUNE_INIT) as tmp:
         if p.finetune.enabled:

@@ -34,7 +34,9 @@ class Backbone:
 def _family(
     keys_ctors: list[tuple[str, str, int, int]], preprocessing: Preprocessing, min_size: int
 ) -> list[Backbone]:
-    return [Backbone(k, c, preprocessing, size, min_size, feats) for k, c, size, feats in keys_ctors]
+    return [
+        Backbone(k, c, preprocessing, size, min_size, feats) for k, c, size, feats in keys_ctors
+    ]
 
 
 _ENTRIES: list[Backbone] = [
@@ -141,7 +143,7 @@ def build_base(
     `weights` is "imagenet", "none" or a weights-file path. The seed is set right before the
     layers are created so that `weights: none` gives the same random base in every stage.
     """
-    import keras
+    import keras  # noqa: PLC0415
 
     keras.utils.set_random_seed(seed)
     ctor = getattr(keras.applications, backbone.constructor)
@@ -158,8 +160,14 @@ def build_base(
         base = ctor(**kwargs)
     except Exception as exc:  # keras raises plain Exception/URLError/ValueError on download
         if weights == "imagenet" and _looks_like_download_failure(exc):
-            cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else
-                         Path.home() / ".keras") / "models"
+            cache = (
+                Path(
+                    keras.config.keras_home()
+                    if hasattr(keras.config, "keras_home")
+                    else Path.home() / ".keras"
+                )
+                / "models"
+            )
             raise WeightsError(
                 f"model.weights: could not download the ImageNet weights for "
                 f"{backbone.key} ({type(exc).__name__}: {exc}). This machine seems to be "

@@ -18,14 +18,16 @@ from transferline import backbones, logs
 log = logging.getLogger("transferline")
 
 # The offline quickstart: scikit-learn's digits, a randomly initialised VGG16 at 32 px (no
-# download), three fine-tuning epochs. Horizontal flips would turn a 2 into a mirrored 2, so off.
+# download), two fine-tuning epochs of the top two conv layers (each unfrozen 512-channel layer
+# costs about 0.3 s a step on 2 CPU cores). Horizontal flips would mirror the digits, so off.
 QUICKSTART = {
     "data.dataset": "digits",
     "model.backbone": "vgg16",
     "model.weights": "none",
     "model.image_size": "32",
     "extract.batch_size": "64",
-    "finetune.epochs": "3",
+    "finetune.epochs": "2",
+    "finetune.unfreeze_layers": "2",
     "finetune.batch_size": "32",
     "finetune.augment.flip": "false",
     "mlflow.experiment": "quickstart",
@@ -40,8 +42,9 @@ _FALLBACK_IDENTITY = {
 
 
 def _git_config(key: str) -> str:
-    out = subprocess.run(["git", "config", "--get", key], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        ["git", "config", "--get", key], capture_output=True, text=True, check=False
+    )
     return out.stdout.strip()
 
 
@@ -77,15 +80,18 @@ def quickstart_command(name: str | None, extra: list[str]) -> list[str]:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     if not Path("dvc.yaml").is_file():
-        print("transferline quickstart: run it from the transferline repository root "
-              "(where dvc.yaml is).", file=sys.stderr)
+        print(
+            "transferline quickstart: run it from the transferline repository root "
+            "(where dvc.yaml is).",
+            file=sys.stderr,
+        )
         return 2
     cmd = quickstart_command(args.name, args.set or [])
     from transferline.params import ParamsError, load_params, parse_params  # noqa: PLC0415
 
     try:  # validate the overridden params before DVC starts anything
         raw = load_params().as_dict()
-        for item in cmd[cmd.index("-S"):][1::2]:
+        for item in cmd[cmd.index("-S") :][1::2]:
             key, _, value = item.partition("=")
             node = raw
             *parents, leaf = key.split(".")
@@ -106,8 +112,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_backbones(args: argparse.Namespace) -> int:
     rows = [("key", "keras.applications", "features", "default px", "min px", "preprocessing")]
-    rows += [(b.key, b.constructor, str(b.features), str(b.default_size), str(b.min_size),
-              b.preprocessing) for b in backbones.REGISTRY.values()]
+    rows += [
+        (
+            b.key,
+            b.constructor,
+            str(b.features),
+            str(b.default_size),
+            str(b.min_size),
+            b.preprocessing,
+        )
+        for b in backbones.REGISTRY.values()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -122,9 +137,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"{args.params}: OK ({p.data.dataset}, {p.model.backbone} at {p.model.size} px, "
-          f"head {p.head.type}, finetune {'on' if p.finetune.enabled else 'off'}; "
-          f"params hash {p.digest()})")
+    print(
+        f"{args.params}: OK ({p.data.dataset}, {p.model.backbone} at {p.model.size} px, "
+        f"head {p.head.type}, finetune {'on' if p.finetune.enabled else 'off'}; "
+        f"params hash {p.digest()})"
+    )
     return 0
 
 
@@ -148,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "32 px). The command is printed first; extra -S key=value overrides are passed on.",
     )
     p.add_argument("--name", help="experiment name for dvc exp show / MLflow")
-    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
-                   help="another params override, e.g. -S head.type=dense")
+    p.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="another params override, e.g. -S head.type=dense",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -26,8 +26,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_DIR_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                   "validation": "val", "test": "test", "testing": "test"}
+SPLIT_DIR_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 # Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read.
 SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
@@ -136,7 +143,9 @@ def detect_layout(root: Path) -> str:
     return "filename"
 
 
-def reconcile_labels(cands: list[Candidate], label_map: dict[str, str] | None = None) -> list[Candidate]:
+def reconcile_labels(
+    cands: list[Candidate], label_map: dict[str, str] | None = None
+) -> list[Candidate]:
     """Make class names agree across given splits.
 
     Rule: a label that differs between splits is mapped to the shortest label of another split
@@ -155,7 +164,8 @@ def reconcile_labels(cands: list[Candidate], label_map: dict[str, str] | None = 
     mapping = {}
     for label in all_labels:
         prefixes = [
-            other for other in all_labels
+            other
+            for other in all_labels
             if other != label and label.startswith(other) and label[len(other)] in "._- "
         ]
         if prefixes:
@@ -184,7 +194,9 @@ def find_candidates(
     """
     rel_to = rel_to or root
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder. Run the download stage first, or fix data.subdir.")
+        raise DataError(
+            f"{root}: no such folder. Run the download stage first, or fix data.subdir."
+        )
     chosen = detect_layout(root) if layout == "auto" else layout
     folder = _unwrap(root)
     if chosen == "presplit":
@@ -228,11 +240,9 @@ def check_image(path: str | Path) -> Check:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             if fmt not in SUPPORTED_FORMATS:
-                return Check(
-                    False,
-                    f"unsupported image format {fmt} (supported: {', '.join(sorted(SUPPORTED_FORMATS))})",
-                    digest,
-                )
+                supported = ", ".join(sorted(SUPPORTED_FORMATS))
+                reason = f"unsupported image format {fmt} (supported: {supported})"
+                return Check(False, reason, digest)
             img.load()
             if img.width < 1 or img.height < 1:
                 return Check(False, "image has no pixels", digest)
@@ -264,7 +274,7 @@ def _seeded_order(items: list[Candidate], seed: int, salt: str) -> list[Candidat
 
 
 def _counts(n: int, val: float, test: float) -> tuple[int, int]:
-    return int(round(n * val)), int(round(n * test))
+    return round(n * val), round(n * test)
 
 
 def split_candidates(
@@ -281,7 +291,7 @@ def split_candidates(
             "files that were refused."
         )
     if len(by_class) < 2:
-        (only, items), = by_class.items()
+        ((only, items),) = by_class.items()
         raise DataError(
             f"only one class ({only!r}, {len(items)} images) was found; classification needs at "
             f"least two class folders (or file-name prefixes)."
@@ -289,7 +299,9 @@ def split_candidates(
     out: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
     for label in sorted(by_class):
         items = by_class[label]
-        given = {s: _seeded_order([c for c in items if c.split == s], seed, label + s) for s in SPLITS}
+        given = {
+            s: _seeded_order([c for c in items if c.split == s], seed, label + s) for s in SPLITS
+        }
         pool = _seeded_order([c for c in items if c.split in (None, "train")], seed, label)
         if max_per_class:
             pool = pool[:max_per_class]
@@ -301,7 +313,9 @@ def split_candidates(
         need_val = not given["val"]
         need_test = not given["test"]
         if (need_val and n_val < 1) or (need_test and n_test < 1) or n - n_val - n_test < 1:
-            minimum = int(np.ceil(max(1 / val if need_val else 1, 1 / test if need_test else 1))) + 1
+            minimum = (
+                int(np.ceil(max(1 / val if need_val else 1, 1 / test if need_test else 1))) + 1
+            )
             raise DataError(
                 f"class {label!r} has {n} usable images, too few to split with val={val}, "
                 f"test={test} (every split needs at least one). Add images (about {minimum} or "
@@ -355,8 +369,9 @@ def build_split(
         duplicates += len(copies) - 1
         if len({c.label for c in copies}) > 1:
             others = ", ".join(f"{c.path} ({c.label})" for c in copies)
-            rejected += [(c.path, f"identical bytes under different labels: {others}")
-                         for c in copies]
+            rejected += [
+                (c.path, f"identical bytes under different labels: {others}") for c in copies
+            ]
             continue
         given = next((c for c in copies if c.split in ("test", "val")), copies[0])
         kept.append(given)
@@ -382,8 +397,12 @@ def write_split(result: SplitResult, folder: Path) -> dict:
         table(f"{split}.csv", ("path", "label"), rows)
     table("rejected.csv", ("path", "reason"), result.rejected)
     (folder / "classes.json").write_text(json.dumps(result.classes, indent=2) + "\n")
-    return {"counts": result.counts, "rejected": len(result.rejected),
-            "duplicates": result.duplicates, "layout": result.layout}
+    return {
+        "counts": result.counts,
+        "rejected": len(result.rejected),
+        "duplicates": result.duplicates,
+        "layout": result.layout,
+    }
 
 
 # ---------------------------------------------------------------- tf.data
@@ -427,15 +446,24 @@ def make_image_dataset(
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     if labels is not None:
-        ds = ds.map(lambda p, y: (load_image(p, image_size), y),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            lambda p, y: (load_image(p, image_size), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     else:
-        ds = ds.map(lambda p: load_image(p, image_size),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            lambda p: load_image(p, image_size),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            lambda x, y: (augment(x, training=True), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -445,4 +473,6 @@ def split_arrays(
     """Absolute file paths and integer labels of one split's manifest."""
     rows = read_manifest(splits_dir / f"{split}.csv")
     index = {c: i for i, c in enumerate(classes)}
-    return [str(raw / p) for p, _ in rows], np.array([index[lbl] for _, lbl in rows], dtype=np.int64)
+    return [str(raw / p) for p, _ in rows], np.array(
+        [index[lbl] for _, lbl in rows], dtype=np.int64
+    )

@@ -10,7 +10,9 @@ import numpy as np
 from transferline.files import atomic_path
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support (keys are a contract)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support  # noqa: PLC0415
 
@@ -19,12 +21,17 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
-        "macro_f1": round(float(f1_score(y_true, y_pred, labels=labels, average="macro",
-                                         zero_division=0)), 6),
+        "macro_f1": round(
+            float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6
+        ),
         "n": len(y_true),
         "per_class": {
-            c: {"precision": round(float(p[i]), 6), "recall": round(float(r[i]), 6),
-                "f1": round(float(f[i]), 6), "support": int(s[i])}
+            c: {
+                "precision": round(float(p[i]), 6),
+                "recall": round(float(r[i]), 6),
+                "f1": round(float(f[i]), 6),
+                "support": int(s[i]),
+            }
             for i, c in enumerate(classes)
         },
     }
@@ -36,7 +43,9 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
 
 
-def write_predictions_csv(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+def write_predictions_csv(
+    path: Path, y_true: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> None:
     """One row per test image (actual, predicted): the input of DVC's confusion template."""
     import csv  # noqa: PLC0415
 
@@ -63,8 +72,14 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) ->
     ax.set_title(title)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)

@@ -99,8 +99,13 @@ def extract_dataset(
         total_n += len(paths)
         total_s += per_split[split]["seconds"]
     meta = {
-        "backbone": backbone, "weights": weights, "image_size": image_size, "pooling": pooling,
-        "dtype": dtype, "classes": classes, "feature_dim": int(extractor.output_shape[-1]),
+        "backbone": backbone,
+        "weights": weights,
+        "image_size": image_size,
+        "pooling": pooling,
+        "dtype": dtype,
+        "classes": classes,
+        "feature_dim": int(extractor.output_shape[-1]),
         "seed": seed,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -113,5 +118,7 @@ def extract_dataset(
 
 
 def load_split(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    return (np.load(features_dir / f"{split}_features.npy"),
-            np.load(features_dir / f"{split}_labels.npy"))
+    return (
+        np.load(features_dir / f"{split}_features.npy"),
+        np.load(features_dir / f"{split}_labels.npy"),
+    )

@@ -14,8 +14,9 @@ from typing import Any
 
 def _tmp_sibling(target: Path, suffix: str = "") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix,
-                                dir=target.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent
+    )
     os.close(fd)
     return Path(name)
 

@@ -64,6 +64,30 @@ def augmenter(flip: bool, rotation: float, zoom: float, seed: int) -> keras.Sequ
     return keras.Sequential(layers, name="augment") if layers else None
 
 
+class KeepBest(keras.callbacks.Callback):
+    """Restore the weights with the lowest val_loss at the end, the starting point included.
+
+    If no epoch beats the model as it was before fine-tuning, fine-tuning must not make it worse:
+    the starting weights come back and `best_epoch` is -1.
+    """
+
+    def __init__(self, start_loss: float):
+        super().__init__()
+        self.best_loss, self.best_epoch, self._weights = start_loss, -1, None
+
+    def on_train_begin(self, logs=None):
+        self._weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss")
+        if loss is not None and loss < self.best_loss:
+            self.best_loss, self.best_epoch, self._weights = loss, epoch, self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self._weights is not None:
+            self.model.set_weights(self._weights)
+
+
 def compile_model(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -87,18 +111,23 @@ def finetune(
     log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
     compile_model(model, learning_rate)  # recompile after changing `trainable`
     before = model.evaluate(val_ds, verbose=0, return_dict=True)
-    log.info("before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"],
-             before["accuracy"])
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=epochs, restore_best_weights=True
+    log.info(
+        "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
     )
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[stop], verbose=2)
+    keep = KeepBest(before["loss"])
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[keep], verbose=2)
     history = [
         {"epoch": i, **{k: float(v[i]) for k, v in hist.history.items()}}
         for i in range(len(hist.history["loss"]))
     ]
-    return FinetuneResult(history, int(stop.best_epoch), {k: float(v) for k, v in before.items()},
-                          unfrozen)
+    if keep.best_epoch < 0:
+        log.warning(
+            "no fine-tuning epoch beat the starting val_loss %.4f; keeping the starting weights",
+            before["loss"],
+        )
+    return FinetuneResult(
+        history, keep.best_epoch, {k: float(v) for k, v in before.items()}, unfrozen
+    )
 
 
 def max_feature_gap(extractor: keras.Model, images: np.ndarray, cached: np.ndarray) -> float:
@@ -149,15 +178,29 @@ def run_finetune(
     model = assemble(extractor, heads.keras_head(init_dir))
     train_paths, y_train = dataset.split_arrays(raw, splits_dir, "train", classes)
     train_ds = dataset.make_image_dataset(
-        train_paths, y_train, image_size, batch_size, shuffle_seed=seed,
+        train_paths,
+        y_train,
+        image_size,
+        batch_size,
+        shuffle_seed=seed,
         augment=augmenter(flip, rotation, zoom, seed),
     )
     val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, batch_size)
-    result = finetune(model, train_ds, val_ds, epochs=epochs, learning_rate=learning_rate,
-                      unfreeze_layers=unfreeze_layers)
+    result = finetune(
+        model,
+        train_ds,
+        val_ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        unfreeze_layers=unfreeze_layers,
+    )
     with atomic_path(out_path, suffix=".keras") as tmp:
         model.save(tmp)
-    best = result.history[result.best_epoch]
+    best = (
+        result.history[result.best_epoch]
+        if result.best_epoch >= 0
+        else {"val_accuracy": result.val_before["accuracy"], "val_loss": result.val_before["loss"]}
+    )
     metrics = {
         "val_accuracy_before": round(result.val_before["accuracy"], 6),
         "val_loss_before": round(result.val_before["loss"], 6),

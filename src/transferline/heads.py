@@ -77,7 +77,9 @@ def build_dense_head(dim: int, n_classes: int, units: int, dropout: float) -> ke
         x = keras.layers.Dense(units, activation="relu", name="head_hidden")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    out = keras.layers.Dense(n_classes, activation="softmax", name="head_output", dtype="float32")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="head_output", dtype="float32")(
+        x
+    )
     return keras.Model(inputs, out, name="head")
 
 
@@ -86,8 +88,9 @@ def softmax_head(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
     import keras  # noqa: PLC0415
 
     inputs = keras.Input((kernel.shape[0],), name="features")
-    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name="head_output",
-                               dtype="float32")
+    dense = keras.layers.Dense(
+        kernel.shape[1], activation="softmax", name="head_output", dtype="float32"
+    )
     model = keras.Model(inputs, dense(inputs), name="head")
     dense.set_weights([kernel, bias])
     return model
@@ -150,8 +153,15 @@ def train_dense(
 def save_logreg(folder: Path, clf: Pipeline, classes: list[str], meta: dict[str, Any]) -> None:
     kernel, bias = logreg_as_softmax(clf, len(classes))
     joblib.dump(clf, folder / LOGREG_JOBLIB)
-    np.savez(folder / LOGREG_ARRAYS, kernel=kernel, bias=bias, mean=clf[0].mean_,
-             scale=clf[0].scale_, coef=clf[-1].coef_, intercept=clf[-1].intercept_)
+    np.savez(
+        folder / LOGREG_ARRAYS,
+        kernel=kernel,
+        bias=bias,
+        mean=clf[0].mean_,
+        scale=clf[0].scale_,
+        coef=clf[-1].coef_,
+        intercept=clf[-1].intercept_,
+    )
     write_json(folder / META, {"type": "logreg", "classes": classes, **meta})
 
 
@@ -226,20 +236,38 @@ def train_from_features(
         }
 
     if head_type == "logreg":
-        clf = train_logreg(x_train, y_train, C=logreg.C, max_iter=logreg.max_iter,
-                           class_weight=logreg.class_weight, seed=seed)
-        final = scores(clf.predict_proba(x_train.astype(np.float32)),
-                       clf.predict_proba(x_val.astype(np.float32)))
+        clf = train_logreg(
+            x_train,
+            y_train,
+            C=logreg.C,
+            max_iter=logreg.max_iter,
+            class_weight=logreg.class_weight,
+            seed=seed,
+        )
+        final = scores(
+            clf.predict_proba(x_train.astype(np.float32)),
+            clf.predict_proba(x_val.astype(np.float32)),
+        )
         history = [{"epoch": 0, **final}]
         save_logreg(out_dir, clf, classes, {**saved, **final})
     else:
         model, history = train_dense(
-            x_train, y_train, x_val, y_val, len(classes), units=dense.units,
-            dropout=dense.dropout, learning_rate=dense.learning_rate, epochs=dense.epochs,
-            batch_size=dense.batch_size, patience=dense.patience,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            len(classes),
+            units=dense.units,
+            dropout=dense.dropout,
+            learning_rate=dense.learning_rate,
+            epochs=dense.epochs,
+            batch_size=dense.batch_size,
+            patience=dense.patience,
         )
-        final = scores(model.predict(x_train.astype(np.float32), verbose=0),
-                       model.predict(x_val.astype(np.float32), verbose=0))
+        final = scores(
+            model.predict(x_train.astype(np.float32), verbose=0),
+            model.predict(x_val.astype(np.float32), verbose=0),
+        )
         save_dense(out_dir, model, classes, {**saved, **final})
     metrics = {**{k: round(v, 6) for k, v in final.items()}, "epochs": len(history)}
     return metrics, history

@@ -12,6 +12,15 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib", "urllib3", "alembic",
-                  "mlflow", "git"):
+    for noisy in (
+        "absl",
+        "tensorflow",
+        "h5py",
+        "PIL",
+        "matplotlib",
+        "urllib3",
+        "alembic",
+        "mlflow",
+        "git",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -225,7 +225,7 @@ def _describe(err: dict, source: str) -> str:
     if err["type"] == "extra_forbidden":
         accepted = _field_names(Params, loc)
         close = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
-        hint = f" Did you mean `{'.'.join(map(str, loc[:-1] + (close[0],)))}`?" if close else ""
+        hint = f" Did you mean `{'.'.join(map(str, (*loc[:-1], close[0])))}`?" if close else ""
         return (
             f"{source}: unknown key `{key}`.{hint} Accepted keys here: {', '.join(accepted)}. "
             f"Remove or rename it."

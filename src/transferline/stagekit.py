@@ -36,7 +36,9 @@ def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = No
     parser = argparse.ArgumentParser(
         prog=f"stages/{stage}.py", description=f"DVC stage '{stage}' of transferline."
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, TensorFlow's too")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(argv)
@@ -69,8 +71,13 @@ def mlflow_run(params: Params) -> Iterator:
 
 
 # metrics file stem -> MLflow namespace
-NAMESPACES = {"split": "split.", "extract": "extract.", "train_head": "head.",
-              "finetune": "finetune.", "evaluate": "test."}
+NAMESPACES = {
+    "split": "split.",
+    "extract": "extract.",
+    "train_head": "head.",
+    "finetune": "finetune.",
+    "evaluate": "test.",
+}
 HISTORIES = {"head_history.csv": "head.history.", "finetune_history.csv": "finetune.history."}
 
 

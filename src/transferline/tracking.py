@@ -6,6 +6,7 @@ stages of one `dvc repro` / `dvc exp run` land in one run; evaluate logs the com
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -43,7 +44,9 @@ def tracking_uri(root: Path | None = None) -> str:
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=20, check=False
+        )
     except OSError:
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -59,10 +62,8 @@ def context_tags() -> dict[str, str]:
     if data_hash:
         tags["data.raw_md5"] = data_hash
     for pkg in _PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{pkg}"] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return tags
 
 
@@ -87,16 +88,22 @@ class Run:
         from mlflow.entities import Metric  # noqa: PLC0415
 
         now = int(time.time() * 1000)
-        batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        batch = [
+            Metric(f"{prefix}{k}", float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_history(self, history: Iterable[Mapping[str, float]], prefix: str) -> None:
         """Per-epoch curves as MLflow steps."""
         for row in history:
-            self.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                             step=int(row["epoch"]), prefix=prefix)
+            self.log_metrics(
+                {k: v for k, v in row.items() if k != "epoch"},
+                step=int(row["epoch"]),
+                prefix=prefix,
+            )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
@@ -125,8 +132,13 @@ def _experiment_id(client: Any, name: str, root: Path) -> str:
         return exp.experiment_id
 
 
-def open_run(experiment: str, params_hash: str, flat_params: Mapping[str, Any],
-             run_name: str, root: Path | None = None) -> Run:
+def open_run(
+    experiment: str,
+    params_hash: str,
+    flat_params: Mapping[str, Any],
+    run_name: str,
+    root: Path | None = None,
+) -> Run:
     """Find the run of this parameter set (by tag) or create it; params and tags logged."""
     from mlflow import MlflowClient  # noqa: PLC0415
     from mlflow.entities import Param  # noqa: PLC0415
@@ -134,8 +146,12 @@ def open_run(experiment: str, params_hash: str, flat_params: Mapping[str, Any],
     uri = tracking_uri(root)
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, experiment, root or Path.cwd())
-    found = client.search_runs([exp_id], filter_string=f"tags.`{HASH_TAG}` = '{params_hash}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{HASH_TAG}` = '{params_hash}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if found:
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":
