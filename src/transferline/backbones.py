@@ -6,7 +6,9 @@ import TensorFlow; only `build_base` / `build_feature_extractor` do.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -153,8 +155,9 @@ def build_base(
         "input_shape": (image_size, image_size, 3),
         "pooling": pooling,
     }
-    if backbone.preprocessing == "builtin":
-        # These families scale raw 0..255 input inside the model; keep it that way.
+    if "include_preprocessing" in inspect.signature(ctor).parameters:
+        # EfficientNetV2, MobileNetV3, ConvNeXt can drop their input scaling; we feed raw 0..255,
+        # so it must stay (EfficientNet v1 always keeps it).
         kwargs["include_preprocessing"] = True
     try:
         base = ctor(**kwargs)
@@ -201,7 +204,13 @@ def load_weights_file(base: keras.Model, path: Path, backbone: Backbone) -> None
     """Load a weights file into `base`, refusing anything but an exact match."""
     check_weights_source(str(path), backbone)
     try:
-        base.load_weights(str(path))
+        # Keras warns (instead of failing) when some layers keep their fresh weights: a partial
+        # load is a mismatch too.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base.load_weights(str(path))
+        if caught:
+            raise ValueError(str(caught[0].message))
     except Exception as exc:
         raise WeightsError(
             f"model.weights: {path} does not match {backbone.key} at this input size without "

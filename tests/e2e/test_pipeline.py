@@ -1,0 +1,209 @@
+"""The real `dvc repro` (and the README's quickstart) in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "data.dataset": "digits",
+    "split.max_per_class": 10,
+    "split.val": 0.2,
+    "split.test": 0.2,
+    "model.backbone": "vgg16",
+    "model.weights": "none",
+    "model.image_size": 32,
+    "extract.batch_size": 32,
+    "finetune.epochs": 1,
+    "finetune.unfreeze_layers": 1,
+    "finetune.batch_size": 16,
+    "finetune.augment.flip": False,
+    "mlflow.experiment": "e2e",
+}
+GIT_ID = ["-c", "user.name=e2e", "-c", "user.email=e2e@example.invalid"]
+
+
+def env(home: Path | None = None) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("DVC_EXP_NAME", None)
+    if home is not None:  # a machine where git has no identity
+        e.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", XDG_CONFIG_HOME=str(home / ".config"))
+        for k in (
+            "GIT_AUTHOR_NAME",
+            "GIT_AUTHOR_EMAIL",
+            "GIT_COMMITTER_NAME",
+            "GIT_COMMITTER_EMAIL",
+        ):
+            e.pop(k, None)
+    return e
+
+
+def sh(cmd: list[str], cwd: Path, home: Path | None = None, check: bool = True) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env(home), capture_output=True, text=True, timeout=900)
+    text = out.stdout + out.stderr
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{text[-6000:]}")
+    return text
+
+
+def set_params(params: Path, overrides: dict) -> None:
+    raw = yaml.safe_load(params.read_text())
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository as a fresh clone would have it (tracked and not-ignored files only)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    for ignored in ("dvc.lock", "mlflow.db"):
+        (dest / ignored).unlink(missing_ok=True)
+    sh(["git", "init", "-q"], dest)
+    sh(["git", *GIT_ID, "add", "-A"], dest)
+    sh(["git", *GIT_ID, "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
+def mlflow_runs(repo: Path, experiment: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_dvc_repro_end_to_end(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo / "params.yaml", TINY)
+    dvc = [sys.executable, "-m", "dvc"]
+
+    first = sh([*dvc, "repro"], repo)
+    assert ran(first) == {"download", "split", "extract", "train_head", "finetune", "evaluate"}
+
+    # Every output is there and has the right shape.
+    assert len(list((repo / "data/raw").rglob("*.png"))) == 1797
+    classes = json.loads((repo / "data/splits/classes.json").read_text())
+    assert classes == [str(i) for i in range(10)]
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert {s: sum(c.values()) for s, c in split["counts"].items()} == {
+        "train": 60,
+        "val": 20,
+        "test": 20,
+    }
+    for s, n in {"train": 60, "val": 20, "test": 20}.items():
+        assert np.load(repo / f"data/features/{s}_features.npy").shape == (n, 512)
+        assert np.load(repo / f"data/features/{s}_labels.npy").shape == (n,)
+    meta = json.loads((repo / "data/features/meta.json").read_text())
+    assert meta["backbone"] == "vgg16" and meta["image_size"] == 32 and meta["weights"] == "none"
+    assert (repo / "models/head/head.joblib").is_file()
+    assert zipfile.is_zipfile(repo / "models/finetuned.keras")
+    extract = json.loads((repo / "metrics/extract.json").read_text())
+    assert extract["images_per_second"] > 0 and extract["seconds"] > 0
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(ev) == {"head", "finetune"}
+    for m in ev.values():
+        assert {"accuracy", "macro_f1", "per_class"} <= set(m) and set(m["per_class"]) == set(
+            classes
+        )
+        assert 0.0 <= m["accuracy"] <= 1.0
+    assert ev["head"]["accuracy"] >= 0.5  # 20 test digits, random VGG16 features: far above 0.1
+    for f in ("head_predictions.csv", "finetune_predictions.csv", "head_confusion.png"):
+        assert (repo / "plots/evaluate" / f).is_file()
+    finetune = json.loads((repo / "metrics/finetune.json").read_text())
+    head = json.loads((repo / "metrics/train_head.json").read_text())
+    assert finetune["val_accuracy_before"] == pytest.approx(head["val_accuracy"], abs=0.051)
+
+    # The MLflow run holds params, every stage's metrics, curves and figures.
+    client, runs = mlflow_runs(repo, "e2e")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["model.backbone"] == "vgg16"
+    assert run.data.metrics["test.head.accuracy"] == pytest.approx(ev["head"]["accuracy"])
+    assert run.data.metrics["test.finetune.accuracy"] == pytest.approx(ev["finetune"]["accuracy"])
+    assert (
+        "extract.images_per_second" in run.data.metrics and "head.val_accuracy" in run.data.metrics
+    )
+    assert run.data.tags["git.commit"] and run.data.tags["data.raw_md5"].endswith(".dir")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
+    assert "plots/evaluate/head_confusion.png" in artifacts
+
+    # Nothing left to do: status clean, a second repro runs nothing.
+    assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
+    assert ran(sh([*dvc, "repro"], repo)) == set()
+
+    # Fine-tuning off: only what reads finetune.* re-runs; evaluate reports the head only.
+    set_params(repo / "params.yaml", {"finetune.enabled": False})
+    assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "finetune", "evaluate"}
+    assert set(json.loads((repo / "metrics/evaluate.json").read_text())) == {"head"}
+
+    # A head-only change with fine-tuning off re-runs train_head and evaluate, nothing else.
+    set_params(repo / "params.yaml", {"head.logreg.C": 0.5})
+    assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "evaluate"}
+    assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
+    _, runs = mlflow_runs(repo, "e2e")
+    assert len(runs) == 3  # one run per parameter set
+
+
+def test_readme_quickstart_without_git_identity(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    home = tmp_path / "home"
+    home.mkdir()
+    quick = [
+        sys.executable,
+        "-m",
+        "transferline.cli",
+        "quickstart",
+        "--name",
+        "tiny",
+        "-S",
+        "split.max_per_class=10",
+        "-S",
+        "split.val=0.2",
+        "-S",
+        "split.test=0.2",
+        "-S",
+        "finetune.epochs=1",
+        "-S",
+        "finetune.enabled=false",
+    ]
+    out = sh(quick, repo, home=home)
+    assert "Ran experiment(s): tiny" in out
+    names = sh([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo, home=home)
+    assert "tiny" in names.split()
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(ev) == {"head"}
+    _, runs = mlflow_runs(repo, "quickstart")
+    assert len(runs) == 1 and runs[0].data.tags["dvc.exp_name"] == "tiny"

@@ -1,0 +1,246 @@
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferline import dataset
+from transferline.dataset import Candidate, DataError
+
+from conftest import COLORS, make_class_folders, make_image, seed_of
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def split(root: Path, **kw):
+    args = {
+        "layout": "auto",
+        "val": 0.2,
+        "test": 0.2,
+        "seed": 1,
+        "max_per_class": None,
+        "workers": 1,
+    }
+    args.update(kw)
+    return dataset.build_split(root, **args)
+
+
+def add_broken_files(folder: Path) -> dict[str, str]:
+    """One file of each broken kind plus system files; returns name -> expected reason part."""
+    (folder / "empty.jpg").write_bytes(b"")
+    good = make_image(folder / "tmp_full.jpg", (9, 9, 9), size=64, fmt="JPEG")
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("not an image")
+    make_image(folder / "scan.tiff", (5, 5, 5), fmt="TIFF")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "Thumbs.db").write_bytes(b"\0\1")
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._cat.png").write_bytes(b"junk")
+    return {
+        "empty.jpg": "empty file",
+        "truncated.jpg": "corrupt or truncated",
+        "notes.txt": "not an image",
+        "scan.tiff": "unsupported image format TIFF",
+    }
+
+
+def test_class_folders_with_broken_and_system_files(class_folders):
+    expected = add_broken_files(class_folders / "cat")
+    before = snapshot(class_folders)
+    result = split(class_folders)
+    reasons = {Path(p).name: r for p, r in result.rejected}
+    assert set(reasons) == set(expected)  # system files ignored, not rejected
+    for name, part in expected.items():
+        assert part in reasons[name]
+    assert result.classes == ["cat", "dog"]
+    assert sum(len(v) for v in result.manifests.values()) == 20
+    assert snapshot(class_folders) == before  # nothing modified or deleted
+
+
+def test_modes_and_formats_accepted(tmp_path):
+    root = tmp_path / "d"
+    for i, mode in enumerate(["RGB", "L", "P", "RGBA", "CMYK"]):
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        ext = "jpg" if fmt == "JPEG" else "png"
+        for c in ("cat", "dog"):
+            for j in range(2):
+                make_image(
+                    root / c / f"{mode}{j}.{ext}",
+                    COLORS[c],
+                    fmt=fmt,
+                    mode=mode,
+                    seed=i * 10 + j + (c == "dog") * 100,
+                )
+    result = split(root, val=0.25, test=0.25)
+    assert result.rejected == []
+
+
+def test_petimages_wrapper_folder(tmp_path):
+    root = tmp_path / "raw"
+    make_class_folders(root / "kagglecatsanddogs" / "PetImages", per_class=5)
+    result = split(root, val=0.2, test=0.2)
+    assert result.layout == "class_folders"
+    assert result.classes == ["cat", "dog"]
+    assert all(p.startswith("kagglecatsanddogs/PetImages/") for p, _ in result.manifests["train"])
+
+
+def test_filename_prefix_layout_like_the_competition(tmp_path):
+    root = tmp_path / "train"
+    for c in ("cat", "dog"):
+        for i in range(5):
+            make_image(root / f"{c}.{i}.jpg", COLORS[c], fmt="JPEG", seed=i + (c == "dog") * 50)
+    make_image(root / "1234.jpg", (0, 0, 0), fmt="JPEG")
+    result = split(root)
+    assert result.layout == "filename"
+    assert result.classes == ["cat", "dog"]
+    assert [r for _, r in result.rejected] == [
+        "no label: the file name has no class prefix like cat.1.jpg"
+    ]
+
+
+def test_presplit_chest_ct_labels_reconciled(tmp_path):
+    root = tmp_path / "Data"
+    long = {"adeno": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "normal": "normal"}
+    colors = {"adeno": (200, 0, 0), "normal": (0, 0, 200)}
+    seed = 0
+    for split_dir, names in [
+        ("train", long),
+        ("valid", long),
+        ("test", {"adeno": "adenocarcinoma", "normal": "normal"}),
+    ]:
+        n = 6 if split_dir == "train" else 2
+        for key, folder in names.items():
+            for i in range(n):
+                seed += 1
+                make_image(root / split_dir / folder / f"{i}.png", colors[key], seed=seed)
+    result = split(root)
+    assert result.layout == "presplit"
+    assert result.classes == ["adenocarcinoma", "normal"]
+    assert {s: sum(c.values()) for s, c in result.counts.items()} == {
+        "train": 12,
+        "val": 4,
+        "test": 4,
+    }  # given splits kept as given
+    assert all(p.startswith("test/") for p, _ in result.manifests["test"])
+
+
+def test_presplit_label_that_cannot_be_reconciled(tmp_path):
+    root = tmp_path / "Data"
+    for split_dir, classes in [("train", ("cat", "dog")), ("test", ("cat", "owl"))]:
+        for c in classes:
+            make_image(root / split_dir / c / "a.png", COLORS[c], seed=seed_of(split_dir, c))
+    with pytest.raises(DataError) as info:
+        split(root)
+    assert "train: ['cat', 'dog']" in str(info.value) and "test: ['cat', 'owl']" in str(info.value)
+
+
+def test_presplit_without_val_carves_it_from_train(tmp_path):
+    root = tmp_path / "Data"
+    make_class_folders(root / "train", per_class=10)
+    make_class_folders(root / "test", per_class=3)
+    for f in (root / "test").rglob("*.png"):  # make test bytes differ from train bytes
+        make_image(f, (1, 1, 1), seed=seed_of("test", f.name))
+    result = split(root, val=0.2)
+    assert result.counts["test"] == {"cat": 3, "dog": 3}
+    assert result.counts["val"] == {"cat": 2, "dog": 2}
+
+
+def test_exact_duplicates_never_cross_splits_and_are_counted(class_folders):
+    cats = sorted((class_folders / "cat").glob("*.png"))
+    for i, src in enumerate(cats[:4]):
+        shutil.copy(src, class_folders / "cat" / f"copy{i}.png")
+    shutil.copy(cats[5], class_folders / "dog" / "looks_like_a_cat.png")
+    result = split(class_folders)
+    assert result.duplicates == 5
+    conflict = [p for p, r in result.rejected if "different labels" in r]
+    assert sorted(Path(p).name for p in conflict) == sorted([cats[5].name, "looks_like_a_cat.png"])
+    paths = [p for rows in result.manifests.values() for p, _ in rows]
+    assert len(paths) == len(set(paths)) == 20 - 1  # one cat lost to the label conflict
+
+
+def test_split_independent_of_listing_order():
+    cands = [Candidate(f"{c}/{i}.png", c) for c in ("a", "b") for i in range(20)]
+    shuffled = cands[:]
+    random.Random(3).shuffle(shuffled)
+    one = dataset.split_candidates(cands, 0.2, 0.2, seed=7, max_per_class=None)
+    two = dataset.split_candidates(shuffled, 0.2, 0.2, seed=7, max_per_class=None)
+    assert {k: sorted(v, key=lambda c: c.path) for k, v in one.items()} == {
+        k: sorted(v, key=lambda c: c.path) for k, v in two.items()
+    }
+    three = dataset.split_candidates(cands, 0.2, 0.2, seed=8, max_per_class=None)
+    assert three != one  # the seed matters
+
+
+def test_stratified_counts_and_max_per_class():
+    cands = [Candidate(f"a/{i}.png", "a") for i in range(50)] + [
+        Candidate(f"b/{i}.png", "b") for i in range(30)
+    ]
+    out = dataset.split_candidates(cands, 0.1, 0.2, seed=0, max_per_class=None)
+    count = {s: {lbl: sum(c.label == lbl for c in v) for lbl in "ab"} for s, v in out.items()}
+    assert count == {
+        "train": {"a": 35, "b": 21},
+        "val": {"a": 5, "b": 3},
+        "test": {"a": 10, "b": 6},
+    }
+    capped = dataset.split_candidates(cands, 0.1, 0.2, seed=0, max_per_class=10)
+    assert sum(len(v) for v in capped.values()) == 20
+
+
+def test_too_few_images_names_the_class():
+    cands = [Candidate(f"a/{i}.png", "a") for i in range(30)] + [
+        Candidate("b/0.png", "b"),
+        Candidate("b/1.png", "b"),
+    ]
+    with pytest.raises(DataError) as info:
+        dataset.split_candidates(cands, 0.1, 0.1, seed=0, max_per_class=None)
+    assert "class 'b' has 2 usable images" in str(info.value)
+
+
+def test_single_class_and_empty_are_errors(tmp_path):
+    with pytest.raises(DataError, match="only one class"):
+        dataset.split_candidates([Candidate("a/1.png", "a")], 0.1, 0.1, 0, None)
+    with pytest.raises(DataError, match="no usable images"):
+        dataset.split_candidates([], 0.1, 0.1, 0, None)
+
+
+def test_write_split_outputs(tmp_path, class_folders):
+    add_broken_files(class_folders / "dog")
+    result = split(class_folders)
+    out = tmp_path / "splits"
+    out.mkdir()
+    metrics = dataset.write_split(result, out)
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+    with (out / "train.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"path", "label"}
+    with (out / "rejected.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4 == metrics["rejected"]
+    assert metrics["counts"]["test"] == {"cat": 2, "dog": 2}
+
+
+def test_parallel_validation_matches_serial(tmp_path):
+    root = make_class_folders(tmp_path / "many", per_class=40)
+    add_broken_files(root / "cat")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    assert dataset.check_images(files, workers=2) == dataset.check_images(files, workers=1)
+
+
+def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
+    paths = [
+        make_image(tmp_path / "a.png", (255, 0, 0), mode="L"),
+        make_image(tmp_path / "b.jpg", (0, 0, 255), fmt="JPEG"),
+        make_image(tmp_path / "c.png", (0, 255, 0), mode="P"),
+    ]
+    ds = dataset.make_image_dataset([str(p) for p in paths], [0, 1, 2], 24, batch_size=2)
+    batches = list(ds)
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 24, 24, 3), (1, 24, 24, 3)]
+    x = np.concatenate([b.numpy() for b, _ in batches])
+    assert x.min() >= 0 and x.max() <= 255
+    assert x[1, ..., 2].mean() > 150 > x[1, ..., 0].mean()  # blue stays blue

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from transferline import backbones, dataset, features
+from transferline.models import build_feature_extractor
+
+from conftest import make_class_folders
+
+
+@pytest.fixture
+def extractor():
+    return build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+
+
+def test_streams_features_equal_to_predict(tmp_path, extractor, class_folders):
+    paths = sorted(str(p) for p in class_folders.rglob("*.png"))
+    images = dataset.make_image_dataset(paths, None, 32, batch_size=3)
+    out = tmp_path / "out" / "f.npy"
+    out.parent.mkdir()
+    timing = features.extract_to_npy(extractor, images, len(paths), out, "float32")
+    got = np.load(out)
+    assert got.shape == (20, 1280) and got.dtype == np.float32
+    expected = extractor.predict(np.concatenate(list(images)), verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert timing["images_per_second"] > 0
+    assert [p.name for p in out.parent.iterdir()] == ["f.npy"]  # no temporary file left
+
+
+def test_float16_halves_the_file(tmp_path, extractor, class_folders):
+    paths = sorted(str(p) for p in class_folders.rglob("*.png"))
+    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
+    features.extract_to_npy(extractor, images, len(paths), tmp_path / "a.npy", "float32")
+    features.extract_to_npy(extractor, images, len(paths), tmp_path / "b.npy", "float16")
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert b.dtype == np.float16
+    assert b.nbytes * 2 == a.nbytes
+    np.testing.assert_allclose(b.astype(np.float32), a, rtol=1e-2, atol=1e-2)
+
+
+def test_count_mismatch_leaves_no_output(tmp_path, extractor, class_folders):
+    paths = sorted(str(p) for p in class_folders.rglob("*.png"))
+    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="expected 21 images"):
+        features.extract_to_npy(extractor, images, 21, out / "c.npy")
+    assert list(out.iterdir()) == []
+
+
+def test_extract_dataset_writes_every_split_and_meta(tmp_path):
+    raw = make_class_folders(tmp_path / "raw" / "pets", per_class=10)
+    result = dataset.build_split(
+        raw.parent, layout="auto", val=0.2, test=0.2, seed=0, max_per_class=None, workers=1
+    )
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    dataset.write_split(result, splits)
+    out = tmp_path / "features"
+    out.mkdir()
+    metrics = features.extract_dataset(
+        raw.parent,
+        splits,
+        out,
+        backbone="vgg16",
+        weights="none",
+        image_size=32,
+        pooling="max",
+        batch_size=4,
+        dtype="float16",
+        seed=0,
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["feature_dim"] == 512
+    assert meta["pooling"] == "max" and meta["dtype"] == "float16"
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        x, y = features.load_split(out, split)
+        assert x.shape == (n, 512) and x.dtype == np.float16
+        assert sorted(np.bincount(y)) == [n // 2, n // 2]
+    assert metrics["images"] == 20 and set(metrics["per_split"]) == {"train", "val", "test"}

@@ -1,0 +1,85 @@
+import keras
+import numpy as np
+import pytest
+
+from transferline import backbones, dataset, finetune, heads
+from transferline.models import base_of, build_feature_extractor
+
+from conftest import make_class_folders
+
+
+def images(n: int = 12, size: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
+    x[y == 1, ..., 0] = 255.0  # class 1 is red-heavy: learnable
+    return x, y
+
+
+def test_unfreeze_counts_weighted_layers_and_keeps_batchnorm_frozen():
+    ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+    base = base_of(ext)
+    names = finetune.unfreeze_top(base, 3)
+    trainable = [layer for layer in base.layers if layer.trainable and layer.weights]
+    assert [layer.name for layer in trainable] == names and len(names) == 3
+    bn = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
+    assert finetune.unfreeze_top(base, 0) == []
+    assert not base.trainable_weights
+
+
+def test_batchnorm_statistics_unchanged_by_a_finetune_epoch():
+    ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+    model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
+    base = base_of(model)
+    finetune.unfreeze_top(base, 6)
+    finetune.compile_model(model, 1e-3)
+    bn = [lyr for lyr in base.layers if isinstance(lyr, keras.layers.BatchNormalization)]
+    stats = [np.array(v) for lyr in bn for v in (lyr.moving_mean, lyr.moving_variance)]
+    trained = [np.array(w) for w in base.trainable_weights]
+    x, y = images()
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    after = [np.array(v) for lyr in bn for v in (lyr.moving_mean, lyr.moving_variance)]
+    for a, b in zip(stats, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, np.array(b))
+        for a, b in zip(trained, base.trainable_weights, strict=True)
+    )
+
+
+def test_combined_model_starts_at_the_logreg_head(tmp_path):
+    root = make_class_folders(tmp_path / "pets", per_class=8)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    y = np.array([0 if "/cat/" in p else 1 for p in paths])
+    ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=3)
+    x_img = np.concatenate(list(dataset.make_image_dataset(paths, None, 32, 8)))
+    feats = ext.predict(x_img, verbose=0)
+    clf = heads.train_logreg(feats, y, C=1.0, max_iter=2000, class_weight=None, seed=0)
+    heads.save_logreg(tmp_path, clf, ["cat", "dog"], {})
+    model = finetune.assemble(ext, heads.keras_head(tmp_path))
+    np.testing.assert_allclose(model.predict(x_img, verbose=0), clf.predict_proba(feats), atol=1e-4)
+    assert finetune.max_feature_gap(ext, x_img, feats.astype(np.float16)) < 1e-2
+
+
+def test_fine_tuning_never_ends_worse_than_it_started():
+    ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+    x, y = images(16)
+    head = heads.build_dense_head(512, 2, 0, 0.0)
+    model = finetune.assemble(ext, head)
+    start = [np.array(w) for w in model.weights]
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    # A learning rate this large wrecks the model: the starting weights must come back.
+    result = finetune.finetune(model, ds, ds, epochs=2, learning_rate=50.0, unfreeze_layers=2)
+    assert result.best_epoch == -1
+    for a, b in zip(start, model.weights, strict=True):
+        np.testing.assert_array_equal(a, np.array(b))
+    assert len(result.history) == 2 and "val_loss" in result.history[0]
+
+
+@pytest.mark.parametrize("flip,rotation,zoom,n", [(True, 0.1, 0.1, 3), (False, 0.0, 0.0, 0)])
+def test_augmenter_layers(flip, rotation, zoom, n):
+    aug = finetune.augmenter(flip, rotation, zoom, seed=0)
+    assert (len(aug.layers) if aug else 0) == n

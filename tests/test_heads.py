@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from transferline import heads
+
+
+def blobs(n_classes: int, n: int = 60, dim: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (n_classes, dim))
+    y = np.arange(n) % n_classes
+    x = centers[y] + rng.normal(0, 1, (n, dim)) + 50.0  # offset: the scaler matters
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_folds_into_an_equal_softmax_layer(n_classes):
+    x, y = blobs(n_classes)
+    clf = heads.train_logreg(x, y, C=1.0, max_iter=2000, class_weight=None, seed=0)
+    model = heads.softmax_head(*heads.logreg_as_softmax(clf, n_classes))
+    np.testing.assert_allclose(model.predict(x, verbose=0), clf.predict_proba(x), atol=1e-4)
+
+
+def test_dense_head_learns_and_roundtrips(tmp_path):
+    x, y = blobs(3, n=150)
+    model, history = heads.train_dense(
+        x[:120],
+        y[:120],
+        x[120:],
+        y[120:],
+        3,
+        units=16,
+        dropout=0.1,
+        learning_rate=0.01,
+        epochs=30,
+        batch_size=16,
+        patience=5,
+    )
+    assert history and {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(history[0])
+    assert (model.predict(x[120:], verbose=0).argmax(1) == y[120:]).mean() > 0.9
+    heads.save_dense(tmp_path, model, ["a", "b", "c"], {})
+    np.testing.assert_allclose(
+        heads.predict_proba(tmp_path, x[120:]), model.predict(x[120:], verbose=0), atol=1e-6
+    )
+
+
+def test_saved_logreg_predicts_like_the_fold(tmp_path):
+    x, y = blobs(3)
+    clf = heads.train_logreg(x, y, C=0.5, max_iter=2000, class_weight="balanced", seed=0)
+    heads.save_logreg(tmp_path, clf, ["a", "b", "c"], {"val_accuracy": 1.0})
+    assert heads.head_meta(tmp_path)["type"] == "logreg"
+    np.testing.assert_allclose(
+        heads.predict_proba(tmp_path, x),
+        heads.keras_head(tmp_path).predict(x, verbose=0),
+        atol=1e-4,
+    )
+
+
+def test_linear_dense_head_has_one_layer():
+    model = heads.build_dense_head(8, 3, units=0, dropout=0.0)
+    assert [type(layer).__name__ for layer in model.layers] == ["InputLayer", "Dense"]

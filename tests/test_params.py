@@ -1,0 +1,115 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from transferline.params import ParamsError, load_params, parse_params
+
+from conftest import REPO
+
+
+def base() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def error_for(raw: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_committed_params_are_valid_and_the_cats_vs_dogs_job():
+    p = load_params(REPO / "params.yaml")
+    assert p.data.dataset == "cats_vs_dogs"
+    assert p.model.backbone == "vgg16" and p.model.weights == "imagenet"
+    assert p.model.size == 224  # the backbone's default when image_size is null
+    assert p.flat()["model.backbone"] == "vgg16"
+
+
+def test_unknown_key_names_it_and_suggests_the_right_one():
+    raw = base()
+    raw["model"]["backbon"] = "vgg16"
+    msg = error_for(raw)
+    assert "unknown key `model.backbon`" in msg
+    assert "Did you mean `model.backbone`?" in msg
+    assert "pooling" in msg  # lists the accepted keys
+
+
+def test_misspelt_backbone_lists_accepted_values():
+    raw = base()
+    raw["model"]["backbone"] = "vgg61"
+    msg = error_for(raw)
+    assert "`model.backbone` = 'vgg61'" in msg
+    assert "'vgg16'" in msg and "efficientnet_b0" in msg
+
+
+@pytest.mark.parametrize("key,value", [("val", 0.0), ("test", 1.0), ("val", -0.1), ("test", 1.5)])
+def test_split_fraction_outside_open_interval(key, value):
+    raw = base()
+    raw["split"][key] = value
+    msg = error_for(raw)
+    assert f"`split.{key}` = {value!r}" in msg and "between 0 and 1" in msg
+
+
+def test_val_plus_test_at_least_one():
+    raw = base()
+    raw["split"].update(val=0.5, test=0.5)
+    msg = error_for(raw)
+    assert "split.val + split.test = 1" in msg and "below 1" in msg
+
+
+def test_image_size_below_backbone_minimum():
+    raw = base()
+    raw["model"].update(backbone="inception_v3", image_size=64)
+    msg = error_for(raw)
+    assert "minimum of 75" in msg and "inception_v3" in msg
+
+
+@pytest.mark.parametrize("source", ["kaggle://someone", "http://example.com/a.zip", "ftp://x/y"])
+def test_bad_sources_rejected(source):
+    raw = base()
+    raw["data"]["dataset"] = source
+    assert "`data.dataset`" in error_for(raw)
+
+
+def test_literal_values_listed():
+    raw = base()
+    raw["head"]["type"] = "svm"
+    msg = error_for(raw)
+    assert "`head.type` = 'svm'" in msg and "'logreg'" in msg and "'dense'" in msg
+
+
+def test_digest_changes_with_any_param():
+    raw = base()
+    a = parse_params(raw).digest()
+    raw["head"]["logreg"]["C"] = 2.0
+    assert parse_params(raw).digest() != a
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_stage_rejects_bad_params_before_importing_tensorflow(tmp_path):
+    raw = base()
+    raw["model"]["backbone"] = "vgg61"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['extract.py', '--params', {str(bad)!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'stages' / 'extract.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('rc', e.code, 'tf', 'tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "rc 2 tf False" in out.stdout
+    assert "ERROR in stage 'extract'" in out.stderr and "model.backbone" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,176 @@
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from transferline import sources
+from transferline.sources import SourceError
+
+from conftest import make_class_folders, make_image
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_digits_preset_writes_class_folders_offline(tmp_path):
+    sources.download("digits", tmp_path)
+    files = sorted((tmp_path / "digits").rglob("*.png"))
+    assert len(files) == 1797
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(i) for i in range(10)]
+
+
+def test_local_folder_copied_and_left_untouched(tmp_path, class_folders):
+    before = snapshot(class_folders)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download(str(class_folders), dest)
+    assert snapshot(dest) == before
+    assert snapshot(class_folders) == before
+
+
+def test_local_zip_extracted_with_nested_zip(tmp_path):
+    src = make_class_folders(tmp_path / "src", per_class=2)
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        for f in src.rglob("*.png"):
+            z.write(f, f"train/{f.relative_to(src).as_posix()}")
+    outer = tmp_path / "comp.zip"
+    with zipfile.ZipFile(outer, "w") as z:
+        z.writestr("train.zip", inner.getvalue())
+        z.writestr("sampleSubmission.csv", "id,label\n")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download(f"file://{outer}", dest)
+    assert len(list((dest / "train").rglob("*.png"))) == 4
+    assert not list(dest.rglob("*.zip"))
+    assert outer.exists()  # the user's archive stays
+
+
+def test_zip_slip_refused(tmp_path):
+    bad = tmp_path / "evil.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("../escape.txt", "x")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(SourceError, match="outside the target folder"):
+        sources.download(str(bad), dest)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_tar_with_parent_path_refused(tmp_path):
+    bad = tmp_path / "evil.tar"
+    with tarfile.open(bad, "w") as t:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(SourceError, match="refusing to extract"):
+        sources.download(str(bad), dest)
+
+
+def test_missing_local_path_explains_the_options(tmp_path):
+    with pytest.raises(SourceError) as info:
+        sources.download(str(tmp_path / "nowhere"), tmp_path)
+    assert "does not exist" in str(info.value) and "kaggle://" in str(info.value)
+
+
+class FakeKaggle:
+    """Stands in for kaggle's KaggleApi at the client boundary."""
+
+    def __init__(self, tmp: Path, error: Exception | None = None):
+        self.tmp, self.error, self.calls = tmp, error, []
+
+    def _zip(self, path: str, name: str) -> None:
+        src = make_class_folders(self.tmp / "fake_src", per_class=2)
+        with zipfile.ZipFile(Path(path) / name, "w") as z:
+            for f in src.rglob("*.png"):
+                z.write(f, f"Data/{f.relative_to(src).as_posix()}")
+
+    def dataset_download_files(self, dataset, path, quiet, unzip):
+        self.calls.append(("dataset", dataset))
+        if self.error:
+            raise self.error
+        self._zip(path, dataset.split("/")[1] + ".zip")
+
+    def competition_download_files(self, competition, path, quiet):
+        self.calls.append(("competition", competition))
+        if self.error:
+            raise self.error
+        self._zip(path, competition + ".zip")
+
+
+class HTTPError(Exception):
+    def __init__(self, status):
+        super().__init__(f"{status} Client Error")
+        self.response = type("R", (), {"status_code": status})()
+
+
+def test_kaggle_dataset_downloaded_and_unpacked(tmp_path):
+    fake = FakeKaggle(tmp_path)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download("chest_ct", dest, client_factory=lambda: fake)
+    assert fake.calls == [("dataset", "mohamedhanyyy/chest-ctscan-images")]
+    assert len(list((dest / "Data").rglob("*.png"))) == 4
+    assert not list(dest.glob("*.zip"))
+
+
+def test_kaggle_competition_slug(tmp_path):
+    fake = FakeKaggle(tmp_path)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download("cats_vs_dogs", dest, client_factory=lambda: fake)
+    assert fake.calls == [("competition", "dogs-vs-cats")]
+
+
+def test_kaggle_404_names_the_slug(tmp_path):
+    fake = FakeKaggle(tmp_path, HTTPError(404))
+    with pytest.raises(SourceError) as info:
+        sources.download("kaggle://datasets/me/nothing", tmp_path, client_factory=lambda: fake)
+    assert "no dataset 'me/nothing' (404)" in str(info.value)
+
+
+def test_kaggle_403_competition_says_accept_rules(tmp_path):
+    fake = FakeKaggle(tmp_path, HTTPError(403))
+    with pytest.raises(SourceError) as info:
+        sources.download(
+            "kaggle://competitions/dogs-vs-cats", tmp_path, client_factory=lambda: fake
+        )
+    msg = str(info.value)
+    assert "rules have not been accepted" in msg
+    assert "https://www.kaggle.com/competitions/dogs-vs-cats/rules" in msg
+
+
+def test_missing_credentials_clear_error(tmp_path, monkeypatch):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SourceError) as info:
+        sources.download("kaggle://datasets/a/b", tmp_path)
+    msg = str(info.value)
+    assert "~/.kaggle/kaggle.json" in msg and "KAGGLE_USERNAME" in msg and "KAGGLE_KEY" in msg
+
+
+def test_credentials_detected_from_each_place(tmp_path):
+    assert not sources.kaggle_credentials_present({}, tmp_path)
+    assert sources.kaggle_credentials_present({"KAGGLE_API_TOKEN": "t"}, tmp_path)
+    assert sources.kaggle_credentials_present({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "kaggle.json").write_text(json.dumps({"username": "u", "key": "k"}))
+    assert sources.kaggle_credentials_present({"KAGGLE_CONFIG_DIR": str(conf)}, tmp_path)
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text("{}")
+    assert sources.kaggle_credentials_present({}, tmp_path)
+
+
+def test_make_image_helper_is_decodable(tmp_path):
+    from PIL import Image
+
+    p = make_image(tmp_path / "x.jpg", (1, 2, 3), fmt="JPEG")
+    assert Image.open(p).size == (16, 16)
