@@ -63,19 +63,38 @@ def experiment_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def quickstart_command(name: str | None, extra: list[str]) -> list[str]:
-    cmd = ["dvc", "exp", "run"]
-    if name:
-        cmd += ["--name", name]
+def quickstart_overrides(extra: list[str]) -> dict[str, str]:
+    """The offline overrides, then the user's `-S key=value` items on top."""
     overrides = dict(QUICKSTART)
     for item in extra:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise SystemExit(f"transferline quickstart: -S expects key=value, got {item!r}")
         overrides[key] = value
+    return overrides
+
+
+def quickstart_command(name: str | None, overrides: dict[str, str]) -> list[str]:
+    cmd = ["dvc", "exp", "run", *(["--name", name] if name else [])]
     for key, value in overrides.items():
         cmd += ["-S", f"{key}={value}"]
     return cmd
+
+
+def apply_overrides(raw: dict, overrides: dict[str, str]) -> dict:
+    """`raw` params with dotted-key overrides applied, values parsed as YAML (as DVC does)."""
+    import copy  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    out = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -86,24 +105,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    cmd = quickstart_command(args.name, args.set or [])
     from transferline.params import ParamsError, load_params, parse_params  # noqa: PLC0415
 
-    try:  # validate the overridden params before DVC starts anything
-        raw = load_params().as_dict()
-        for item in cmd[cmd.index("-S") :][1::2]:
-            key, _, value = item.partition("=")
-            node = raw
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            import yaml  # noqa: PLC0415
-
-            node[leaf] = yaml.safe_load(value)
+    overrides = quickstart_overrides(args.set or [])
+    try:  # the overridden params must be valid before DVC starts anything
+        raw = apply_overrides(load_params().as_dict(), overrides)
         parse_params(raw, "params.yaml with the quickstart overrides")
     except ParamsError as exc:
         print(f"transferline quickstart: {exc}", file=sys.stderr)
         return 2
+    cmd = quickstart_command(args.name, overrides)
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from transferline.errors import StageError
 from transferline.files import atomic_path
 
 
@@ -114,7 +115,10 @@ def evaluate_models(
         model = keras.saving.load_model(finetuned)
         paths, y_images = dataset.split_arrays(raw, splits_dir, "test", classes)
         if not np.array_equal(y_images, y_test):
-            raise ValueError("test manifest and cached test labels disagree; run `dvc repro`")
+            raise StageError(
+                f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
+                "the features are older than the split. Run `dvc repro` (not a single stage)."
+            )
         images = dataset.make_image_dataset(paths, None, image_size, batch_size)
         results["finetune"] = model.predict(images, verbose=0)
     metrics = {}
