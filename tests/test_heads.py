@@ -21,6 +21,9 @@ def test_logreg_folds_into_an_equal_softmax_layer(n_classes):
 
 
 def test_dense_head_learns_and_roundtrips(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
     x, y = blobs(3, n=150)
     model, history = heads.train_dense(
         x[:120],
@@ -55,6 +58,14 @@ def test_saved_logreg_predicts_like_the_fold(tmp_path):
     )
 
 
-def test_linear_dense_head_has_one_layer():
-    model = heads.build_dense_head(8, 3, units=0, dropout=0.0)
-    assert [type(layer).__name__ for layer in model.layers] == ["InputLayer", "Dense"]
+def test_linear_dense_head_is_standardise_then_softmax():
+    x, _ = blobs(3)
+    model = heads.build_dense_head(12, 3, units=0, dropout=0.0, mean=x.mean(0), variance=x.var(0))
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "InputLayer",
+        "Normalization",
+        "Dense",
+    ]
+    norm = model.get_layer("feature_norm")(x)
+    np.testing.assert_allclose(np.asarray(norm).mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(norm).std(0), 1, atol=1e-2)

@@ -273,10 +273,6 @@ def _seeded_order(items: list[Candidate], seed: int, salt: str) -> list[Candidat
     return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
-def _counts(n: int, val: float, test: float) -> tuple[int, int]:
-    return round(n * val), round(n * test)
-
-
 def split_candidates(
     cands: list[Candidate], val: float, test: float, seed: int, max_per_class: int | None
 ) -> dict[str, list[Candidate]]:
@@ -299,23 +295,18 @@ def split_candidates(
     out: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
     for label in sorted(by_class):
         items = by_class[label]
-        given = {
-            s: _seeded_order([c for c in items if c.split == s], seed, label + s) for s in SPLITS
+        given = {  # val/test folders of a pre-split layout, kept as they are
+            s: _seeded_order([c for c in items if c.split == s], seed, label + s)[:max_per_class]
+            for s in ("val", "test")
         }
         pool = _seeded_order([c for c in items if c.split in (None, "train")], seed, label)
-        if max_per_class:
-            pool = pool[:max_per_class]
-            given = {s: v[:max_per_class] for s, v in given.items()}
+        pool = pool[:max_per_class]
         n = len(pool)
-        n_val, n_test = _counts(n, val, test)
-        n_val = 0 if given["val"] else n_val
-        n_test = 0 if given["test"] else n_test
-        need_val = not given["val"]
-        need_test = not given["test"]
-        if (need_val and n_val < 1) or (need_test and n_test < 1) or n - n_val - n_test < 1:
-            minimum = (
-                int(np.ceil(max(1 / val if need_val else 1, 1 / test if need_test else 1))) + 1
-            )
+        n_val = 0 if given["val"] else round(n * val)
+        n_test = 0 if given["test"] else round(n * test)
+        too_few = (not given["val"] and n_val < 1) or (not given["test"] and n_test < 1)
+        if too_few or n - n_val - n_test < 1:
+            minimum = int(np.ceil(1 / min(val, test))) + 1
             raise DataError(
                 f"class {label!r} has {n} usable images, too few to split with val={val}, "
                 f"test={test} (every split needs at least one). Add images (about {minimum} or "

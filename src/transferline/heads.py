@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import keras
     from sklearn.pipeline import Pipeline
 
+    from transferline.params import DenseParams, LogregParams
+
 log = logging.getLogger(__name__)
 
 META = "head.json"
@@ -68,11 +70,24 @@ def logreg_as_softmax(clf: Pipeline, n_classes: int) -> tuple[np.ndarray, np.nda
     return w.T.astype(np.float32), b.astype(np.float32)
 
 
-def build_dense_head(dim: int, n_classes: int, units: int, dropout: float) -> keras.Model:
-    """features -> class probabilities; units == 0 gives a linear (softmax) head."""
+def build_dense_head(
+    dim: int,
+    n_classes: int,
+    units: int,
+    dropout: float,
+    mean: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+) -> keras.Model:
+    """features -> class probabilities; units == 0 gives a linear (softmax) head.
+
+    With `mean`/`variance` (of the training features) the head standardises its input first,
+    like the logreg head's scaler: bottleneck features differ widely in scale between channels.
+    """
     import keras  # noqa: PLC0415
 
     x = inputs = keras.Input((dim,), name="features")
+    if mean is not None:
+        x = keras.layers.Normalization(mean=mean, variance=variance, name="feature_norm")(x)
     if units:
         x = keras.layers.Dense(units, activation="relu", name="head_hidden")(x)
     if dropout:
@@ -119,7 +134,15 @@ def train_dense(
     """Train the dense head; returns the best-by-val-loss model and per-epoch history."""
     import keras  # noqa: PLC0415
 
-    model = build_dense_head(x_train.shape[1], n_classes, units, dropout)
+    x_train = x_train.astype(np.float32)
+    model = build_dense_head(
+        x_train.shape[1],
+        n_classes,
+        units,
+        dropout,
+        mean=x_train.mean(axis=0),
+        variance=x_train.var(axis=0),
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -129,7 +152,7 @@ def train_dense(
         monitor="val_loss", patience=patience, restore_best_weights=True
     )
     hist = model.fit(
-        x_train.astype(np.float32),
+        x_train,
         y_train,
         validation_data=(x_val.astype(np.float32), y_val),
         epochs=epochs,
@@ -207,13 +230,13 @@ def train_from_features(
     out_dir: Path,
     *,
     head_type: str,
-    logreg: Any,
-    dense: Any,
+    logreg: LogregParams,
+    dense: DenseParams,
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Train the configured head on cached features, save it to `out_dir`.
 
-    `logreg` / `dense` are the typed `head.logreg` / `head.dense` params. Returns the stage
+    `logreg` / `dense` are the `head.logreg` / `head.dense` sections. Returns the stage
     metrics (validation accuracy and loss) and the per-epoch history.
     """
     from sklearn.metrics import accuracy_score, log_loss  # noqa: PLC0415
