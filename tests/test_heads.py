@@ -41,6 +41,25 @@ def test_dense_head_learns_and_roundtrips(tmp_path):
     assert history and {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(history[0])
     assert (model.predict(x[120:], verbose=0).argmax(1) == y[120:]).mean() > 0.9
     heads.save_dense(tmp_path, model, ["a", "b", "c"], {})
+    # A channel that is constant (dead) in training must not explode on new data.
+    x_dead = x.copy()
+    x_dead[:120, 0] = 0.0
+    x_dead[120:, 0] = 5.0
+    dead, _ = heads.train_dense(
+        x_dead[:120],
+        y[:120],
+        x_dead[120:],
+        y[120:],
+        3,
+        units=16,
+        dropout=0.1,
+        learning_rate=0.01,
+        epochs=30,
+        batch_size=16,
+        patience=5,
+    )
+    dead_acc = (dead.predict(x_dead[120:], verbose=0).argmax(1) == y[120:]).mean()
+    assert dead_acc >= 0.8
     np.testing.assert_allclose(
         heads.predict_proba(tmp_path, x[120:]), model.predict(x[120:], verbose=0), atol=1e-6
     )

@@ -135,13 +135,12 @@ def train_dense(
     import keras  # noqa: PLC0415
 
     x_train = x_train.astype(np.float32)
+    variance = x_train.var(axis=0)
+    # Like StandardScaler: a channel constant on the training set (a dead ReLU) keeps scale 1,
+    # instead of being divided by epsilon and exploding on the first non-zero value.
+    variance = np.where(variance > 0, variance, 1.0)
     model = build_dense_head(
-        x_train.shape[1],
-        n_classes,
-        units,
-        dropout,
-        mean=x_train.mean(axis=0),
-        variance=x_train.var(axis=0),
+        x_train.shape[1], n_classes, units, dropout, mean=x_train.mean(axis=0), variance=variance
     )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
