@@ -7,7 +7,7 @@ from transferline.params import Params
 
 def run(p: Params) -> None:
     with atomic_dir(stagekit.RAW) as tmp:
-        sources.download(p.data.dataset, tmp)
+        sources.download(p.data.dataset, tmp, sha256=p.data.sha256)
 
 
 if __name__ == "__main__":

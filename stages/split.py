@@ -19,6 +19,7 @@ def run(p: Params) -> None:
         seed=p.seed,
         max_per_class=p.split.max_per_class,
         rel_to=stagekit.RAW,
+        label_map=p.data.label_map,
     )
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)

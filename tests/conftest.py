@@ -53,6 +53,32 @@ def make_class_folders(
     return root
 
 
+def add_broken_files(folder: Path) -> dict[str, str]:
+    """One file of each broken kind plus system files; returns name -> expected reason part."""
+    (folder / "empty.jpg").write_bytes(b"")
+    good = make_image(folder / "tmp_full.jpg", (9, 9, 9), size=64, fmt="JPEG")
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("not an image")
+    make_image(folder / "scan.tiff", (5, 5, 5), fmt="TIFF")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "Thumbs.db").write_bytes(b"\0\1")
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._cat.png").write_bytes(b"junk")
+    return {
+        "empty.jpg": "empty file",
+        "truncated.jpg": "corrupt or truncated",
+        "notes.txt": "not an image",
+        "scan.tiff": "unsupported image format TIFF",
+    }
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: to prove nothing was modified or deleted."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 @pytest.fixture
 def class_folders(tmp_path: Path) -> Path:
     return make_class_folders(tmp_path / "pets")

@@ -10,11 +10,7 @@ import pytest
 from transferline import dataset
 from transferline.dataset import Candidate, DataError
 
-from conftest import COLORS, make_class_folders, make_image, seed_of
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+from conftest import COLORS, add_broken_files, make_class_folders, make_image, seed_of, snapshot
 
 
 def split(root: Path, **kw):
@@ -28,27 +24,6 @@ def split(root: Path, **kw):
     }
     args.update(kw)
     return dataset.build_split(root, **args)
-
-
-def add_broken_files(folder: Path) -> dict[str, str]:
-    """One file of each broken kind plus system files; returns name -> expected reason part."""
-    (folder / "empty.jpg").write_bytes(b"")
-    good = make_image(folder / "tmp_full.jpg", (9, 9, 9), size=64, fmt="JPEG")
-    data = good.read_bytes()
-    good.unlink()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "notes.txt").write_text("not an image")
-    make_image(folder / "scan.tiff", (5, 5, 5), fmt="TIFF")
-    (folder / ".DS_Store").write_bytes(b"\0\1")
-    (folder / "Thumbs.db").write_bytes(b"\0\1")
-    (folder / "__MACOSX").mkdir()
-    (folder / "__MACOSX" / "._cat.png").write_bytes(b"junk")
-    return {
-        "empty.jpg": "empty file",
-        "truncated.jpg": "corrupt or truncated",
-        "notes.txt": "not an image",
-        "scan.tiff": "unsupported image format TIFF",
-    }
 
 
 def test_class_folders_with_broken_and_system_files(class_folders):
@@ -244,3 +219,37 @@ def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
     x = np.concatenate([b.numpy() for b, _ in batches])
     assert x.min() >= 0 and x.max() <= 255
     assert x[1, ..., 2].mean() > 150 > x[1, ..., 0].mean()  # blue stays blue
+
+
+def test_label_map_merges_and_reconciles(tmp_path):
+    root = tmp_path / "d"
+    make_class_folders(root, per_class=4, classes=("cat", "dog"))
+    for i in range(4):
+        make_image(root / "Cat" / f"x{i}.png", COLORS["cat"], seed=seed_of("Cat", i))
+    result = split(root, val=0.25, test=0.25, label_map={"Cat": "cat"})
+    assert result.classes == ["cat", "dog"]
+    assert result.counts["train"] == {"cat": 4, "dog": 2}  # 8 cats after the merge, 4 dogs
+    pre = tmp_path / "pre"
+    make_class_folders(pre / "train", per_class=6, classes=("cat", "dog"))
+    for c, name in (("cat", "cat"), ("dog", "doggo")):
+        for i in range(2):
+            make_image(pre / "test" / name / f"{i}.png", COLORS[c], seed=seed_of("t", c, i))
+    with pytest.raises(DataError, match="doggo"):
+        split(pre)
+    assert split(pre, label_map={"doggo": "dog"}).classes == ["cat", "dog"]
+
+
+def test_cmyk_and_16_bit_decode_to_the_right_rgb(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[...] = (200, 100, 30)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    paths = [str(tmp_path / "cmyk.jpg"), str(tmp_path / "i16.png")]
+    assert all(dataset.check_image(p).ok for p in paths)
+    (x,) = list(dataset.make_image_dataset(paths, None, 8, batch_size=2))
+    x = x.numpy()
+    np.testing.assert_allclose(x[0, 4, 4], (200, 100, 30), atol=2)
+    np.testing.assert_allclose(x[1, 4, 4], (200, 200, 200), atol=1)  # scaled, not clipped

@@ -113,3 +113,12 @@ def test_stage_rejects_bad_params_before_importing_tensorflow(tmp_path):
     assert "rc 2 tf False" in out.stdout
     assert "ERROR in stage 'extract'" in out.stderr and "model.backbone" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sha256_and_label_map():
+    raw = base()
+    raw["data"].update(sha256="abc", label_map={"Cat": "cat"})
+    assert "`data.sha256` = 'abc'" in error_for(raw)
+    raw["data"]["sha256"] = "A" * 64
+    p = parse_params(raw)
+    assert p.data.sha256 == "a" * 64 and p.data.label_map == {"Cat": "cat"}

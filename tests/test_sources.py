@@ -9,11 +9,7 @@ import pytest
 from transferline import sources
 from transferline.sources import SourceError
 
-from conftest import make_class_folders, make_image
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+from conftest import make_class_folders, make_image, snapshot
 
 
 def test_digits_preset_writes_class_folders_offline(tmp_path):
@@ -174,3 +170,21 @@ def test_make_image_helper_is_decodable(tmp_path):
 
     p = make_image(tmp_path / "x.jpg", (1, 2, 3), fmt="JPEG")
     assert Image.open(p).size == (16, 16)
+
+
+def test_https_archive_checked_against_sha256_before_extraction(tmp_path):
+    src = make_class_folders(tmp_path / "src", per_class=2)
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in src.rglob("*.png"):
+            z.write(f, f.relative_to(src).as_posix())
+    url = archive.as_uri()  # urllib reads file:// like https://, without a network
+    good = tmp_path / "good"
+    good.mkdir()
+    sources.download_https(url, good, sha256=sources.sha256_of(archive))
+    assert len(list(good.rglob("*.png"))) == 4
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(SourceError, match="nothing was extracted"):
+        sources.download_https(url, bad, sha256="0" * 64)
+    assert list(bad.iterdir()) == []

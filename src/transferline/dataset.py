@@ -6,6 +6,7 @@ imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -153,8 +154,7 @@ def reconcile_labels(
     `adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib` -> `adenocarcinoma`). Explicit `label_map`
     entries win. A label still present in one split but not another is an error.
     """
-    label_map = dict(label_map or {})
-    cands = [Candidate(c.path, label_map.get(c.label, c.label), c.split) for c in cands]
+    cands = _relabel(cands, label_map)
     per_split: dict[str, set[str]] = defaultdict(set)
     for c in cands:
         per_split[c.split or "all"].add(c.label)
@@ -186,11 +186,15 @@ def reconcile_labels(
 
 
 def find_candidates(
-    root: Path, layout: Layout = "auto", rel_to: Path | None = None
+    root: Path,
+    layout: Layout = "auto",
+    rel_to: Path | None = None,
+    label_map: dict[str, str] | None = None,
 ) -> tuple[str, list[Candidate]]:
     """Label every visible file under `root` according to the layout (detected when auto).
 
-    Paths are relative to `rel_to` (default: `root`).
+    Paths are relative to `rel_to` (default: `root`); `label_map` renames labels first (several
+    names may map to one class).
     """
     rel_to = rel_to or root
     if not root.is_dir():
@@ -209,10 +213,18 @@ def find_candidates(
         cands = []
         for split, d in dirs.items():
             cands += _class_folder_candidates(d, rel_to, split)
-        return chosen, reconcile_labels(cands)
+        return chosen, reconcile_labels(cands, label_map)
     if chosen == "class_folders":
-        return chosen, _class_folder_candidates(folder, rel_to, None)
-    return chosen, _filename_candidates(folder, rel_to)
+        cands = _class_folder_candidates(folder, rel_to, None)
+    else:
+        cands = _filename_candidates(folder, rel_to)
+    return chosen, _relabel(cands, label_map)
+
+
+def _relabel(cands: list[Candidate], label_map: dict[str, str] | None) -> list[Candidate]:
+    if not label_map:
+        return cands
+    return [Candidate(c.path, label_map.get(c.label, c.label), c.split) for c in cands]
 
 
 # ---------------------------------------------------------------- validation
@@ -254,13 +266,28 @@ def check_image(path: str | Path) -> Check:
 
 
 def check_images(paths: Sequence[Path], workers: int | None = None) -> list[Check]:
-    """`check_image` over all cores; results in input order."""
+    """`check_image` over all cores, with a progress bar; results in input order.
+
+    Each worker holds one file at a time, so memory does not grow with the data set.
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(paths) < 64:
-        return [check_image(p) for p in paths]
-    chunk = max(16, len(paths) // (workers * 8))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, paths, chunksize=chunk))
+    out: list[Check] = []
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(
+            tqdm(total=len(paths), unit="img", desc="validate", disable=len(paths) < 1000)
+        )
+        if workers == 1 or len(paths) < 64:
+            results: Iterable[Check] = map(check_image, paths)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            chunk = max(16, min(256, len(paths) // (workers * 8)))
+            results = pool.map(check_image, paths, chunksize=chunk)
+        for check in results:
+            out.append(check)
+            bar.update()
+    return out
 
 
 # ---------------------------------------------------------------- split
@@ -327,6 +354,7 @@ def build_split(
     seed: int,
     max_per_class: int | None,
     rel_to: Path | None = None,
+    label_map: dict[str, str] | None = None,
     workers: int | None = None,
 ) -> SplitResult:
     """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
@@ -334,7 +362,7 @@ def build_split(
     Manifest paths are relative to `rel_to` (default: `root`).
     """
     rel_to = rel_to or root
-    chosen, cands = find_candidates(root, layout, rel_to)
+    chosen, cands = find_candidates(root, layout, rel_to, label_map)
     log.info("layout: %s, %d candidate files", chosen, len(cands))
     rejected: list[tuple[str, str]] = []
     labelled = []

@@ -41,6 +41,15 @@ class DataParams(_Strict):
     dataset: str = Field(description="preset name or a source (kaggle://, https://, path)")
     layout: Literal["auto", "class_folders", "presplit", "filename"] = "auto"
     subdir: str | None = None
+    label_map: dict[str, str] = Field(default_factory=dict)
+    sha256: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v.strip()):
+            raise ValueError("must be the 64 hex digits of the archive's SHA-256 (sha256sum FILE)")
+        return v.strip().lower() if v else v
 
     @field_validator("dataset")
     @classmethod

@@ -7,6 +7,7 @@ because importing it tries to authenticate.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -232,8 +233,16 @@ def download_kaggle(
 # ---------------------------------------------------------------- https and local
 
 
-def download_https(url: str, dest: Path) -> None:
-    """Fetch an archive over https into `dest` and unpack it."""
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_https(url: str, dest: Path, sha256: str | None = None) -> None:
+    """Fetch an archive over https into `dest`, check its SHA-256 if given, unpack it."""
     name = Path(url.split("?")[0].rstrip("/")).name or "download"
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         archive = Path(tmp) / name
@@ -251,6 +260,12 @@ def download_https(url: str, dest: Path) -> None:
                 f"data.dataset: could not download {url} ({exc}). Check the address and the "
                 f"network, or download it yourself and set data.dataset to the local file."
             ) from exc
+        if sha256 and (actual := sha256_of(archive)) != sha256:
+            raise SourceError(
+                f"data.sha256: {url} has SHA-256 {actual}, not the expected {sha256}. The file "
+                f"changed or the download was damaged; nothing was extracted. Check the "
+                f"address, or update data.sha256 if the new file is the one you want."
+            )
         if not is_archive(archive) and not zipfile.is_zipfile(archive):
             raise SourceError(
                 f"data.dataset: {url} is not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
@@ -299,8 +314,9 @@ def download(
     dataset: str,
     dest: Path,
     client_factory: Callable[[], KaggleClient] = default_kaggle_client,
+    sha256: str | None = None,
 ) -> None:
-    """Fill the (empty, temporary) folder `dest` from `data.dataset`."""
+    """Fill the (empty, temporary) folder `dest` from `data.dataset` (`sha256`: https only)."""
     source = PRESETS[dataset].source if dataset in PRESETS else dataset
     log.info("download: %s -> %s", source, dest)
     if source == "builtin://digits":
@@ -309,6 +325,6 @@ def download(
     elif source.startswith("kaggle://"):
         download_kaggle(source, dest, client_factory)
     elif source.startswith("https://"):
-        download_https(source, dest)
+        download_https(source, dest, sha256)
     else:
         copy_local(Path(source.removeprefix("file://")).expanduser(), dest)

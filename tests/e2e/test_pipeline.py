@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from conftest import add_broken_files, make_class_folders, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -207,3 +210,37 @@ def test_readme_quickstart_without_git_identity(tmp_path):
     assert set(ev) == {"head"}
     _, runs = mlflow_runs(repo, "quickstart")
     assert len(runs) == 1 and runs[0].data.tags["dvc.exp_name"] == "tiny"
+
+
+def test_broken_files_are_rejected_and_nothing_is_lost(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    clean = make_class_folders(tmp_path / "clean" / "pets", per_class=12)
+    messy = tmp_path / "messy" / "pets"
+    shutil.copytree(clean, messy)
+    expected = add_broken_files(messy / "cat")
+    before = snapshot(messy.parent)
+    tiny = {
+        **TINY,
+        "split.max_per_class": None,
+        "split.val": 0.25,
+        "split.test": 0.25,
+        "finetune.enabled": False,
+        "mlflow.experiment": "broken",
+    }
+    set_params(repo / "params.yaml", {**tiny, "data.dataset": str(messy.parent)})
+    dvc = [sys.executable, "-m", "dvc"]
+    sh([*dvc, "repro"], repo)
+    with (repo / "data/splits/rejected.csv").open() as f:
+        rejected = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert set(rejected) == set(expected)
+    assert snapshot(messy.parent) == before  # the user's folder is untouched
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert split["rejected"] == len(expected) and split["duplicates"] == 0
+    manifests = {s: (repo / f"data/splits/{s}.csv").read_text() for s in ("train", "val", "test")}
+    messy_eval = json.loads((repo / "metrics/evaluate.json").read_text())
+
+    # The same images without the broken files give the same split and the same accuracy.
+    set_params(repo / "params.yaml", {"data.dataset": str(clean.parent)})
+    sh([*dvc, "repro"], repo)
+    assert {s: (repo / f"data/splits/{s}.csv").read_text() for s in manifests} == manifests
+    assert json.loads((repo / "metrics/evaluate.json").read_text()) == messy_eval
