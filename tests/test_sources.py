@@ -188,3 +188,55 @@ def test_https_archive_checked_against_sha256_before_extraction(tmp_path):
     with pytest.raises(SourceError, match="nothing was extracted"):
         sources.download_https(url, bad, sha256="0" * 64)
     assert list(bad.iterdir()) == []
+
+
+def test_competition_zip_of_zips_splits_by_file_name(tmp_path):
+    """dogs-vs-cats in miniature: dogs-vs-cats.zip holds train.zip (cat.0.jpg ...) and an
+    unlabelled test1.zip; the preset's subdir picks train/."""
+    from transferline import dataset
+
+    pics = tmp_path / "pics"
+    colors = {"cat": (200, 40, 40), "dog": (40, 40, 200)}
+    for label, color in colors.items():
+        for i in range(6):
+            make_image(pics / f"{label}.{i}.jpg", color, fmt="JPEG", seed=i + len(label) * 100)
+    for i in range(3):
+        make_image(pics / f"{i + 1}.jpg", (90, 90, 90), fmt="JPEG", seed=1000 + i)
+
+    def inner(prefix: str, names: list[str]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for n in names:
+                z.write(pics / n, f"{prefix}/{n}")
+        return buf.getvalue()
+
+    class Competition(FakeKaggle):
+        def competition_download_files(self, competition, path, quiet):
+            self.calls.append(("competition", competition))
+            with zipfile.ZipFile(Path(path) / f"{competition}.zip", "w") as z:
+                z.writestr("train.zip", inner("train", [p.name for p in pics.glob("*.*.jpg")]))
+                z.writestr("test1.zip", inner("test1", ["1.jpg", "2.jpg", "3.jpg"]))
+                z.writestr("sampleSubmission.csv", "id,label\n")
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sources.download("cats_vs_dogs", raw, client_factory=lambda: Competition(tmp_path))
+    assert sorted(p.name for p in raw.iterdir()) == ["sampleSubmission.csv", "test1", "train"]
+    result = dataset.build_split(
+        raw / sources.preset_subdir("cats_vs_dogs"),
+        layout="auto",
+        val=1 / 6,
+        test=1 / 6,
+        seed=0,
+        max_per_class=None,
+        rel_to=raw,
+        workers=1,
+    )
+    assert result.layout == "filename" and result.classes == ["cat", "dog"]
+    assert result.rejected == []
+    assert result.counts == {
+        "train": {"cat": 4, "dog": 4},
+        "val": {"cat": 1, "dog": 1},
+        "test": {"cat": 1, "dog": 1},
+    }
+    assert all(p.startswith("train/") for rows in result.manifests.values() for p, _ in rows)
