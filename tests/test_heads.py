@@ -20,11 +20,11 @@ def test_logreg_folds_into_an_equal_softmax_layer(n_classes):
     np.testing.assert_allclose(model.predict(x, verbose=0), clf.predict_proba(x), atol=1e-4)
 
 
-def test_dense_head_learns_and_roundtrips(tmp_path):
+def fit_dense(x, y):
+    """Train on the first 120 rows, validate on the rest; returns model, history, val accuracy."""
     import keras
 
     keras.utils.set_random_seed(0)
-    x, y = blobs(3, n=150)
     model, history = heads.train_dense(
         x[:120],
         y[:120],
@@ -38,31 +38,26 @@ def test_dense_head_learns_and_roundtrips(tmp_path):
         batch_size=16,
         patience=5,
     )
+    return model, history, (model.predict(x[120:], verbose=0).argmax(1) == y[120:]).mean()
+
+
+def test_dense_head_learns_and_roundtrips(tmp_path):
+    x, y = blobs(3, n=150)
+    model, history, accuracy = fit_dense(x, y)
     assert history and {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(history[0])
-    assert (model.predict(x[120:], verbose=0).argmax(1) == y[120:]).mean() > 0.9
+    assert accuracy > 0.9
     heads.save_dense(tmp_path, model, ["a", "b", "c"], {})
-    # A channel that is constant (dead) in training must not explode on new data.
-    x_dead = x.copy()
-    x_dead[:120, 0] = 0.0
-    x_dead[120:, 0] = 5.0
-    dead, _ = heads.train_dense(
-        x_dead[:120],
-        y[:120],
-        x_dead[120:],
-        y[120:],
-        3,
-        units=16,
-        dropout=0.1,
-        learning_rate=0.01,
-        epochs=30,
-        batch_size=16,
-        patience=5,
-    )
-    dead_acc = (dead.predict(x_dead[120:], verbose=0).argmax(1) == y[120:]).mean()
-    assert dead_acc >= 0.8
     np.testing.assert_allclose(
         heads.predict_proba(tmp_path, x[120:]), model.predict(x[120:], verbose=0), atol=1e-6
     )
+
+
+def test_dense_head_survives_a_channel_constant_in_training():
+    x, y = blobs(3, n=150)
+    x[:120, 0] = 0.0  # a dead ReLU on the training set ...
+    x[120:, 0] = 5.0  # ... that fires on new data must not explode (chance: 0.33)
+    _, _, accuracy = fit_dense(x, y)
+    assert accuracy >= 0.8
 
 
 def test_saved_logreg_predicts_like_the_fold(tmp_path):
