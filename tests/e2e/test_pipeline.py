@@ -76,20 +76,15 @@ def set_params(params: Path, overrides: dict) -> None:
 
 
 def copy_repo(dest: Path) -> Path:
-    """The repository as a fresh clone would have it (tracked and not-ignored files only)."""
+    """The repository as a fresh clone would have it: tracked files only, so no output of a
+    run in the developer's workspace (metrics/*.json, dvc.lock) comes along."""
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     for rel in files:
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
-    for ignored in ("dvc.lock", "mlflow.db"):
-        (dest / ignored).unlink(missing_ok=True)
     sh(["git", "init", "-q"], dest)
     sh(["git", *GIT_ID, "add", "-A"], dest)
     sh(["git", *GIT_ID, "commit", "-qm", "copy"], dest)
