@@ -439,7 +439,9 @@ def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     import tensorflow as tf  # noqa: PLC0415
 
     img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    # Bilinear without antialiasing, as keras.utils.image_dataset_from_directory does: 25%
+    # faster on CPU (bench/extract.py), and what ImageNet-trained bases usually see.
+    img = tf.image.resize(img, (image_size, image_size))
     return tf.ensure_shape(img, (image_size, image_size, 3))
 
 
