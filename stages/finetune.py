@@ -33,11 +33,14 @@ def run(p: Params) -> None:
         pooling=p.model.pooling,
         epochs=f.epochs,
         unfreeze_layers=f.unfreeze_layers,
+        unfreeze_from=f.unfreeze_from,
         learning_rate=f.learning_rate,
         batch_size=f.batch_size,
         flip=f.augment.flip,
         rotation=f.augment.rotation,
         zoom=f.augment.zoom,
+        contrast=f.augment.contrast,
+        translation=f.augment.translation,
         seed=p.seed,
     )
     write_json(stagekit.METRICS / "finetune.json", metrics)

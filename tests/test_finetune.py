@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from transferline import backbones, dataset, finetune, heads
+from transferline.errors import StageError
 from transferline.models import base_of, build_feature_extractor
 
 from conftest import make_class_folders
@@ -79,7 +80,22 @@ def test_fine_tuning_never_ends_worse_than_it_started():
     assert len(result.history) == 2 and "val_loss" in result.history[0]
 
 
-@pytest.mark.parametrize("flip,rotation,zoom,n", [(True, 0.1, 0.1, 3), (False, 0.0, 0.0, 0)])
-def test_augmenter_layers(flip, rotation, zoom, n):
-    aug = finetune.augmenter(flip, rotation, zoom, seed=0)
-    assert (len(aug.layers) if aug else 0) == n
+def test_unfreeze_from_a_layer_name_and_its_error():
+    ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+    base = base_of(ext)
+    names = finetune.unfreeze_top(base, 0, from_layer="block5_conv1")
+    assert names == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    with pytest.raises(StageError) as info:
+        finetune.unfreeze_top(base, 0, from_layer="block5_conv0")
+    assert "block5_conv1" in str(info.value) and "finetune.unfreeze_from" in str(info.value)
+
+
+def test_augmenter_layers_keep_shape_and_pixel_range():
+    aug = finetune.augmenter(True, 0.1, 0.1, seed=0, contrast=0.3, translation=0.1)
+    assert len(aug.layers) == 5
+    x, _ = images(4)
+    out = np.asarray(aug(x, training=True))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.array_equal(out, x)
+    np.testing.assert_array_equal(np.asarray(aug(x, training=False)), x)  # off at evaluation
+    assert finetune.augmenter(False, 0.0, 0.0, seed=0) is None

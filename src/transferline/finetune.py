@@ -6,6 +6,7 @@ steps do not wreck the pre-trained features; the base is always called with trai
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +37,28 @@ def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(image, head(x), name="finetuned")
 
 
-def unfreeze_top(base: keras.Model, n: int) -> list[str]:
-    """Make the top `n` weighted layers of `base` trainable; BatchNorm stays frozen.
+def unfreeze_top(base: keras.Model, n: int, from_layer: str | None = None) -> list[str]:
+    """Make the top `n` weighted layers of `base` trainable (or every weighted layer from
+    `from_layer` up); BatchNorm stays frozen.
 
     Counting only layers with weights keeps `n` meaningful across families (pooling and
     activation layers carry nothing to train).
     """
     bn = keras.layers.BatchNormalization
     weighted = [layer for layer in base.layers if layer.weights and not isinstance(layer, bn)]
-    chosen = weighted[-n:] if n else []
+    if from_layer is not None:
+        names = [layer.name for layer in base.layers]
+        if from_layer not in names:
+            close = difflib.get_close_matches(from_layer, names, n=5, cutoff=0.5)
+            raise StageError(
+                f"finetune.unfreeze_from: {base.name} has no layer {from_layer!r}. Nearby "
+                f"names: {', '.join(close) or '(none)'}; the top layers are "
+                f"{', '.join(names[-6:])}. Use one of them, or unfreeze_layers with a count."
+            )
+        start = names.index(from_layer)
+        chosen = [layer for layer in weighted if names.index(layer.name) >= start]
+    else:
+        chosen = weighted[-n:] if n else []
     base.trainable = True
     for layer in base.layers:
         layer.trainable = False
@@ -53,7 +67,15 @@ def unfreeze_top(base: keras.Model, n: int) -> list[str]:
     return [layer.name for layer in chosen]
 
 
-def augmenter(flip: bool, rotation: float, zoom: float, seed: int) -> keras.Sequential | None:
+def augmenter(
+    flip: bool,
+    rotation: float,
+    zoom: float,
+    seed: int,
+    contrast: float = 0.0,
+    translation: float = 0.0,
+) -> keras.Sequential | None:
+    """Training-time augmentation (Keras random layers are no-ops at inference)."""
     layers = []
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -61,6 +83,15 @@ def augmenter(flip: bool, rotation: float, zoom: float, seed: int) -> keras.Sequ
         layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1))
     if zoom:
         layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed + 2))
+    if translation:
+        layers.append(
+            keras.layers.RandomTranslation(
+                translation, translation, fill_mode="reflect", seed=seed + 3
+            )
+        )
+    if contrast:
+        # RandomContrast clips to [0, 255] on raw pixels: our inputs are raw 0..255.
+        layers.append(keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4))
     return keras.Sequential(layers, name="augment") if layers else None
 
 
@@ -105,9 +136,10 @@ def finetune(
     epochs: int,
     learning_rate: float,
     unfreeze_layers: int,
+    unfreeze_from: str | None = None,
 ) -> FinetuneResult:
     """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
-    unfrozen = unfreeze_top(base_of(model), unfreeze_layers)
+    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
     log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
     compile_model(model, learning_rate)  # recompile after changing `trainable`
     before = model.evaluate(val_ds, verbose=0, return_dict=True)
@@ -150,11 +182,14 @@ def run_finetune(
     pooling: str,
     epochs: int,
     unfreeze_layers: int,
+    unfreeze_from: str | None,
     learning_rate: float,
     batch_size: int,
     flip: bool,
     rotation: float,
     zoom: float,
+    contrast: float,
+    translation: float,
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Rebuild base + trained head, check the base still yields the cached features, fine-tune,
@@ -183,7 +218,7 @@ def run_finetune(
         image_size,
         batch_size,
         shuffle_seed=seed,
-        augment=augmenter(flip, rotation, zoom, seed),
+        augment=augmenter(flip, rotation, zoom, seed, contrast, translation),
     )
     val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, batch_size)
     result = finetune(
@@ -193,6 +228,7 @@ def run_finetune(
         epochs=epochs,
         learning_rate=learning_rate,
         unfreeze_layers=unfreeze_layers,
+        unfreeze_from=unfreeze_from,
     )
     with atomic_path(out_path, suffix=".keras") as tmp:
         model.save(tmp)

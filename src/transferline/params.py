@@ -169,12 +169,15 @@ class AugmentParams(_Strict):
     flip: bool = True
     rotation: float = Field(default=0.05, ge=0, le=0.5)
     zoom: float = Field(default=0.1, ge=0, lt=1)
+    contrast: float = Field(default=0.0, ge=0, lt=1)
+    translation: float = Field(default=0.0, ge=0, le=0.5)
 
 
 class FinetuneParams(_Strict):
     enabled: bool = True
     epochs: int = Field(default=10, ge=1)
     unfreeze_layers: int = Field(default=4, ge=0)
+    unfreeze_from: str | None = None  # a layer name; when set it wins over unfreeze_layers
     learning_rate: float = Field(default=1e-5, gt=0)
     batch_size: int = Field(default=32, ge=1)
     augment: AugmentParams = AugmentParams()

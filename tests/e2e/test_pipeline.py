@@ -162,6 +162,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
     assert ran(sh([*dvc, "repro"], repo)) == set()
 
+    # Reproducible: a forced re-run gives the same numbers (timings aside).
+    metrics = {p.name: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
+    sh([*dvc, "repro", "-f"], repo)
+    again = {p.name: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
+    for timed in (metrics["extract.json"], again["extract.json"]):
+        timed.pop("per_split"), timed.pop("seconds"), timed.pop("images_per_second")
+    assert again == metrics
+
     # Fine-tuning off: only what reads finetune.* re-runs; evaluate reports the head only.
     set_params(repo / "params.yaml", {"finetune.enabled": False})
     assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "finetune", "evaluate"}
