@@ -21,6 +21,7 @@ def run(p: Params) -> None:
             batch_size=p.extract.batch_size,
             dtype=p.extract.dtype,
             seed=p.seed,
+            mixed_precision=p.model.mixed_precision,
         )
     write_json(stagekit.METRICS / "extract.json", metrics)
     stagekit.log.info(

@@ -99,3 +99,61 @@ def test_augmenter_layers_keep_shape_and_pixel_range():
     assert not np.array_equal(out, x)
     np.testing.assert_array_equal(np.asarray(aug(x, training=False)), x)  # off at evaluation
     assert finetune.augmenter(False, 0.0, 0.0, seed=0) is None
+
+
+def test_learning_rate_schedules():
+    assert finetune.learning_rate_schedule(1e-3, "constant", 0, 100) == 1e-3
+    warm = finetune.learning_rate_schedule(1e-3, "constant", 10, 100)
+    lr = [float(warm(step)) for step in (0, 5, 10, 50, 100, 500)]
+    np.testing.assert_allclose(lr, [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-5, atol=1e-9)
+    cos = finetune.learning_rate_schedule(1e-3, "cosine", 10, 110)
+    lr = [float(cos(step)) for step in (0, 10, 60, 110)]
+    np.testing.assert_allclose(lr, [0.0, 1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-9)
+    cos0 = finetune.learning_rate_schedule(1e-3, "cosine", 0, 100)
+    assert float(cos0(0)) == pytest.approx(1e-3) and float(cos0(100)) == pytest.approx(0.0)
+
+
+def tiny_model():
+    ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+    return finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
+
+
+def test_time_limit_stops_cleanly_after_the_first_batch():
+    import tensorflow as tf
+
+    x, y = images(16)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    result = finetune.finetune(
+        tiny_model(),
+        ds,
+        ds,
+        epochs=5,
+        learning_rate=1e-5,
+        unfreeze_layers=1,
+        max_minutes=1e-9,
+        schedule="cosine",
+        warmup_epochs=0.5,
+        optimizer="adamw",
+    )
+    assert result.stopped_by_time
+    assert len(result.history) == 1 and "val_loss" in result.history[0]  # validated, then stop
+
+
+def test_time_limit_callback_with_a_fake_clock():
+    now = [0.0]
+    limit = finetune.TimeLimit(1.0, clock=lambda: now[0])
+    limit.set_model(tiny_model())
+    limit.on_train_begin()
+    now[0] = 59.0
+    limit.on_train_batch_end(0)
+    assert not limit.stopped and not getattr(limit.model, "stop_training", False)
+    now[0] = 60.0
+    limit.on_train_batch_end(1)
+    assert limit.stopped and limit.model.stop_training
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_from_params(name):
+    opt = finetune.make_optimizer(name, 1e-4)
+    assert type(opt).__name__.lower() == name
+    assert float(opt.learning_rate) == pytest.approx(1e-4)

@@ -83,3 +83,49 @@ def test_linear_dense_head_is_standardise_then_softmax():
     norm = model.get_layer("feature_norm")(x)
     np.testing.assert_allclose(np.asarray(norm).mean(0), 0, atol=1e-3)
     np.testing.assert_allclose(np.asarray(norm).std(0), 1, atol=1e-2)
+
+
+def test_c_search_keeps_the_lowest_validation_loss():
+    from sklearn.metrics import log_loss
+
+    x, y = blobs(3, n=150, seed=1)
+    x += np.random.default_rng(1).normal(0, 4, x.shape).astype(np.float32)  # noisy: C matters
+    grid = [1e-4, 0.01, 1.0, 100.0]
+    clf, best, losses = heads.search_logreg(
+        x[:90], y[:90], x[90:], y[90:], grid, max_iter=2000, class_weight=None, seed=0
+    )
+    assert set(losses) == set(grid) and best == min(losses, key=losses.get)
+    assert len(set(losses.values())) == len(grid)  # the grid really changes the model
+    again = heads.train_logreg(x[:90], y[:90], C=best, max_iter=2000, class_weight=None, seed=0)
+    assert log_loss(y[90:], clf.predict_proba(x[90:])) == pytest.approx(
+        log_loss(y[90:], again.predict_proba(x[90:]))
+    )
+
+
+def test_train_from_features_records_the_chosen_c(tmp_path):
+    from transferline.params import DenseParams, LogregParams
+
+    x, y = blobs(2, n=80)
+    feats = tmp_path / "features"
+    feats.mkdir()
+    for split, rows in {"train": slice(0, 60), "val": slice(60, 80)}.items():
+        np.save(feats / f"{split}_features.npy", x[rows])
+        np.save(feats / f"{split}_labels.npy", y[rows])
+    (feats / "meta.json").write_text('{"classes": ["a", "b"], "backbone": "vgg16"}')
+    out = tmp_path / "head"
+    out.mkdir()
+    metrics, _ = heads.train_from_features(
+        feats,
+        out,
+        head_type="logreg",
+        logreg=LogregParams(C_grid=[0.001, 1.0]),
+        dense=DenseParams(),
+        seed=0,
+    )
+    assert metrics["C"] in (0.001, 1.0)
+    assert heads.head_meta(out)["C"] == metrics["C"]
+
+
+def test_balanced_class_weights():
+    w = heads.class_weights(np.array([0, 0, 0, 1]), 2)
+    assert w == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}

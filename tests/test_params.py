@@ -122,3 +122,17 @@ def test_sha256_and_label_map():
     raw["data"]["sha256"] = "A" * 64
     p = parse_params(raw)
     assert p.data.sha256 == "a" * 64 and p.data.label_map == {"Cat": "cat"}
+
+
+def test_finetune_warmup_must_leave_epochs_and_c_grid_positive():
+    raw = base()
+    raw["finetune"].update(epochs=3, warmup_epochs=3)
+    msg = error_for(raw)
+    assert "finetune.warmup_epochs = 3" in msg and "smaller than epochs" in msg
+    raw = base()
+    raw["head"]["logreg"]["C_grid"] = [0.1, -1]
+    assert "`head.logreg.C_grid`" in error_for(raw)
+    raw = base()
+    raw["finetune"]["optimizer"] = "rmsprop"
+    msg = error_for(raw)
+    assert "`finetune.optimizer` = 'rmsprop'" in msg and "'adamw'" in msg

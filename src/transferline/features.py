@@ -24,17 +24,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def compiled_forward(model: keras.Model):
-    """One traced inference function for every batch size (no retracing on the last batch)."""
+def compiled_forward(model: keras.Model, strategy=None):
+    """One traced inference function for every batch size (no retracing on the last batch).
+
+    With a multi-replica `strategy` (the model built in its scope) each batch is split across
+    the replicas and the results gathered back in order.
+    """
     import tensorflow as tf  # noqa: PLC0415
 
     spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+    if strategy is None or strategy.num_replicas_in_sync == 1:
 
-    @tf.function(input_signature=[spec], reduce_retracing=True)
-    def forward(x):
-        return model(x, training=False)
+        @tf.function(input_signature=[spec], reduce_retracing=True)
+        def forward(x):
+            return model(x, training=False)
 
-    return forward
+        return forward
+
+    @tf.function(reduce_retracing=True)
+    def replicated(x):  # x: a per-replica batch from strategy.experimental_distribute_dataset
+        out = strategy.run(lambda part: model(part, training=False), args=(x,))
+        return strategy.gather(out, axis=0)
+
+    def forward_replicated(x):
+        return replicated(x)
+
+    forward_replicated.strategy = strategy  # extract_to_npy distributes the dataset to match
+    return forward_replicated
 
 
 def extract_to_npy(
@@ -51,6 +67,9 @@ def extract_to_npy(
     Pass `forward` (from `compiled_forward`) to reuse one traced function across calls.
     """
     forward = forward or compiled_forward(model)
+    strategy = getattr(forward, "strategy", None)
+    if strategy is not None:  # each global batch split across the replicas, in order
+        images = strategy.experimental_distribute_dataset(images)
     dim = int(model.output_shape[-1])
     start = time.perf_counter()
     with atomic_path(out, suffix=".npy") as tmp:
@@ -82,17 +101,26 @@ def extract_dataset(
     batch_size: int,
     dtype: str,
     seed: int,
+    mixed_precision: str = "off",
+    devices: list[str] | None = None,
 ) -> dict:
-    """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics."""
+    """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics.
+
+    `mixed_precision` auto|on|off (features are written as `dtype` either way); with several
+    GPUs (or `devices`) every batch is split across them.
+    """
     import json  # noqa: PLC0415
 
     from transferline import backbones, dataset, models  # noqa: PLC0415
 
     classes = json.loads((splits_dir / "classes.json").read_text())
-    extractor = models.build_feature_extractor(
-        backbones.get(backbone), weights, image_size, pooling, seed
-    )
-    forward = compiled_forward(extractor)  # traced once, used for every split
+    mixed = models.set_precision(mixed_precision)
+    strategy = models.distribution(devices)
+    with strategy.scope():
+        extractor = models.build_feature_extractor(
+            backbones.get(backbone), weights, image_size, pooling, seed
+        )
+    forward = compiled_forward(extractor, strategy)  # traced once, used for every split
     per_split, total_n, total_s = {}, 0, 0.0
     for split in dataset.SPLITS:
         paths, labels = dataset.split_arrays(raw, splits_dir, split, classes)
@@ -125,6 +153,8 @@ def extract_dataset(
         "seconds": round(total_s, 3),
         "images": total_n,
         "per_split": per_split,
+        "mixed_precision": mixed,
+        "replicas": int(strategy.num_replicas_in_sync),
     }
 
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
 from transferline.errors import StageError
 from transferline.models import Preprocess, base_of
+
+if TYPE_CHECKING:
+    from transferline.params import FinetuneParams
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ class FinetuneResult:
     best_epoch: int
     val_before: dict[str, float]
     unfrozen: list[str] = field(default_factory=list)
+    stopped_by_time: bool = False
 
 
 def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
@@ -119,9 +126,58 @@ class KeepBest(keras.callbacks.Callback):
             self.model.set_weights(self._weights)
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training cleanly once `minutes` have passed (checked after every batch).
+
+    Keras still validates the interrupted epoch, so KeepBest sees it and restores the best
+    weights so far; nothing is lost but the remaining epochs.
+    """
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        super().__init__()
+        self.seconds, self.clock, self.stopped = minutes * 60.0, clock, False
+
+    def on_train_begin(self, logs=None):
+        self.start = self.clock()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.stopped and self.clock() - self.start >= self.seconds:
+            self.stopped = True
+            self.model.stop_training = True
+            log.warning("finetune.max_minutes (%.3g) reached: stopping", self.seconds / 60)
+
+
+def learning_rate_schedule(
+    learning_rate: float, schedule: str, warmup_steps: int, total_steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Constant or cosine-decayed learning rate, after an optional linear warm-up from 0.
+
+    Warm-up lets Adam's moment estimates settle before full-size steps reach the unfrozen
+    layers; cosine decay ends at 0 so the last epochs only polish.
+    """
+    if schedule == "constant" and warmup_steps == 0:
+        return learning_rate
+    decay_steps = max(1, total_steps - warmup_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else learning_rate,
+        decay_steps,
+        alpha=1.0 if schedule == "constant" else 0.0,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def make_optimizer(name: str, learning_rate) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def compile_model(model: keras.Model, learning_rate, optimizer: str = "adam") -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=make_optimizer(optimizer, learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=False,
@@ -137,17 +193,38 @@ def finetune(
     learning_rate: float,
     unfreeze_layers: int,
     unfreeze_from: str | None = None,
+    optimizer: str = "adam",
+    schedule: str = "constant",
+    warmup_epochs: float = 0.0,
+    steps_per_epoch: int | None = None,
+    class_weight: dict[int, float] | None = None,
+    max_minutes: float | None = None,
 ) -> FinetuneResult:
     """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
     unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
     log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
-    compile_model(model, learning_rate)  # recompile after changing `trainable`
+    steps = steps_per_epoch or int(train_ds.cardinality())
+    lr = learning_rate_schedule(
+        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+    )
+    compile_model(model, lr, optimizer)  # recompile after changing `trainable`
     before = model.evaluate(val_ds, verbose=0, return_dict=True)
     log.info(
         "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
     )
     keep = KeepBest(before["loss"])
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[keep], verbose=2)
+    callbacks: list[keras.callbacks.Callback] = [keep]
+    limit = TimeLimit(max_minutes) if max_minutes else None
+    if limit:
+        callbacks.append(limit)
+    hist = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        verbose=2,
+    )
     history = [
         {"epoch": i, **{k: float(v[i]) for k, v in hist.history.items()}}
         for i in range(len(hist.history["loss"]))
@@ -158,7 +235,11 @@ def finetune(
             before["loss"],
         )
     return FinetuneResult(
-        history, keep.best_epoch, {k: float(v) for k, v in before.items()}, unfrozen
+        history,
+        keep.best_epoch,
+        {k: float(v) for k, v in before.items()},
+        unfrozen,
+        stopped_by_time=bool(limit and limit.stopped),
     )
 
 
@@ -175,31 +256,32 @@ def run_finetune(
     features_dir: Path,
     init_dir: Path,
     out_path: Path,
+    f: FinetuneParams,
     *,
     backbone: str,
     weights: str,
     image_size: int,
     pooling: str,
-    epochs: int,
-    unfreeze_layers: int,
-    unfreeze_from: str | None,
-    learning_rate: float,
-    batch_size: int,
-    flip: bool,
-    rotation: float,
-    zoom: float,
-    contrast: float,
-    translation: float,
+    mixed_precision: str,
     seed: int,
+    devices: list[str] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Rebuild base + trained head, check the base still yields the cached features, fine-tune,
-    save the best model to `out_path`. Returns stage metrics and per-epoch history."""
-    from transferline import backbones, dataset, heads  # noqa: PLC0415
-    from transferline.files import atomic_path, read_json  # noqa: PLC0415
-    from transferline.models import build_feature_extractor  # noqa: PLC0415
+    """Rebuild base + trained head, check the base still yields the cached features, fine-tune
+    as the `finetune` section says, save the best model to `out_path`.
 
+    Returns stage metrics and per-epoch history. Models are built in a MirroredStrategy scope
+    over every GPU (or `devices`) when there are several.
+    """
+    from transferline import backbones, dataset, heads, models  # noqa: PLC0415
+    from transferline.files import atomic_path, read_json  # noqa: PLC0415
+
+    mixed = models.set_precision(mixed_precision)
+    strategy = models.distribution(devices)
     classes = read_json(features_dir / "meta.json")["classes"]
-    extractor = build_feature_extractor(backbones.get(backbone), weights, image_size, pooling, seed)
+    with strategy.scope():
+        extractor = models.build_feature_extractor(
+            backbones.get(backbone), weights, image_size, pooling, seed
+        )
     val_paths, y_val = dataset.split_arrays(raw, splits_dir, "val", classes)
     k = min(16, len(val_paths))
     probe = np.concatenate(list(dataset.make_image_dataset(val_paths[:k], None, image_size, k)))
@@ -210,26 +292,36 @@ def run_finetune(
             f"{features_dir} (relative gap {gap:.3g}): the weights changed since extract ran "
             f"(e.g. a different Keras cache or weights file). Run `dvc repro -f extract`."
         )
-    model = assemble(extractor, heads.keras_head(init_dir))
     train_paths, y_train = dataset.split_arrays(raw, splits_dir, "train", classes)
+    a = f.augment
     train_ds = dataset.make_image_dataset(
         train_paths,
         y_train,
         image_size,
-        batch_size,
+        f.batch_size,
         shuffle_seed=seed,
-        augment=augmenter(flip, rotation, zoom, seed, contrast, translation),
+        augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
     )
-    val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, batch_size)
-    result = finetune(
-        model,
-        train_ds,
-        val_ds,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        unfreeze_layers=unfreeze_layers,
-        unfreeze_from=unfreeze_from,
-    )
+    val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, f.batch_size)
+    with strategy.scope():
+        model = assemble(extractor, heads.keras_head(init_dir))
+        result = finetune(
+            model,
+            train_ds,
+            val_ds,
+            epochs=f.epochs,
+            learning_rate=f.learning_rate,
+            unfreeze_layers=f.unfreeze_layers,
+            unfreeze_from=f.unfreeze_from,
+            optimizer=f.optimizer,
+            schedule=f.schedule,
+            warmup_epochs=f.warmup_epochs,
+            steps_per_epoch=math.ceil(len(train_paths) / f.batch_size),
+            class_weight=(
+                heads.class_weights(y_train, len(classes)) if f.class_weight else None
+            ),
+            max_minutes=f.max_minutes,
+        )
     with atomic_path(out_path, suffix=".keras") as tmp:
         model.save(tmp)
     best = (
@@ -244,7 +336,10 @@ def run_finetune(
         "val_loss": round(best["val_loss"], 6),
         "best_epoch": result.best_epoch,
         "epochs": len(result.history),
+        "stopped_by_time": result.stopped_by_time,
         "unfrozen_layers": len(result.unfrozen),
         "feature_gap": float(f"{gap:.3g}"),
+        "mixed_precision": mixed,
+        "replicas": int(strategy.num_replicas_in_sync),
     }
     return metrics, result.history

@@ -52,6 +52,39 @@ def train_logreg(
     return clf
 
 
+def search_logreg(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    grid: list[float],
+    *,
+    max_iter: int,
+    class_weight: str | None,
+    seed: int,
+) -> tuple[Pipeline, float, dict[float, float]]:
+    """Fit one head per C; keep the lowest validation log-loss (ties: the smaller C, the
+    stronger regularisation). Returns the head, its C and the loss of every C."""
+    from sklearn.metrics import log_loss  # noqa: PLC0415
+
+    if not grid:
+        raise ValueError("search_logreg needs at least one C")
+    labels = sorted(set(y_train.tolist()) | set(y_val.tolist()))
+    losses: dict[float, float] = {}
+    best: tuple[float, float, Pipeline] | None = None
+    for c in sorted(set(grid)):
+        clf = train_logreg(
+            x_train, y_train, C=c, max_iter=max_iter, class_weight=class_weight, seed=seed
+        )
+        loss = float(log_loss(y_val, clf.predict_proba(x_val.astype(np.float32)), labels=labels))
+        losses[c] = loss
+        log.info("logreg C=%g: val log-loss %.4f", c, loss)
+        if best is None or loss < best[0]:
+            best = (loss, c, clf)
+    _, best_c, best_clf = best  # type: ignore[misc]  (grid is non-empty)
+    return best_clf, best_c, losses
+
+
 def logreg_as_softmax(clf: Pipeline, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Kernel (features, classes) and bias of a softmax layer equal to the fitted pipeline.
 
@@ -257,7 +290,20 @@ def train_from_features(
             "val_loss": float(log_loss(y_val, probs_val, labels=labels)),
         }
 
-    if head_type == "logreg":
+    chosen: dict[str, float] = {}
+    if head_type == "logreg" and logreg.C_grid:
+        clf, best_c, _ = search_logreg(
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            logreg.C_grid,
+            max_iter=logreg.max_iter,
+            class_weight=logreg.class_weight,
+            seed=seed,
+        )
+        chosen = {"C": best_c}
+    elif head_type == "logreg":
         clf = train_logreg(
             x_train,
             y_train,
@@ -266,12 +312,14 @@ def train_from_features(
             class_weight=logreg.class_weight,
             seed=seed,
         )
+        chosen = {"C": logreg.C}
+    if head_type == "logreg":
         final = scores(
             clf.predict_proba(x_train.astype(np.float32)),
             clf.predict_proba(x_val.astype(np.float32)),
         )
         history = [{"epoch": 0, **final}]
-        save_logreg(out_dir, clf, classes, {**saved, **final})
+        save_logreg(out_dir, clf, classes, {**saved, **final, **chosen})
     else:
         model, history = train_dense(
             x_train,
@@ -285,11 +333,12 @@ def train_from_features(
             epochs=dense.epochs,
             batch_size=dense.batch_size,
             patience=dense.patience,
+            balanced=dense.class_weight == "balanced",
         )
         final = scores(
             model.predict(x_train.astype(np.float32), verbose=0),
             model.predict(x_val.astype(np.float32), verbose=0),
         )
         save_dense(out_dir, model, classes, {**saved, **final})
-    metrics = {**{k: round(v, 6) for k, v in final.items()}, "epochs": len(history)}
+    metrics = {**{k: round(v, 6) for k, v in final.items()}, "epochs": len(history), **chosen}
     return metrics, history

@@ -33,6 +33,54 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def gpus() -> list[str]:
+    """Names of the visible GPUs (empty on a CPU machine)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return [d.name for d in tf.config.list_physical_devices("GPU")]
+
+
+def set_precision(mode: str) -> bool:
+    """Apply `model.mixed_precision` (auto | on | off); returns whether mixed_float16 is on.
+
+    auto turns it on only with a GPU: on a CPU float16 is slower and gains nothing. Heads keep
+    a float32 softmax, and features are cast to `extract.dtype` when written.
+    """
+    on = mode == "on" or (mode == "auto" and bool(gpus()))
+    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
+    if on:
+        log.info("mixed precision on (mixed_float16)")
+    return on
+
+
+def distribution(devices: list[str] | None = None):
+    """MirroredStrategy over `devices` or, by default, every visible GPU when there are two or
+    more; otherwise TensorFlow's default (single-device) strategy. Build models in its scope."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    if devices is None:
+        found = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in found] if len(found) > 1 else None
+    if devices:
+        log.info("MirroredStrategy over %d devices: %s", len(devices), ", ".join(devices))
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def device_description() -> str:
+    """The accelerator the stage ran on, for MLflow tags and metrics files."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    found = tf.config.list_physical_devices("GPU")
+    if not found:
+        return "CPU"
+    names = []
+    for d in found:
+        details = tf.config.experimental.get_device_details(d)
+        names.append(details.get("device_name", d.name))
+    return f"{len(found)} x GPU ({', '.join(sorted(set(names)))})"
+
+
 @keras.saving.register_keras_serializable(package="transferline")
 class Preprocess(keras.layers.Layer):
     """The backbone family's `preprocess_input`, as a saved layer.

@@ -96,6 +96,8 @@ class ModelParams(_Strict):
     weights: str = "imagenet"
     image_size: int | None = Field(default=None, ge=1)
     pooling: Literal["avg", "max"] = "avg"
+    # auto: mixed_float16 when a GPU is visible, float32 on CPU (where float16 is slower)
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("backbone")
     @classmethod
@@ -146,8 +148,17 @@ class ExtractParams(_Strict):
 
 class LogregParams(_Strict):
     C: float = Field(default=1.0, gt=0)
+    # non-empty: fit each C, keep the one with the lowest validation log-loss (C is then ignored)
+    C_grid: list[float] = Field(default_factory=list)
     max_iter: int = Field(default=1000, ge=1)
     class_weight: Literal["balanced"] | None = None
+
+    @field_validator("C_grid")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError("must hold positive values only, e.g. [0.01, 0.1, 1.0, 10.0]")
+        return v
 
 
 class DenseParams(_Strict):
@@ -157,6 +168,7 @@ class DenseParams(_Strict):
     epochs: int = Field(default=50, ge=1)
     batch_size: int = Field(default=64, ge=1)
     patience: int = Field(default=5, ge=1)
+    class_weight: Literal["balanced"] | None = None
 
 
 class HeadParams(_Strict):
@@ -179,8 +191,22 @@ class FinetuneParams(_Strict):
     unfreeze_layers: int = Field(default=4, ge=0)
     unfreeze_from: str | None = None  # a layer name; when set it wins over unfreeze_layers
     learning_rate: float = Field(default=1e-5, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=32, ge=1)
+    class_weight: Literal["balanced"] | None = None
+    max_minutes: float | None = Field(default=None, gt=0)
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _warmup(self) -> FinetuneParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune.warmup_epochs = {self.warmup_epochs:g} leaves no epoch after the "
+                f"warm-up of finetune.epochs = {self.epochs}; make it smaller than epochs"
+            )
+        return self
 
 
 class MlflowParams(_Strict):

@@ -1,0 +1,78 @@
+"""MirroredStrategy with two logical CPU devices: extraction and fine-tuning as on a 2-GPU box.
+
+Logical devices must be configured before TensorFlow starts, so this runs in a fresh process.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+    import numpy as np
+    from transferline import backbones, features, finetune, heads, models
+
+    models.seed_everything(0)
+    strategy = models.distribution(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (13, 32, 32, 3)).astype("float32")  # 13: uneven last batch
+    y = (np.arange(13) % 2).astype("int64")
+    x[y == 1, ..., 0] = 255.0
+    with strategy.scope():
+        ext = models.build_feature_extractor(
+            backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0
+        )
+    expected = ext.predict(x, verbose=0)
+    fwd = features.compiled_forward(ext, strategy)
+    out = Path(sys.argv[1]) / "f.npy"
+    features.extract_to_npy(
+        ext, tf.data.Dataset.from_tensor_slices(x).batch(4), 13, out, forward=fwd
+    )
+    got = np.load(out)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    with strategy.scope():
+        model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
+        base = models.base_of(model)
+        bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+        stats = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
+        result = finetune.finetune(
+            model, ds, ds, epochs=1, learning_rate=1e-3, unfreeze_layers=4
+        )
+    after = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "feature_gap": float(np.abs(got - expected).max()),
+        "shape": list(got.shape),
+        "bn_unchanged": all(np.array_equal(a, b) for a, b in zip(stats, after)),
+        "epochs": len(result.history),
+        "val_loss": result.history[0]["val_loss"],
+        "unfrozen": len(result.unfrozen),
+    }))
+    """
+)
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["replicas"] == 2
+    assert res["shape"] == [13, 1280]
+    assert res["feature_gap"] < 1e-4  # same features, same order, as on one device
+    assert res["bn_unchanged"] and res["epochs"] == 1 and res["unfrozen"] == 4
+    assert res["val_loss"] == res["val_loss"]  # not NaN
