@@ -1,30 +1,45 @@
 """DVC stage `evaluate`: test metrics of the head and the fine-tuned model -> metrics/evaluate.json,
-plots/evaluate/; logs the complete picture of this parameter set to MLflow."""
+plots/evaluate/; the winning model exported to models/classifier/ (raw images of any size in,
+class probabilities out) and logged to MLflow with the complete picture of this parameter set."""
 
-from transferline import evaluation, stagekit
+from transferline import stagekit, tracking
 from transferline.files import atomic_dir, write_json
 from transferline.params import Params
 
 
 def run(p: Params) -> None:
+    from transferline import evaluation, export, models  # noqa: PLC0415  (TensorFlow)
+
+    models.seed_everything(p.seed)
+    m = p.model
     with atomic_dir(stagekit.PLOTS / "evaluate") as tmp:
-        metrics = evaluation.evaluate_models(
+        metrics, finetuned = evaluation.evaluate_models(
             stagekit.RAW,
             stagekit.SPLITS,
             stagekit.FEATURES,
             stagekit.HEAD,
             stagekit.FINETUNED,
             tmp,
-            image_size=p.model.size,
+            image_size=m.size,
             batch_size=p.extract.batch_size,
         )
     write_json(stagekit.METRICS / "evaluate.json", metrics)
-    for name, m in metrics.items():
+    for name, result in metrics.items():
         stagekit.log.info(
-            "test %s: accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"]
+            "test %s: accuracy %.4f, macro-F1 %.4f", name, result["accuracy"], result["macro_f1"]
         )
+    classifier = export.build_classifier(
+        finetuned, stagekit.HEAD, backbone=m.backbone, weights=m.weights, image_size=m.size,
+        pooling=m.pooling, seed=p.seed,
+    )  # fmt: skip
+    classes = evaluation.class_names(stagekit.FEATURES)
+    source = "finetune" if finetuned is not None else "head"
+    meta = {"image_size": m.size, "source": source, "backbone": m.backbone}
+    export.save_classifier(stagekit.CLASSIFIER, classifier, classes, meta)
     with stagekit.mlflow_run(p) as run:
         stagekit.log_everything(run)
+        run.set_tags({"device": models.device_description(), "model.source": source})
+        tracking.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
+import os
 import subprocess
 import sys
+
+import pytest
 
 from transferline import cli
 
 from conftest import REPO
 
 
-def run_cli(*args, cwd=REPO):
+def run_cli(*args, cwd=REPO, timeout=60, env=None):
     return subprocess.run(
         [sys.executable, "-m", "transferline.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -59,3 +63,59 @@ def test_experiment_env_fills_a_missing_git_identity_only(tmp_path, monkeypatch)
     assert env["GIT_AUTHOR_NAME"] == env["GIT_COMMITTER_NAME"] == "transferline quickstart"
     kept = cli.experiment_env({"GIT_AUTHOR_NAME": "me", "GIT_AUTHOR_EMAIL": "me@x"})
     assert kept["GIT_AUTHOR_NAME"] == "me" and "GIT_COMMITTER_NAME" not in kept
+
+
+def test_predict_prints_labels_and_reports_broken_files(tmp_path):
+    import csv
+    import io
+
+    from transferline import backbones, export, finetune, heads
+    from transferline.models import build_feature_extractor
+
+    from conftest import add_broken_files, make_class_folders
+
+    ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+    clf = export.export_classifier(
+        finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0)), 32
+    )
+    export.save_classifier(tmp_path / "classifier", clf, ["cat", "dog"], {"image_size": 32})
+    imgs = make_class_folders(tmp_path / "imgs", per_class=2)
+    add_broken_files(imgs / "cat")
+
+    out = run_cli("predict", str(tmp_path / "classifier"), str(imgs), timeout=300)
+    assert out.returncode == 1, out.stderr  # some files were unusable
+    lines = out.stdout.splitlines()
+    good = [ln for ln in lines if ln.endswith(tuple("0123456789")) and "ERROR" not in ln]
+    assert len(good) == 4 and all((" cat " in ln or " dog " in ln) for ln in good)
+    assert any("empty.jpg" in ln and "ERROR" in ln and "empty file" in ln for ln in lines)
+    assert not any(".DS_Store" in ln or "notes.txt" in ln for ln in lines)  # not images
+    assert "2 of 6 files unusable" in out.stderr
+
+    one = imgs / "dog" / "dog000.png"
+    out = run_cli("predict", str(tmp_path / "classifier"), str(one), "--csv", timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert row["path"] == str(one) and row["label"] in ("cat", "dog") and row["error"] == ""
+    assert float(row["p_cat"]) + float(row["p_dog"]) == pytest.approx(1.0, abs=1e-5)
+
+    out = run_cli("predict", str(tmp_path / "nothing"), str(one), timeout=300)
+    assert out.returncode == 2 and "not an exported classifier" in out.stderr
+
+
+def test_compare_prints_runs_best_first(tmp_path):
+    from transferline import tracking
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*next(iter(env.items())))
+        for h, acc in (("resnet50", 0.81), ("vgg16", 0.93)):
+            run = tracking.open_run("cmp", h, {"model.backbone": h}, f"{h}-run")
+            run.log_metrics({"test.head.accuracy": acc})
+            tracking.close_run(run)
+        out = run_cli("compare", "--experiment", "cmp", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if "-run" in ln]
+    assert [r.split()[0] for r in rows] == ["vgg16-run", "resnet50-run"]
+    assert "0.9300" in rows[0]
+    missing = run_cli("compare", "--experiment", "nope", env=env)
+    assert missing.returncode == 1 and "no runs in experiment 'nope'" in missing.stderr

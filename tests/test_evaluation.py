@@ -25,3 +25,29 @@ def test_metrics_on_known_predictions(tmp_path):
     assert rows[1] == {"actual": "a", "predicted": "b", "confidence": "1.000000"}
     evaluation.confusion_png(tmp_path / "cm.png", cm, ["a", "b", "c"], "t")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_roc_table_and_auc_on_known_scores():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    rows, auc = evaluation.roc_table(y, probs, ["a", "b"], points=11)
+    assert auc == {"a": 0.75, "b": 0.75}  # 3 of 4 positive/negative pairs ranked right
+    assert rows[0]["fpr"] == 0.0 and rows[-1]["fpr"] == 1.0 and len(rows) == 11
+    assert rows[-1]["tpr_a"] == 1.0 and rows[-1]["tpr"] == 1.0
+    assert all(r["tpr"] == (r["tpr_a"] + r["tpr_b"]) / 2 for r in rows)
+    # A class missing from the test set has no curve and no AUC.
+    rows, auc = evaluation.roc_table(np.array([0, 1]), np.eye(3)[[0, 1]], ["a", "b", "c"])
+    assert set(auc) == {"a", "b"} and "tpr_c" not in rows[0]
+
+
+def test_worst_misclassified_are_the_most_confident_mistakes(tmp_path):
+    y = np.array([0, 1, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.2, 0.8], [0.1, 0.9]])
+    assert evaluation.worst_misclassified(y, probs) == [(2, 0, 0.95), (3, 1, 0.8), (1, 0, 0.6)]
+    assert evaluation.worst_misclassified(y, probs, k=1) == [(2, 0, 0.95)]
+    assert evaluation.worst_misclassified(np.array([0]), np.array([[1.0, 0.0]])) == []
+    imgs = [np.full((8, 8, 3), 100.0)]
+    evaluation.misclassified_png(tmp_path / "w.png", imgs, ["a\na -> b (0.9)"], "t")
+    evaluation.misclassified_png(tmp_path / "none.png", [], [], "t")
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG"

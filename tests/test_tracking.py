@@ -45,3 +45,51 @@ def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     exp = client.get_experiment_by_name("exp")
     assert exp.artifact_location == (Path(tmp_path).resolve() / "mlartifacts").as_uri()
+
+
+def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
+    import numpy as np
+
+    from transferline import backbones, export, finetune, heads
+    from transferline.models import build_feature_extractor
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+    model = finetune.assemble(ext, heads.build_dense_head(1280, 3, 0, 0.0))
+    clf = export.export_classifier(model, 32)
+    run = tracking.open_run("exp", "hash-m", {}, "m")
+    uri = tracking.log_classifier(run, clf, ["a", "b", "c"], 32, register_as="pets")
+    tracking.close_run(run)
+
+    pyfunc = tracking.load_pyfunc(uri)
+    assert pyfunc.metadata.metadata == {"classes": ["a", "b", "c"], "image_size": 32}
+    raw = np.random.default_rng(0).integers(0, 256, (2, 45, 60, 3)).astype("float32")
+    probs = pyfunc.predict(raw)  # raw RGB of another size: resized and preprocessed inside
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    resized = np.asarray(keras_resize(raw, 32))
+    np.testing.assert_allclose(probs, model.predict(resized, verbose=0), atol=1e-5)
+    loaded = export.load_classifier(uri)  # what `transferline predict runs:/...` uses
+    assert loaded.classes == ["a", "b", "c"] and loaded.image_size == 32
+    registered = export.load_classifier("models:/pets/1")
+    np.testing.assert_allclose(registered.predict(raw), probs, atol=1e-6)
+
+
+def keras_resize(x, size):
+    import keras
+
+    return keras.layers.Resizing(size, size)(x)
+
+
+def test_latest_runs_best_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for h, acc, ft in (("a", 0.7, None), ("b", 0.6, 0.9), ("c", 0.8, None)):
+        run = tracking.open_run("cmp", h, {"model.backbone": h, "head.type": "logreg"}, h)
+        run.log_metrics({"head.accuracy": acc, **({"finetune.accuracy": ft} if ft else {})},
+                        prefix="test.")  # fmt: skip
+        tracking.close_run(run)
+    rows = tracking.latest_runs("cmp")
+    assert [r["backbone"] for r in rows] == ["b", "c", "a"]  # 0.9 (fine-tuned), 0.8, 0.7
+    assert rows[0]["test.head.accuracy"] == 0.6 and rows[1]["test.finetune.accuracy"] is None
+    assert tracking.latest_runs("no-such-experiment") == []

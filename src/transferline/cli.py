@@ -1,6 +1,7 @@
-"""`transferline` command line: list backbones, check params, run the offline quickstart.
+"""`transferline` command line: list backbones, check params, run the offline quickstart,
+predict with a trained model, compare MLflow runs.
 
-Nothing here imports TensorFlow, so `--help` and `check` answer at once.
+TensorFlow is imported only by `predict`, so `--help`, `check` and `compare` answer at once.
 """
 
 from __future__ import annotations
@@ -156,6 +157,103 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+
+
+def expand_paths(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files as given, folders walked for image files (hidden/system files skipped);
+    returns the files and the arguments that do not exist."""
+    from transferline.dataset import is_hidden  # noqa: PLC0415
+
+    files, missing = [], []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_SUFFIXES
+                and not any(is_hidden(part) for part in f.relative_to(path).parts)
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(item)
+    return files, missing
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv  # noqa: PLC0415
+
+    files, missing = expand_paths(args.paths)
+    for item in missing:
+        print(f"transferline predict: {item}: no such file or folder", file=sys.stderr)
+    if not files:
+        print("transferline predict: no image files to predict", file=sys.stderr)
+        return 2
+    from transferline import export  # noqa: PLC0415  (TensorFlow)
+
+    try:
+        classifier = export.load_classifier(args.model)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"transferline predict: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    rows = export.predict_files(classifier, files, batch_size=args.batch_size)
+    if args.csv:
+        fields = ["path", "label", "probability", "error"]
+        fields += [f"p_{c}" for c in classifier.classes]
+        w = csv.DictWriter(sys.stdout, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        width = max(len(r["path"]) for r in rows)
+        for r in rows:
+            if r["error"]:
+                print(f"{r['path']:<{width}}  ERROR  {r['error']}")
+            else:
+                print(f"{r['path']:<{width}}  {r['label']}  {r['probability']:.4f}")
+    bad = sum(1 for r in rows if r["error"])
+    if bad:
+        print(f"transferline predict: {bad} of {len(rows)} files unusable", file=sys.stderr)
+    return 1 if bad or missing else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from transferline import tracking  # noqa: PLC0415
+    from transferline.params import ParamsError, load_params  # noqa: PLC0415
+
+    experiment = args.experiment
+    if experiment is None:
+        try:
+            experiment = load_params(args.params).mlflow.experiment
+        except ParamsError as exc:
+            print(f"transferline compare: {exc} (or pass --experiment NAME)", file=sys.stderr)
+            return 2
+    rows = tracking.latest_runs(experiment, args.limit)
+    if not rows:
+        print(
+            f"transferline compare: no runs in experiment {experiment!r} at "
+            f"{tracking.tracking_uri()}",
+            file=sys.stderr,
+        )
+        return 1
+    head = ["run", "dvc_exp", "backbone", "size", "head", "finetune", "head acc", "ft acc",
+            "ft macro-F1", "status"]  # fmt: skip
+    keys = ["run", "dvc_exp", "backbone", "size", "head", "finetune", *tracking.COMPARE_METRICS,
+            "status"]  # fmt: skip
+    table = [head] + [
+        ["-" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
+         for k in keys]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print(f"experiment {experiment!r}, best test accuracy first:")
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transferline",
@@ -185,6 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser(
+        "predict",
+        help="label images with a trained model",
+        description="Prints label and probability per image. MODEL is models/classifier "
+        "(written by `dvc repro`) or an MLflow model URI (runs:/ID/model, models:/NAME/1). "
+        "Unusable files are reported per file; the exit status is 1 if there were any.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
+    p.add_argument("--csv", action="store_true", help="CSV with every class's probability")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser(
+        "compare",
+        help="the latest MLflow runs as a table, best test accuracy first",
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("-n", "--limit", type=int, default=20, help="newest N runs (default 20)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

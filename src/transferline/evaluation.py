@@ -38,6 +38,101 @@ def classification_metrics(
     }
 
 
+def roc_table(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], points: int = 101
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """One-vs-rest ROC curves on a common false-positive-rate grid, and each class's AUC.
+
+    Columns: `fpr`, `tpr` (the macro average, which DVC plots per model and revision) and
+    `tpr_<class>`. A class absent from the test set has no curve (its column is left out).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve  # noqa: PLC0415
+
+    grid = np.linspace(0.0, 1.0, points)
+    columns: dict[str, np.ndarray] = {}
+    auc: dict[str, float] = {}
+    for i, c in enumerate(classes):
+        positive = y_true == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, i])
+        columns[f"tpr_{c}"] = np.interp(grid, fpr, tpr)
+        auc[c] = round(float(roc_auc_score(positive, probs[:, i])), 6)
+    macro = np.mean(list(columns.values()), axis=0) if columns else np.full_like(grid, np.nan)
+    rows = [
+        {
+            "fpr": round(float(x), 4),
+            "tpr": round(float(macro[j]), 6),
+            **{k: round(float(v[j]), 6) for k, v in columns.items()},
+        }
+        for j, x in enumerate(grid)
+    ]
+    return rows, auc
+
+
+def worst_misclassified(
+    y_true: np.ndarray, probs: np.ndarray, k: int = 16
+) -> list[tuple[int, int, float]]:
+    """(index, predicted, confidence) of the k wrong predictions made with most confidence."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y_true)
+    conf = probs[wrong, pred[wrong]]
+    order = wrong[np.argsort(-conf, kind="stable")][:k]
+    return [(int(i), int(pred[i]), float(probs[i, pred[i]])) for i in order]
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def roc_png(path: Path, rows: list[dict[str, float]], auc: dict[str, float], title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    fpr = [r["fpr"] for r in rows]
+    for c, a in auc.items():
+        ax.plot(fpr, [r[f"tpr_{c}"] for r in rows], label=f"{c} (AUC {a:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if auc:
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def misclassified_png(
+    path: Path,
+    images: list[np.ndarray],
+    captions: list[str],
+    title: str,
+) -> None:
+    """A grid of images with 'true -> predicted (p)' captions (a note when there are none)."""
+    plt = _pyplot()
+    cols = max(1, min(4, len(images)))
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, text in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(np.clip(img, 0, 255).astype(np.uint8))
+        ax.set_title(text, fontsize=8)
+    if not images:
+        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     from sklearn.metrics import confusion_matrix  # noqa: PLC0415
 
@@ -58,11 +153,7 @@ def write_predictions_csv(
 
 
 def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = _pyplot()
     size = max(4.0, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
@@ -87,6 +178,58 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) ->
     plt.close(fig)
 
 
+def class_names(features_dir: Path) -> list[str]:
+    from transferline.files import read_json  # noqa: PLC0415
+
+    return read_json(Path(features_dir) / "meta.json")["classes"]
+
+
+def write_figures(
+    plots_dir: Path,
+    name: str,
+    y_test: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    paths: list[str],
+    image_size: int,
+) -> dict[str, float]:
+    """Predictions CSV, per-class report, confusion matrix, ROC curves and the worst
+    misclassified images of one model; returns the one-vs-rest ROC AUC of each class."""
+    from transferline import dataset  # noqa: PLC0415
+    from transferline.files import write_csv  # noqa: PLC0415
+
+    write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
+    report = classification_metrics(y_test, probs, classes)
+    write_csv(
+        plots_dir / f"{name}_report.csv",
+        [{"class": c, **v} for c, v in report["per_class"].items()],
+    )
+    title = f"{name}: test accuracy {report['accuracy']:.3f}"
+    cm = confusion(y_test, probs.argmax(1), len(classes))
+    confusion_png(plots_dir / f"{name}_confusion.png", cm, classes, title)
+    rows, auc = roc_table(y_test, probs, classes)
+    write_csv(plots_dir / f"{name}_roc.csv", rows)
+    roc_png(plots_dir / f"{name}_roc.png", rows, auc, f"{name}: ROC, one vs rest")
+    worst = worst_misclassified(y_test, probs)
+    images = []
+    if worst:
+        picked = [paths[i] for i, _, _ in worst]
+        images = list(
+            np.concatenate(list(dataset.make_image_dataset(picked, None, image_size, 16)))
+        )
+    captions = [
+        f"{Path(paths[i]).name[:22]}\n{classes[int(y_test[i])]} -> {classes[p]} ({c:.2f})"
+        for i, p, c in worst
+    ]
+    misclassified_png(
+        plots_dir / f"{name}_misclassified.png",
+        images,
+        captions,
+        f"{name}: most confident mistakes (true -> predicted)",
+    )
+    return auc
+
+
 def evaluate_models(
     raw: Path,
     splits_dir: Path,
@@ -97,35 +240,40 @@ def evaluate_models(
     *,
     image_size: int,
     batch_size: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """Test metrics of the head (on cached features) and, unless skipped, the fine-tuned model
-    (on the test images); predictions CSVs and confusion PNGs into `plots_dir`."""
-    from transferline import heads  # noqa: PLC0415
+    (on the test images); per-model figures and tables into `plots_dir`.
+
+    Returns the metrics and the fine-tuned Keras model (None when fine-tuning was skipped).
+    """
+    from transferline import dataset, heads  # noqa: PLC0415
     from transferline.features import load_split  # noqa: PLC0415
     from transferline.files import is_skip_marker, read_json  # noqa: PLC0415
 
     classes = read_json(features_dir / "meta.json")["classes"]
     x_test, y_test = load_split(features_dir, "test")
+    paths, y_images = dataset.split_arrays(raw, splits_dir, "test", classes)
+    if not np.array_equal(y_images, y_test):
+        raise StageError(
+            f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
+            "the features are older than the split. Run `dvc repro` (not a single stage)."
+        )
     results = {"head": heads.predict_proba(head_dir, x_test)}
+    model = None
     if not is_skip_marker(finetuned):
         import keras  # noqa: PLC0415
 
-        from transferline import dataset, models  # noqa: F401, PLC0415  (registers Preprocess)
+        from transferline import models  # noqa: F401, PLC0415  (registers Preprocess)
 
         model = keras.saving.load_model(finetuned)
-        paths, y_images = dataset.split_arrays(raw, splits_dir, "test", classes)
-        if not np.array_equal(y_images, y_test):
-            raise StageError(
-                f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
-                "the features are older than the split. Run `dvc repro` (not a single stage)."
-            )
         images = dataset.make_image_dataset(paths, None, image_size, batch_size)
         results["finetune"] = model.predict(images, verbose=0)
     metrics = {}
     for name, probs in results.items():
-        metrics[name] = classification_metrics(y_test, probs, classes)
-        write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
-        cm = confusion(y_test, probs.argmax(1), len(classes))
-        title = f"{name}: test accuracy {metrics[name]['accuracy']:.3f}"
-        confusion_png(plots_dir / f"{name}_confusion.png", cm, classes, title)
-    return metrics
+        m = metrics[name] = classification_metrics(y_test, probs, classes)
+        auc = write_figures(plots_dir, name, y_test, probs, classes, paths, image_size)
+        # Macro one-vs-rest AUC over the classes present in the test set (None if < 2).
+        m["roc_auc"] = round(float(np.mean(list(auc.values()))), 6) if auc else None
+        for c, v in auc.items():
+            m["per_class"][c]["roc_auc"] = v
+    return metrics, model

@@ -317,9 +317,7 @@ def run_finetune(
             schedule=f.schedule,
             warmup_epochs=f.warmup_epochs,
             steps_per_epoch=math.ceil(len(train_paths) / f.batch_size),
-            class_weight=(
-                heads.class_weights(y_train, len(classes)) if f.class_weight else None
-            ),
+            class_weight=(heads.class_weights(y_train, len(classes)) if f.class_weight else None),
             max_minutes=f.max_minutes,
         )
     with atomic_path(out_path, suffix=".keras") as tmp:

@@ -211,6 +211,7 @@ class FinetuneParams(_Strict):
 
 class MlflowParams(_Strict):
     experiment: str = Field(default="transferline", min_length=1)
+    register_as: str | None = None  # also register the logged model under this name
 
 
 class Params(_Strict):

@@ -25,6 +25,7 @@ FEATURES = Path("data/features")
 HEAD = Path("models/head")
 FINETUNE_INIT = Path("models/finetune_init")
 FINETUNED = Path("models/finetuned.keras")
+CLASSIFIER = Path("models/classifier")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 

@@ -168,5 +168,99 @@ def open_run(
     return run
 
 
+def log_classifier(
+    run: Run,
+    model: Any,
+    classes: list[str],
+    image_size: int,
+    register_as: str | None = None,
+) -> str:
+    """Log the exported classifier with MLflow's Keras flavour; returns its `runs:/` URI.
+
+    The signature takes float32 RGB batches of any height and width (0..255) and returns one
+    probability per class; the class names are in the model's metadata. Requirements are
+    given, not inferred (inference re-loads the model in a subprocess). The model is saved
+    into a folder made first and uploaded with the run's artifacts: mlflow.keras.log_model
+    3.17 writes the input example before it creates its folder and fails.
+    """
+    import tempfile  # noqa: PLC0415
+
+    import mlflow  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from mlflow.models import ModelSignature  # noqa: PLC0415
+    from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
+    )
+    example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
+    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        mlflow.keras.save_model(
+            model,
+            str(folder),
+            signature=signature,
+            input_example=example.astype("float32"),
+            pip_requirements=requirements,
+            metadata={"classes": classes, "image_size": image_size},
+        )
+        run.client.log_artifacts(run.run_id, str(folder), "model")
+    uri = f"runs:/{run.run_id}/model"
+    if register_as:
+        mlflow.set_tracking_uri(run.client.tracking_uri)
+        version = mlflow.register_model(uri, register_as)
+        log.info("MLflow: registered %s version %s", register_as, version.version)
+    log.info("MLflow: model logged as %s", uri)
+    return uri
+
+
+def load_pyfunc(uri: str):
+    """An MLflow model (runs:/..., models:/name/version, a path) as a pyfunc model, from the
+    same store the pipeline logs to."""
+    import mlflow  # noqa: PLC0415
+
+    mlflow.set_tracking_uri(tracking_uri())
+
+    return mlflow.pyfunc.load_model(uri)
+
+
+COMPARE_METRICS = ("test.head.accuracy", "test.finetune.accuracy", "test.finetune.macro_f1")
+
+
+def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> list[dict]:
+    """The newest runs of `experiment`, best test accuracy first (fine-tuned, else head)."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
+    )
+    rows = []
+    for r in runs:
+        m, p, t = r.data.metrics, r.data.params, r.data.tags
+        best = m.get("test.finetune.accuracy", m.get("test.head.accuracy"))
+        rows.append(
+            {
+                "run": r.info.run_name or r.info.run_id[:8],
+                "dvc_exp": t.get("dvc.exp_name", ""),
+                "backbone": p.get("model.backbone", ""),
+                "size": p.get("model.image_size", ""),
+                "head": p.get("head.type", ""),
+                "finetune": p.get("finetune.enabled", ""),
+                **{k: m.get(k) for k in COMPARE_METRICS},
+                "best": best,
+                "status": r.info.status,
+            }
+        )
+    rows.sort(key=lambda row: -1.0 if row["best"] is None else row["best"], reverse=True)
+    return rows
+
+
 def close_run(run: Run, failed: bool = False) -> None:
     run.client.set_terminated(run.run_id, status="FAILED" if failed else "FINISHED")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -56,8 +60,15 @@ def env(home: Path | None = None) -> dict[str, str]:
     return e
 
 
-def sh(cmd: list[str], cwd: Path, home: Path | None = None, check: bool = True) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env(home), capture_output=True, text=True, timeout=900)
+def sh(
+    cmd: list[str],
+    cwd: Path,
+    home: Path | None = None,
+    check: bool = True,
+    extra: dict[str, str] | None = None,
+) -> str:
+    e = {**env(home), **(extra or {})}
+    out = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{text[-6000:]}")
@@ -89,6 +100,51 @@ def copy_repo(dest: Path) -> Path:
     sh(["git", *GIT_ID, "add", "-A"], dest)
     sh(["git", *GIT_ID, "commit", "-qm", "copy"], dest)
     return dest
+
+
+KEPT = (
+    "data/features/train_features.npy",
+    "data/splits/test.csv",
+    "models/head/head.joblib",
+    "models/finetuned.keras",
+    "models/classifier/model.keras",
+)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """`mlflow server` on a free loopback port with a sqlite store and a local artifact folder."""
+    folder.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    "mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:]
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 def ran(output: str) -> set[str]:
@@ -138,8 +194,25 @@ def test_dvc_repro_end_to_end(tmp_path):
         )
         assert 0.0 <= m["accuracy"] <= 1.0
     assert ev["head"]["accuracy"] >= 0.5  # 20 test digits, random VGG16 features: far above 0.1
-    for f in ("head_predictions.csv", "finetune_predictions.csv", "head_confusion.png"):
+    for f in (
+        "head_predictions.csv",
+        "finetune_predictions.csv",
+        "head_confusion.png",
+        "finetune_roc.csv",
+        "finetune_roc.png",
+        "head_misclassified.png",
+        "finetune_report.csv",
+    ):
         assert (repo / "plots/evaluate" / f).is_file()
+    assert 0.5 <= ev["head"]["roc_auc"] <= 1.0
+    assert json.loads((repo / "models/classifier/classes.json").read_text())["source"] == (
+        "finetune"
+    )
+    assert zipfile.is_zipfile(repo / "models/classifier/model.keras")
+    # `dvc plots show` renders every declared plot (ROC, confusion, curves, images).
+    sh([*dvc, "plots", "show", "-o", str(tmp_path / "plots_html")], repo)
+    html = (tmp_path / "plots_html/index.html").read_text()
+    assert "fine-tuned" in html and "head_misclassified.png" in html
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     head = json.loads((repo / "metrics/train_head.json").read_text())
     assert finetune["val_accuracy_before"] == pytest.approx(head["val_accuracy"], abs=0.051)
@@ -157,6 +230,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert run.data.tags["git.commit"] and run.data.tags["data.raw_md5"].endswith(".dir")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
     assert "plots/evaluate/head_confusion.png" in artifacts
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert run.data.tags["device"] == "CPU" and run.data.tags["model.source"] == "finetune"
 
     # Nothing left to do: status clean, a second repro runs nothing.
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
@@ -180,6 +255,30 @@ def test_dvc_repro_end_to_end(tmp_path):
     }
     assert json.loads(sh([*dvc, "metrics", "diff", "--json"], repo)) == {}
     assert (repo / "plots/evaluate/finetune_predictions.csv").read_text() == predictions
+
+    # A DVC remote (a local folder here; S3/GCS work the same) round-trips data and models.
+    sh([*dvc, "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], repo)
+    sh([*dvc, "push"], repo)
+    before = {p: (repo / p).read_bytes() for p in KEPT}
+    for folder in ("data", "models"):
+        shutil.rmtree(repo / folder)
+    sh([*dvc, "pull"], repo)
+    assert {p: (repo / p).read_bytes() for p in KEPT} == before
+    assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
+
+    # A real MLflow tracking server: the same pipeline logs to it over HTTP.
+    with mlflow_server(tmp_path / "server") as uri:
+        sh([*dvc, "repro", "-f", "evaluate"], repo, extra={"MLFLOW_TRACKING_URI": uri})
+        import mlflow
+
+        remote = mlflow.MlflowClient(tracking_uri=uri)
+        (found,) = remote.search_runs([remote.get_experiment_by_name("e2e").experiment_id])
+        assert found.data.metrics["test.head.accuracy"] == pytest.approx(ev["head"]["accuracy"])
+        assert found.data.params["model.backbone"] == "vgg16"
+        assert "model/MLmodel" in {
+            a.path for a in remote.list_artifacts(found.info.run_id, "model")
+        }
+        assert (tmp_path / "server/artifacts").is_dir()  # artifacts went through the server
 
     # Fine-tuning off: only what reads finetune.* re-runs; evaluate reports the head only.
     set_params(repo / "params.yaml", {"finetune.enabled": False})

@@ -1,0 +1,92 @@
+"""The exported classifier: built-in layers only, any input size, same numbers as the pipeline."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from transferline import backbones, export, finetune, heads
+from transferline.models import Preprocess, build_feature_extractor
+
+from conftest import add_broken_files, make_class_folders
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "builtin"])
+def test_builtin_preprocessing_equals_the_pipeline_layer(mode):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
+    y = x
+    for layer in export.builtin_preprocessing(mode):
+        y = layer(y)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(Preprocess(mode)(x)), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A tiny VGG16 (random weights) + 2-class head, exported as `dvc repro` does."""
+    folder = tmp_path_factory.mktemp("export") / "classifier"
+    ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+    head = heads.build_dense_head(512, 2, 0, 0.0)
+    model = finetune.assemble(ext, head)
+    clf = export.export_classifier(model, 32)
+    export.save_classifier(folder, clf, ["cat", "dog"], {"image_size": 32})
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.save(folder.parent / "x.npy", x)
+    np.save(folder.parent / "expected.npy", model.predict(x, verbose=0))
+    return folder
+
+
+def test_export_predicts_like_the_pipeline_model_at_any_size(classifier_dir):
+    clf = export.load_classifier(classifier_dir)
+    x = np.load(classifier_dir.parent / "x.npy")
+    np.testing.assert_allclose(
+        clf.predict(x), np.load(classifier_dir.parent / "expected.npy"), atol=1e-5
+    )
+    big = clf.predict(np.zeros((2, 70, 50, 3), "float32"))  # resized inside the model
+    assert big.shape == (2, 2) and np.allclose(big.sum(1), 1.0, atol=1e-5)
+    assert clf.classes == ["cat", "dog"] and clf.image_size == 32
+    names = {type(layer).__name__ for layer in keras.saving.load_model(
+        classifier_dir / export.MODEL_FILE).layers}  # fmt: skip
+    assert "Preprocess" not in names and "Resizing" in names
+
+
+def test_export_loads_where_transferline_is_not_imported(classifier_dir):
+    code = (
+        "import sys, json, numpy as np, keras\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "assert not any(k.startswith('transferline') for k in sys.modules)\n"
+        "print(json.dumps(m.predict(np.load(sys.argv[2]), verbose=0).tolist()))\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(classifier_dir / export.MODEL_FILE),
+            str(classifier_dir.parent / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(got, np.load(classifier_dir.parent / "expected.npy"), atol=1e-5)
+
+
+def test_predict_files_reports_broken_files_per_file(classifier_dir, tmp_path):
+    root = make_class_folders(tmp_path / "imgs", per_class=2)
+    add_broken_files(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    rows = export.predict_files(export.load_classifier(classifier_dir), files, batch_size=3)
+    by_name = {p["path"].split("/")[-1]: p for p in rows}
+    assert len(rows) == len(files)
+    for name in ("cat000.png", "dog001.png"):
+        r = by_name[name]
+        assert r["error"] is None and r["label"] in ("cat", "dog")
+        assert r["probability"] == pytest.approx(max(r["p_cat"], r["p_dog"]))
+    assert "empty file" in by_name["empty.jpg"]["error"]
+    assert "corrupt or truncated" in by_name["truncated.jpg"]["error"]
+    assert by_name["notes.txt"]["label"] is None
