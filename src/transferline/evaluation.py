@@ -118,7 +118,10 @@ def misclassified_png(
     plt = _pyplot()
     cols = max(1, min(4, len(images)))
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    # At least 6 inches wide, so the title fits over a single image.
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(6.0, 2.6 * cols), 2.8 * rows + 0.4), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, text in zip(axes.flat, images, captions, strict=False):
