@@ -157,3 +157,16 @@ def test_optimizers_from_params(name):
     opt = finetune.make_optimizer(name, 1e-4)
     assert type(opt).__name__.lower() == name
     assert float(opt.learning_rate) == pytest.approx(1e-4)
+
+
+def test_early_stopping_ends_when_val_loss_stops_improving():
+    import tensorflow as tf
+
+    x, y = images(8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    # A huge learning rate: no epoch beats the starting val loss, so patience 2 stops after 2
+    # epochs (Keras' EarlyStopping would go on: the loss keeps falling from its huge level).
+    result = finetune.finetune(
+        tiny_model(), ds, ds, epochs=6, learning_rate=50.0, unfreeze_layers=1, patience=2
+    )
+    assert len(result.history) == 2 and result.best_epoch == -1

@@ -106,12 +106,15 @@ class KeepBest(keras.callbacks.Callback):
     """Restore the weights with the lowest val_loss at the end, the starting point included.
 
     If no epoch beats the model as it was before fine-tuning, fine-tuning must not make it worse:
-    the starting weights come back and `best_epoch` is -1.
+    the starting weights come back and `best_epoch` is -1. With `patience`, training stops after
+    that many epochs without beating the best so far (the starting point included), which
+    Keras' EarlyStopping cannot do: it only compares epochs with each other.
     """
 
-    def __init__(self, start_loss: float):
+    def __init__(self, start_loss: float, patience: int | None = None):
         super().__init__()
         self.best_loss, self.best_epoch, self._weights = start_loss, -1, None
+        self.patience, self.wait = patience, 0
 
     def on_train_begin(self, logs=None):
         self._weights = self.model.get_weights()
@@ -120,6 +123,12 @@ class KeepBest(keras.callbacks.Callback):
         loss = (logs or {}).get("val_loss")
         if loss is not None and loss < self.best_loss:
             self.best_loss, self.best_epoch, self._weights = loss, epoch, self.model.get_weights()
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            log.info("no better val_loss for %d epochs: stopping early", self.wait)
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         if self._weights is not None:
@@ -199,6 +208,7 @@ def finetune(
     steps_per_epoch: int | None = None,
     class_weight: dict[int, float] | None = None,
     max_minutes: float | None = None,
+    patience: int | None = None,
 ) -> FinetuneResult:
     """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
     unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
@@ -212,7 +222,7 @@ def finetune(
     log.info(
         "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
     )
-    keep = KeepBest(before["loss"])
+    keep = KeepBest(before["loss"], patience)
     callbacks: list[keras.callbacks.Callback] = [keep]
     limit = TimeLimit(max_minutes) if max_minutes else None
     if limit:
@@ -319,6 +329,7 @@ def run_finetune(
             steps_per_epoch=math.ceil(len(train_paths) / f.batch_size),
             class_weight=(heads.class_weights(y_train, len(classes)) if f.class_weight else None),
             max_minutes=f.max_minutes,
+            patience=f.patience,
         )
     with atomic_path(out_path, suffix=".keras") as tmp:
         model.save(tmp)

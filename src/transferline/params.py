@@ -197,6 +197,7 @@ class FinetuneParams(_Strict):
     batch_size: int = Field(default=32, ge=1)
     class_weight: Literal["balanced"] | None = None
     max_minutes: float | None = Field(default=None, gt=0)
+    patience: int | None = Field(default=None, ge=1)  # early stopping on val loss; null = off
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
