@@ -195,6 +195,7 @@ def write_figures(
     classes: list[str],
     paths: list[str],
     image_size: int,
+    report: dict[str, Any],
 ) -> dict[str, float]:
     """Predictions CSV, per-class report, confusion matrix, ROC curves and the worst
     misclassified images of one model; returns the one-vs-rest ROC AUC of each class."""
@@ -202,7 +203,6 @@ def write_figures(
     from transferline.files import write_csv  # noqa: PLC0415
 
     write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
-    report = classification_metrics(y_test, probs, classes)
     write_csv(
         plots_dir / f"{name}_report.csv",
         [{"class": c, **v} for c, v in report["per_class"].items()],
@@ -274,7 +274,7 @@ def evaluate_models(
     metrics = {}
     for name, probs in results.items():
         m = metrics[name] = classification_metrics(y_test, probs, classes)
-        auc = write_figures(plots_dir, name, y_test, probs, classes, paths, image_size)
+        auc = write_figures(plots_dir, name, y_test, probs, classes, paths, image_size, m)
         # Macro one-vs-rest AUC over the classes present in the test set (None if < 2).
         m["roc_auc"] = round(float(np.mean(list(auc.values()))), 6) if auc else None
         for c, v in auc.items():
