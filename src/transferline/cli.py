@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproducible transfer learning for image classification. The pipeline "
         "itself runs with `dvc repro` / `dvc exp run`; these are helpers around it.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs, TensorFlow's C++ log too"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backbones", help="list every supported backbone and its sizes")
     p.set_defaults(func=cmd_backbones)
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.verbose)
+    if args.func is cmd_predict:  # the one command that loads TensorFlow in this process
+        with logs.native_log_filtered(enabled=not args.verbose):
+            return args.func(args)
     return args.func(args)
 
 

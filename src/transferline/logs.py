@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+# Lines of Google's C++ logging (absl / TensorFlow's tsl) at info, warning or error level, and
+# the banner absl prints before its first line. TensorFlow writes them straight to file
+# descriptor 2 while importing and while probing for GPUs, before absl is initialised, so
+# TF_CPP_MIN_LOG_LEVEL cannot silence them.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\])"
+)
 
 
 def setup(verbose: bool = False, quiet: bool = False) -> None:
@@ -24,3 +39,54 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
         "git",
     ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def is_native_noise(line: str) -> bool:
+    """True for a C++ log line at info/warning/error level (fatal lines are never noise)."""
+    return bool(_NATIVE_NOISE.match(line))
+
+
+@contextlib.contextmanager
+def native_log_filtered(enabled: bool = True) -> Iterator[None]:
+    """Hold back TensorFlow's C++ log lines for the duration of the block.
+
+    File descriptor 2 goes to a temporary file while Python's own stderr (logging, progress
+    bars, error messages) keeps writing to the terminal through a duplicate of it. At the end
+    every captured line except C++ info/warning/error lines (fatal ones, anything from
+    subprocesses) is written out, so nothing that matters is lost. A process killed inside the
+    block loses its held-back lines: `-v` shows them live.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    terminal = open(saved_fd, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    old_stderr = sys.stderr
+    rebound = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is old_stderr
+    ]
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        sys.stderr = terminal
+        for h in rebound:
+            h.setStream(terminal)
+        try:
+            yield
+        finally:
+            terminal.flush()
+            os.dup2(saved_fd, 2)
+            sys.stderr = old_stderr
+            for h in rebound:
+                h.setStream(old_stderr)
+            terminal.close()
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not is_native_noise(line)
+            ]
+            old_stderr.write("".join(kept))
+            old_stderr.flush()

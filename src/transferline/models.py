@@ -58,6 +58,12 @@ def distribution(devices: list[str] | None = None):
     more; otherwise TensorFlow's default (single-device) strategy. Build models in its scope."""
     import tensorflow as tf  # noqa: PLC0415
 
+    where = device_description()
+    log.info(
+        "running on %s%s",
+        where,
+        " (no GPU visible to TensorFlow; -v shows its reasons)" if where == "CPU" else "",
+    )
     if devices is None:
         found = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in found] if len(found) > 1 else None

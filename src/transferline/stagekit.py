@@ -40,7 +40,9 @@ def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = No
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: %(default)s)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, TensorFlow's too")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs, TensorFlow's C++ log too"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.quiet)
@@ -48,7 +50,8 @@ def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = No
     log.info("stage %s: start", stage)
     try:
         params = load_params(args.params)
-        body(params)
+        with logs.native_log_filtered(enabled=not args.verbose):
+            body(params)
     except KNOWN_ERRORS as exc:
         print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
         return 2
