@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from transferline.errors import StageError
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -76,3 +80,36 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert res["feature_gap"] < 1e-4  # same features, same order, as on one device
     assert res["bn_unchanged"] and res["epochs"] == 1 and res["unfrozen"] == 4
     assert res["val_loss"] == res["val_loss"]  # not NaN
+
+
+TWO = {"cluster": {"worker": ["h1:1", "h2:1"]}, "task": {"type": "worker", "index": 1}}
+
+
+def test_tf_config_parsing(monkeypatch):
+    from transferline import models
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert models.cluster_task() is None
+    one = {"cluster": {"worker": ["h1:1"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(one))
+    assert models.cluster_task() is None  # a one-machine cluster trains alone
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))
+    assert models.cluster_task() == ("worker", 1, 2)
+    for bad in (
+        "{not json",
+        json.dumps({"task": {"type": "worker", "index": 0}}),
+        json.dumps({**TWO, "task": {"type": "worker", "index": 5}}),
+    ):
+        monkeypatch.setenv("TF_CONFIG", bad)
+        with pytest.raises(StageError, match="TF_CONFIG is not a usable cluster"):
+            models.cluster_task()
+
+
+def test_several_machines_are_refused_not_silently_ignored(monkeypatch):
+    """Keras 3's fit does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585):
+    with TF_CONFIG naming two machines each would train alone, so the stage says so."""
+    from transferline import models
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))
+    with pytest.raises(StageError, match=r"names 2 machines.*keras#20585.*Unset TF_CONFIG"):
+        models.distribution()

@@ -6,6 +6,7 @@ model, so a saved model needs nothing else to predict on images.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import keras
 import numpy as np
 
 from transferline.backbones import Backbone, build_base
+from transferline.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,50 @@ def set_precision(mode: str) -> bool:
     return on
 
 
+def cluster_task() -> tuple[str, int, int] | None:
+    """(task type, index, number of workers) from TF_CONFIG when it names several machines;
+    None when there is none or it names only this one."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        members = {kind: list(addresses) for kind, addresses in config["cluster"].items()}
+        task = config["task"]
+        kind, index = str(task["type"]), int(task["index"])
+        if not 0 <= index < len(members[kind]):
+            raise IndexError(index)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise StageError(
+            f"TF_CONFIG is not a usable cluster description ({type(exc).__name__}: {exc}). "
+            'Set it to JSON like {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}} (a different index on each machine), or '
+            "unset it to train on this machine alone."
+        ) from None
+    workers = sum(len(a) for k, a in members.items() if k in ("chief", "worker"))
+    return (kind, index, workers) if workers > 1 else None
+
+
 def distribution(devices: list[str] | None = None):
     """MirroredStrategy over `devices` or, by default, every visible GPU when there are two or
-    more; otherwise TensorFlow's default (single-device) strategy. Build models in its scope."""
+    more; otherwise TensorFlow's default (single-device) strategy. Build models in its scope.
+
+    A TF_CONFIG naming several machines is refused rather than ignored (each machine would
+    silently train alone): Keras 3's fit/evaluate do not work under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585; reproduced here on two loopback workers with TF 2.21/Keras 3.15).
+    """
     import tensorflow as tf  # noqa: PLC0415
 
+    task = cluster_task()
+    if task is not None:
+        raise StageError(
+            f"TF_CONFIG names {task[2]} machines, but training across machines is not "
+            "supported: Keras 3's fit does not work with MultiWorkerMirroredStrategy "
+            "(keras-team/keras#20585). Unset TF_CONFIG. One machine's GPUs are all used "
+            "automatically; to use several machines, run different experiments on each "
+            "(`dvc exp run --queue` + `dvc queue start`) against one MLflow server and one "
+            "DVC remote."
+        )
     where = device_description()
     log.info(
         "running on %s%s",

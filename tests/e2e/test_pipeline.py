@@ -324,6 +324,44 @@ def test_readme_quickstart_without_git_identity(tmp_path):
     _, runs = mlflow_runs(repo, "quickstart")
     assert len(runs) == 1 and runs[0].data.tags["dvc.exp_name"] == "tiny"
 
+    # Experiments DVC runs in temporary copies (--temp, --queue) log to this repository's store.
+    ident = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "e2e"), ("EMAIL", "e2e@example.invalid"))
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(
+        [*dvc, "exp", "run", "--temp", "-n", "temp1", "-S", "head.logreg.C=0.5"],
+        repo,
+        home,
+        extra=ident,
+    )
+    sh(
+        [*dvc, "exp", "run", "--queue", "-n", "queued1", "-S", "head.logreg.C=2"],
+        repo,
+        home,
+        extra=ident,
+    )
+    sh([*dvc, "queue", "start"], repo, home, extra=ident)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh([*dvc, "queue", "status"], repo, home, extra=ident)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Success" in status, status
+    sh([*dvc, "queue", "stop", "--kill"], repo, home, extra=ident, check=False)
+    shown = json.loads(sh([*dvc, "exp", "show", "--json"], repo, home, extra=ident))
+    assert {"temp1", "queued1"} <= set(re.findall(r'"name": "([^"]+)"', json.dumps(shown)))
+    _, runs = mlflow_runs(repo, "quickstart")
+    by_name = {r.data.tags["dvc.exp_name"]: r for r in runs}
+    assert set(by_name) == {"tiny", "temp1", "queued1"}
+    assert by_name["temp1"].data.params["head.logreg.C"] == "0.5"
+    assert by_name["queued1"].data.params["head.logreg.C"] == "2.0"
+    assert all("test.head.accuracy" in r.data.metrics for r in runs)
+    assert not list((repo / ".dvc").rglob("mlflow.db"))
+
 
 def test_broken_files_are_rejected_and_nothing_is_lost(tmp_path):
     repo = copy_repo(tmp_path / "repo")
