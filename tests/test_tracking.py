@@ -21,6 +21,37 @@ def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_path, monkeypatch):
+    import subprocess
+    from importlib import metadata
+
+    def git(*args):
+        ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+        return subprocess.run(
+            ["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    monkeypatch.chdir(tmp_path)
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  download:\n    cmd: python stages/download.py\n"
+        "    outs:\n    - path: data/raw\n      md5: 0123abcd.dir\n"
+    )
+    git("add", ".")
+    git("commit", "-qm", "first")
+    monkeypatch.setenv("DVC_EXP_NAME", "wise-owl")
+    tags = tracking.context_tags()
+    assert tags["git.commit"] == git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
+    assert tags["dvc.exp_name"] == "wise-owl" and tags["data.raw_md5"] == "0123abcd.dir"
+    for pkg in ("tensorflow", "keras", "dvc", "mlflow"):
+        assert tags[f"version.{pkg}"] == metadata.version(pkg)
+    (tmp_path / "params.yaml").write_text("seed: 2\n")  # as `dvc exp run -S` leaves it
+    monkeypatch.delenv("DVC_EXP_NAME")
+    tags = tracking.context_tags()
+    assert tags["git.dirty"] == "true" and "dvc.exp_name" not in tags
+
+
 def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -233,6 +233,7 @@ def finetune(
         epochs=epochs,
         callbacks=callbacks,
         class_weight=class_weight,
+        shuffle=False,  # the dataset shuffles itself (seeded); Keras would ignore it and warn
         verbose=2,
     )
     history = [

@@ -25,6 +25,8 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
     """One readable line per event; TensorFlow's C++ chatter only when verbose."""
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # MLflow sets its own loggers' level when imported; this is the level it reads.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in (
