@@ -113,3 +113,59 @@ def test_several_machines_are_refused_not_silently_ignored(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))
     with pytest.raises(StageError, match=r"names 2 machines.*keras#20585.*Unset TF_CONFIG"):
         models.distribution()
+
+
+UPSTREAM = textwrap.dedent(
+    """
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    import keras, numpy as np
+    x = np.random.default_rng(0).uniform(0, 1, (64, 8)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, (x.sum(1) > 4).astype("int64"))).batch(16)
+    with strategy.scope():
+        m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    m.fit(ds, epochs=1, verbose=0)
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="keras-team/keras#20585 (fit under MWMS)"
+)
+def test_upstream_keras_fit_under_multi_worker_strategy(tmp_path):
+    """Why TF_CONFIG is refused. When this starts passing (Keras fixed it), multi-machine
+    fine-tuning can be offered: remove the refusal in models.distribution and this mark."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", UPSTREAM],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                "PATH": "/usr/bin:/bin",
+                "TF_CONFIG": json.dumps(
+                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+                ),
+            },
+        )
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    err = procs[0].stderr.read()
+    if codes != [0, 0] and "PerReplica" not in err:  # a different failure: report it
+        raise RuntimeError(err[-2000:])
+    assert codes == [0, 0], err[-2000:]
