@@ -161,11 +161,11 @@ def test_upstream_keras_fit_under_multi_worker_strategy(tmp_path):
         for i in range(2)
     ]
     try:
-        codes = [p.wait(timeout=300) for p in procs]
+        errs = [p.communicate(timeout=300)[1] for p in procs]  # drains the pipes
     finally:
         for p in procs:
             p.kill()
-    err = procs[0].stderr.read()
+    codes, err = [p.returncode for p in procs], errs[0]
     if codes != [0, 0] and "PerReplica" not in err:  # a different failure: report it
         raise RuntimeError(err[-2000:])
     assert codes == [0, 0], err[-2000:]
