@@ -6,10 +6,11 @@ On the same generated image files, backbone and batch size, measures:
   (c) the common baseline: keras.utils.image_dataset_from_directory + preprocess_input +
       model.predict, the map written plainly (`ds.map(preprocess_input)`);
   (c2) the same baseline tuned: the map with num_parallel_calls=AUTOTUNE, then prefetch;
+  (b_xla) with --xla, (b) again with the base compiled by XLA (`extract.xla`);
 then prints images/s and the ratios b/a, b/c and b/c2, and the peak RSS of (b) at N and 4N images
 (each in a fresh process). Every path runs once to warm up before it is timed.
 
-    python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32]
+    python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--xla", action="store_true", help="also time (b) with extract.xla on")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -153,6 +155,16 @@ def main() -> None:
             ("c_baseline", baseline),
             ("c2_tuned", lambda: baseline(tuned=True)),
         )
+        if args.xla:
+            forward_xla = compiled_forward(model, xla=True)
+            paths_to_time += (
+                (
+                    "b_xla",
+                    lambda: run_ours(
+                        model, forward_xla, paths, args.size, args.batch, Path(tmp) / "x.npy"
+                    ),
+                ),
+            )
         for name, fn in paths_to_time:
             fn()  # warm-up: tracing, caches
             results[name] = args.n / fn()
@@ -166,6 +178,9 @@ def main() -> None:
     print(f"(b) transferline extract : {b:8.1f} img/s   b/a = {b / a:.3f}")
     print(f"(c) image_dataset_from_directory + predict: {c:8.1f} img/s   b/c = {b / c:.3f}")
     print(f"(c2) the same, map parallel + prefetch   : {c2:8.1f} img/s   b/c2 = {b / c2:.3f}")
+    if args.xla:
+        bx = results["b_xla"]
+        print(f"(b_xla) extract with extract.xla: true  : {bx:8.1f} img/s   b_xla/b = {bx / b:.3f}")
     rss = []
     for n in (args.n, 4 * args.n):
         out = subprocess.run(

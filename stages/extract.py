@@ -22,6 +22,7 @@ def run(p: Params) -> None:
             dtype=p.extract.dtype,
             seed=p.seed,
             mixed_precision=p.model.mixed_precision,
+            xla=p.extract.xla,
         )
     write_json(stagekit.METRICS / "extract.json", metrics)
     stagekit.log.info(

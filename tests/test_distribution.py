@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from transferline.errors import StageError
@@ -105,14 +106,108 @@ def test_tf_config_parsing(monkeypatch):
             models.cluster_task()
 
 
-def test_several_machines_are_refused_not_silently_ignored(monkeypatch):
-    """Keras 3's fit does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585):
-    with TF_CONFIG naming two machines each would train alone, so the stage says so."""
+def test_is_chief(monkeypatch):
     from transferline import models
 
-    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))
-    with pytest.raises(StageError, match=r"names 2 machines.*keras#20585.*Unset TF_CONFIG"):
-        models.distribution()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert models.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))  # worker 1 of 2
+    assert not models.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({**TWO, "task": {"type": "worker", "index": 0}}))
+    assert models.is_chief()
+    with_chief = {"cluster": {"chief": ["h0:1"], "worker": ["h1:1"]}}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({**with_chief, "task": {"type": "worker", "index": 0}})
+    )
+    assert not models.is_chief()
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({**with_chief, "task": {"type": "chief", "index": 0}})
+    )
+    assert models.is_chief()
+
+
+MACHINE = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from transferline import models
+
+    models.seed_everything(0)  # as the finetune stage does, before the strategy
+    strategy = models.distribution(multi_worker=True)
+    import tensorflow as tf
+    from transferline import backbones, finetune, heads
+
+    rng = np.random.default_rng(0)  # the same files on every machine, as after `dvc pull`
+    y = np.arange(20) % 2
+    x = rng.uniform(0, 255, (20, 32, 32, 3)).astype("float32")
+    x[y == 1, ..., 0] = 255.0
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # short last batch
+    with strategy.scope():
+        ext = models.build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+        model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
+        start = np.concatenate([np.ravel(w) for w in model.get_weights()])
+        result = finetune.finetune_across_machines(
+            model, ds, ds, strategy, epochs=2, learning_rate=1e-3, unfreeze_layers=4,
+            optimizer="sgd",
+        )
+    end = np.concatenate([np.ravel(w) for w in model.get_weights()])
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "chief": models.is_chief(),
+        "moved": (end - start).tolist()[-64:] + [float(np.abs(end - start).sum())],
+        "val_loss": [h["val_loss"] for h in result.history],
+        "best_epoch": result.best_epoch,
+    }))
+    """
+)
+
+
+def test_two_machines_train_as_one(tmp_path):
+    """Two 'machines' (processes on loopback, TF_CONFIG) fine-tune one model together: both
+    end with the same weights, and they equal one machine doing the same training alone."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    base_env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
+    envs = [
+        {
+            **base_env,
+            "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            ),
+        }
+        for i in range(2)
+    ] + [base_env]  # the third process trains alone
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MACHINE],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for env in envs
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    first, second, alone = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert first["replicas"] == second["replicas"] == 2 and alone["replicas"] == 1
+    assert first["chief"] and not second["chief"]
+    assert first["best_epoch"] >= 0 and first["moved"][-1] > 0  # it trained
+    np.testing.assert_allclose(first["moved"], second["moved"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(first["val_loss"], alone["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(first["moved"], alone["moved"], rtol=1e-3, atol=1e-7)
 
 
 UPSTREAM = textwrap.dedent(
@@ -134,8 +229,8 @@ UPSTREAM = textwrap.dedent(
     strict=True, raises=AssertionError, reason="keras-team/keras#20585 (fit under MWMS)"
 )
 def test_upstream_keras_fit_under_multi_worker_strategy(tmp_path):
-    """Why TF_CONFIG is refused. When this starts passing (Keras fixed it), multi-machine
-    fine-tuning can be offered: remove the refusal in models.distribution and this mark."""
+    """Why several machines fine-tune with finetune_across_machines, not Keras' fit. When
+    this starts passing (Keras fixed it), that loop can go: remove it and this mark."""
     import socket
 
     ports = []

@@ -28,6 +28,19 @@ def test_streams_features_equal_to_predict(tmp_path, extractor, class_folders):
     assert [p.name for p in out.parent.iterdir()] == ["f.npy"]  # no temporary file left
 
 
+def test_xla_forward_gives_the_same_features(tmp_path, extractor, class_folders):
+    """extract.xla: the XLA-compiled base writes the plain path's features (to rounding),
+    uneven last batch included (20 images in batches of 8)."""
+    paths = sorted(str(p) for p in class_folders.rglob("*.png"))
+    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
+    forward = features.compiled_forward(extractor, xla=True)
+    features.extract_to_npy(extractor, images, len(paths), tmp_path / "x.npy", forward=forward)
+    features.extract_to_npy(extractor, images, len(paths), tmp_path / "p.npy")
+    xla, plain = np.load(tmp_path / "x.npy"), np.load(tmp_path / "p.npy")
+    assert xla.shape == (20, 1280)
+    np.testing.assert_allclose(xla, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_float16_halves_the_file(tmp_path, extractor, class_folders):
     paths = sorted(str(p) for p in class_folders.rglob("*.png"))
     images = dataset.make_image_dataset(paths, None, 32, batch_size=8)

@@ -170,3 +170,111 @@ def test_early_stopping_ends_when_val_loss_stops_improving():
         tiny_model(), ds, ds, epochs=6, learning_rate=50.0, unfreeze_layers=1, patience=2
     )
     assert len(result.history) == 2 and result.best_epoch == -1
+
+
+@pytest.mark.parametrize(
+    ("weighted", "optimizer", "schedule", "lr"),
+    [
+        (False, "sgd", "constant", 1e-3),
+        (False, "adamw", "cosine", 1e-4),
+        (True, "adam", "constant", 1e-4),
+    ],
+)
+def test_training_loop_for_several_machines_matches_fit(weighted, optimizer, schedule, lr):
+    """finetune_across_machines (the MultiWorkerMirroredStrategy path) is the same training
+    as Keras' fit in `finetune`: same per-epoch losses and the same final weights."""
+    import tensorflow as tf
+
+    x, y = images(20)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # uneven last batch
+    cw = {0: 0.5, 1: 2.0} if weighted else None
+    runs = []
+    for loop in (finetune.finetune, finetune.finetune_across_machines):
+        keras.utils.set_random_seed(0)
+        ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+        model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
+        extra = (
+            {"strategy": tf.distribute.get_strategy()}
+            if loop is finetune.finetune_across_machines
+            else {}
+        )
+        start = [np.array(w) for w in model.weights]
+        result = loop(
+            model,
+            ds,
+            ds,
+            epochs=2,
+            learning_rate=lr,
+            unfreeze_layers=4,
+            optimizer=optimizer,
+            schedule=schedule,
+            class_weight=cw,
+            **extra,
+        )
+        moved = [np.array(w) - s for w, s in zip(model.weights, start, strict=True)]
+        runs.append((result, np.concatenate([m.ravel() for m in moved])))
+    (fit, fit_w), (own, own_w) = runs
+    assert fit.best_epoch >= 0  # it trained and kept a trained epoch, so weights moved
+    assert own.best_epoch == fit.best_epoch and own.unfrozen == fit.unfrozen
+    assert own.val_before["loss"] == pytest.approx(fit.val_before["loss"], rel=1e-5)
+    for a, b in zip(fit.history, own.history, strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"])
+        if not weighted:  # fit reports the weighted loss; this loop the plain one
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    # the weights moved the same way (a wrongly scaled step would show here)
+    assert np.abs(fit_w).max() > 0
+    assert np.abs(own_w - fit_w).max() <= 1e-3 * np.abs(fit_w).max()
+
+
+def test_time_limit_refused_across_machines_before_any_work(tmp_path, monkeypatch):
+    import json
+
+    from transferline.params import FinetuneParams
+
+    cluster = {"cluster": {"worker": ["h1:1", "h2:1"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
+    f = FinetuneParams(max_minutes=5)
+    with pytest.raises(StageError, match=r"finetune.max_minutes.*several machines"):
+        finetune.run_finetune(
+            tmp_path / "raw",
+            tmp_path / "splits",
+            tmp_path / "features",
+            tmp_path / "init",
+            tmp_path / "out.keras",
+            f,
+            backbone="vgg16",
+            weights="none",
+            image_size=32,
+            pooling="avg",
+            mixed_precision="off",
+            seed=0,
+        )
+
+
+def test_training_loop_for_several_machines_under_mixed_precision():
+    """mixed_float16 (the GPU default): the loop scales the loss and still trains."""
+    import tensorflow as tf
+
+    x, y = images(20)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
+        model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
+        result = finetune.finetune_across_machines(
+            model,
+            ds,
+            ds,
+            tf.distribute.get_strategy(),
+            epochs=2,
+            learning_rate=1e-4,
+            unfreeze_layers=4,
+            optimizer="adamw",
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = [h["val_loss"] for h in result.history]
+    assert all(np.isfinite(losses)) and result.best_epoch >= 0
+    assert min(losses) < result.val_before["loss"]

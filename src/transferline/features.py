@@ -24,26 +24,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def compiled_forward(model: keras.Model, strategy=None):
+def compiled_forward(model: keras.Model, strategy=None, xla: bool = False):
     """One traced inference function for every batch size (no retracing on the last batch).
 
     With a multi-replica `strategy` (the model built in its scope) each batch is split across
-    the replicas and the results gathered back in order.
+    the replicas and the results gathered back in order. `xla` compiles the forward pass with
+    XLA (once per distinct batch shape); whether that is faster depends on the model and the
+    device, so it is a param (`extract.xla`) measured with bench/extract.py --xla.
     """
     import tensorflow as tf  # noqa: PLC0415
 
     spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
     if strategy is None or strategy.num_replicas_in_sync == 1:
 
-        @tf.function(input_signature=[spec], reduce_retracing=True)
+        @tf.function(input_signature=[spec], reduce_retracing=True, jit_compile=xla)
         def forward(x):
             return model(x, training=False)
 
         return forward
 
+    @tf.function(reduce_retracing=True, jit_compile=xla)
+    def per_replica(part):
+        return model(part, training=False)
+
     @tf.function(reduce_retracing=True)
     def replicated(x):  # x: a per-replica batch from strategy.experimental_distribute_dataset
-        out = strategy.run(lambda part: model(part, training=False), args=(x,))
+        out = strategy.run(per_replica, args=(x,))
         return strategy.gather(out, axis=0)
 
     def forward_replicated(x):
@@ -103,6 +109,7 @@ def extract_dataset(
     seed: int,
     mixed_precision: str = "off",
     devices: list[str] | None = None,
+    xla: bool = False,
 ) -> dict:
     """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics.
 
@@ -120,7 +127,7 @@ def extract_dataset(
         extractor = models.build_feature_extractor(
             backbones.get(backbone), weights, image_size, pooling, seed
         )
-    forward = compiled_forward(extractor, strategy)  # traced once, used for every split
+    forward = compiled_forward(extractor, strategy, xla)  # traced once, used for every split
     per_split, total_n, total_s = {}, 0, 0.0
     for split in dataset.SPLITS:
         paths, labels = dataset.split_arrays(raw, splits_dir, split, classes)
@@ -154,6 +161,7 @@ def extract_dataset(
         "images": total_n,
         "per_split": per_split,
         "mixed_precision": mixed,
+        "xla": xla,
         "replicas": int(strategy.num_replicas_in_sync),
     }
 

@@ -254,9 +254,137 @@ def finetune(
     )
 
 
+def finetune_across_machines(
+    model: keras.Model,
+    train_ds,
+    val_ds,
+    strategy,
+    *,
+    epochs: int,
+    learning_rate: float,
+    unfreeze_layers: int,
+    unfreeze_from: str | None = None,
+    optimizer: str = "adam",
+    schedule: str = "constant",
+    warmup_epochs: float = 0.0,
+    steps_per_epoch: int | None = None,
+    class_weight: dict[int, float] | None = None,
+    patience: int | None = None,
+) -> FinetuneResult:
+    """`finetune` as a plain tf.distribute training loop, for MultiWorkerMirroredStrategy.
+
+    Keras 3's fit/evaluate fail under that strategy (keras-team/keras#20585), so every machine
+    of the TF_CONFIG cluster runs this loop in lockstep: each takes its slice of every global
+    batch, gradients are all-reduced, and every machine ends with the same weights. Same loss,
+    optimizer, schedule, class weights, starting-point check and best-epoch rule as `finetune`.
+    Build `model` in `strategy.scope()` and call this inside it.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
+    log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
+    steps = steps_per_epoch or int(train_ds.cardinality())
+    lr = learning_rate_schedule(
+        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+    )
+    opt = make_optimizer(optimizer, lr)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    weights = model.trainable_variables
+    opt.build(weights)
+    n_classes = int(model.output_shape[-1])
+    cw = tf.constant(
+        [float((class_weight or {}).get(i, 1.0)) for i in range(n_classes)], tf.float32
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train = strategy.experimental_distribute_dataset(train_ds.with_options(options))
+    val = strategy.experimental_distribute_dataset(val_ds.with_options(options))
+
+    def sums(y, probs, sample_weight):
+        per = keras.losses.sparse_categorical_crossentropy(y, tf.cast(probs, tf.float32))
+        hits = tf.cast(tf.equal(tf.argmax(probs, -1), tf.cast(y, tf.int64)), tf.float32)
+        count = tf.cast(tf.shape(y)[0], tf.float32)
+        return per * sample_weight, tf.reduce_sum(per), tf.reduce_sum(hits), count
+
+    @tf.function
+    def train_step(batch):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=True)
+                weighted, loss_sum, hits, count = sums(y, probs, tf.gather(cw, y))
+                # mean over this global batch, as fit's loss (a short last batch included)
+                total = tf.distribute.get_replica_context().all_reduce("SUM", count)
+                scaled = opt.scale_loss(tf.reduce_sum(weighted) / total)  # x1 unless float16
+            grads = tape.gradient(scaled, weights)
+            opt.apply(grads, weights)
+            return tf.stack([loss_sum, hits, count])
+
+        return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
+
+    @tf.function
+    def eval_step(batch):
+        def step(x, y):
+            probs = model(x, training=False)
+            _, loss_sum, hits, count = sums(y, probs, tf.ones_like(y, tf.float32))
+            return tf.stack([loss_sum, hits, count])
+
+        return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
+
+    def run_epoch(data, step_fn) -> tuple[float, float]:
+        total = np.zeros(3)
+        for batch in data:
+            total += step_fn(batch).numpy()
+        return float(total[0] / total[2]), float(total[1] / total[2])
+
+    loss, acc = run_epoch(val, eval_step)
+    before = {"loss": loss, "accuracy": acc}
+    log.info("before fine-tuning: val_loss %.4f val_accuracy %.4f", loss, acc)
+    best_loss, best_epoch, best_weights, wait = loss, -1, model.get_weights(), 0
+    history = []
+    for epoch in range(epochs):
+        started = time.monotonic()
+        loss, acc = run_epoch(train, train_step)
+        val_loss, val_acc = run_epoch(val, eval_step)
+        history.append(
+            {
+                "epoch": epoch,
+                "accuracy": acc,
+                "loss": loss,
+                "val_accuracy": val_acc,
+                "val_loss": val_loss,
+            }
+        )
+        log.info(
+            "epoch %d/%d - %.0fs - loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f",
+            epoch + 1,
+            epochs,
+            time.monotonic() - started,
+            loss,
+            acc,
+            val_loss,
+            val_acc,
+        )
+        if val_loss < best_loss:
+            best_loss, best_epoch, best_weights, wait = val_loss, epoch, model.get_weights(), 0
+            continue
+        wait += 1
+        if patience and wait >= patience:
+            log.info("no better val_loss for %d epochs: stopping early", wait)
+            break
+    model.set_weights(best_weights)
+    if best_epoch < 0:
+        log.warning(
+            "no fine-tuning epoch beat the starting val_loss %.4f; keeping the starting weights",
+            before["loss"],
+        )
+    return FinetuneResult(history, best_epoch, before, unfrozen)
+
+
 def max_feature_gap(extractor: keras.Model, images: np.ndarray, cached: np.ndarray) -> float:
     """Largest relative difference between the rebuilt base's features and the cached ones."""
-    fresh = extractor.predict(images, verbose=0)
+    # a direct call, not predict: predict does not run under MultiWorkerMirroredStrategy
+    fresh = np.asarray(extractor(images, training=False), dtype=np.float32)
     scale = float(np.abs(cached).max()) or 1.0
     return float(np.abs(fresh - cached.astype(np.float32)).max() / scale)
 
@@ -281,13 +409,23 @@ def run_finetune(
     as the `finetune` section says, save the best model to `out_path`.
 
     Returns stage metrics and per-epoch history. Models are built in a MirroredStrategy scope
-    over every GPU (or `devices`) when there are several.
+    over every GPU (or `devices`) when there are several, and in a MultiWorkerMirroredStrategy
+    one when TF_CONFIG names several machines (each of which runs this same function).
     """
     from transferline import backbones, dataset, heads, models  # noqa: PLC0415
     from transferline.files import atomic_path, read_json  # noqa: PLC0415
 
+    # With a TF_CONFIG naming several machines, each of them runs this function in lockstep
+    # (MultiWorkerMirroredStrategy, created before any other TensorFlow work).
+    workers = models.cluster_task()
+    if workers and f.max_minutes:
+        raise StageError(
+            "finetune.max_minutes cannot be used when fine-tuning on several machines "
+            "(TF_CONFIG is set): each machine's clock would stop it at a different step and "
+            "the others would wait for it forever. Set finetune.max_minutes to null."
+        )
+    strategy = models.distribution(devices, multi_worker=True)
     mixed = models.set_precision(mixed_precision)
-    strategy = models.distribution(devices)
     classes = read_json(features_dir / "meta.json")["classes"]
     with strategy.scope():
         extractor = models.build_feature_extractor(
@@ -314,24 +452,24 @@ def run_finetune(
         augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
     )
     val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, f.batch_size)
+    common = {
+        "epochs": f.epochs,
+        "learning_rate": f.learning_rate,
+        "unfreeze_layers": f.unfreeze_layers,
+        "unfreeze_from": f.unfreeze_from,
+        "optimizer": f.optimizer,
+        "schedule": f.schedule,
+        "warmup_epochs": f.warmup_epochs,
+        "steps_per_epoch": math.ceil(len(train_paths) / f.batch_size),
+        "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
+        "patience": f.patience,
+    }
     with strategy.scope():
         model = assemble(extractor, heads.keras_head(init_dir))
-        result = finetune(
-            model,
-            train_ds,
-            val_ds,
-            epochs=f.epochs,
-            learning_rate=f.learning_rate,
-            unfreeze_layers=f.unfreeze_layers,
-            unfreeze_from=f.unfreeze_from,
-            optimizer=f.optimizer,
-            schedule=f.schedule,
-            warmup_epochs=f.warmup_epochs,
-            steps_per_epoch=math.ceil(len(train_paths) / f.batch_size),
-            class_weight=(heads.class_weights(y_train, len(classes)) if f.class_weight else None),
-            max_minutes=f.max_minutes,
-            patience=f.patience,
-        )
+        if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
+            result = finetune_across_machines(model, train_ds, val_ds, strategy, **common)
+        else:
+            result = finetune(model, train_ds, val_ds, max_minutes=f.max_minutes, **common)
     with atomic_path(out_path, suffix=".keras") as tmp:
         model.save(tmp)
     best = (
@@ -351,5 +489,6 @@ def run_finetune(
         "feature_gap": float(f"{gap:.3g}"),
         "mixed_precision": mixed,
         "replicas": int(strategy.num_replicas_in_sync),
+        "workers": workers[2] if workers else 1,
     }
     return metrics, result.history

@@ -79,26 +79,40 @@ def cluster_task() -> tuple[str, int, int] | None:
     return (kind, index, workers) if workers > 1 else None
 
 
-def distribution(devices: list[str] | None = None):
-    """MirroredStrategy over `devices` or, by default, every visible GPU when there are two or
-    more; otherwise TensorFlow's default (single-device) strategy. Build models in its scope.
+def is_chief() -> bool:
+    """Whether this process logs for the cluster: the chief, or worker 0 when there is none
+    (always true without a multi-machine TF_CONFIG)."""
+    task = cluster_task()
+    if task is None:
+        return True
+    kind, index, _ = task
+    has_chief = "chief" in json.loads(os.environ["TF_CONFIG"])["cluster"]
+    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
 
-    A TF_CONFIG naming several machines is refused rather than ignored (each machine would
-    silently train alone): Keras 3's fit/evaluate do not work under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585; reproduced here on two loopback workers with TF 2.21/Keras 3.15).
+
+def distribution(devices: list[str] | None = None, multi_worker: bool = False):
+    """The tf.distribute strategy to build models in.
+
+    With `multi_worker` and a TF_CONFIG naming several machines: MultiWorkerMirroredStrategy
+    over every GPU of every machine (create it before any other TensorFlow work). Otherwise
+    MirroredStrategy over `devices` or, by default, every visible GPU when there are two or
+    more; else TensorFlow's default (single-device) strategy.
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    task = cluster_task()
-    if task is not None:
-        raise StageError(
-            f"TF_CONFIG names {task[2]} machines, but training across machines is not "
-            "supported: Keras 3's fit does not work with MultiWorkerMirroredStrategy "
-            "(keras-team/keras#20585). Unset TF_CONFIG. One machine's GPUs are all used "
-            "automatically; to use several machines, run different experiments on each "
-            "(`dvc exp run --queue` + `dvc queue start`) against one MLflow server and one "
-            "DVC remote."
+    task = cluster_task() if devices is None else None
+    if task is not None and multi_worker:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        log.info(
+            "MultiWorkerMirroredStrategy: %s %d of a %d-machine cluster, %d replicas in all",
+            task[0],
+            task[1],
+            task[2],
+            strategy.num_replicas_in_sync,
         )
+        return strategy
+    if task is not None:
+        log.info("TF_CONFIG names %d machines; this stage runs on this machine only", task[2])
     where = device_description()
     log.info(
         "running on %s%s",

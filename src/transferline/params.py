@@ -144,6 +144,7 @@ class ModelParams(_Strict):
 class ExtractParams(_Strict):
     batch_size: int = Field(default=32, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
+    xla: bool = False  # compile the base's forward pass with XLA (jit_compile)
 
 
 class LogregParams(_Strict):
