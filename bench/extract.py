@@ -8,7 +8,9 @@ On the same generated image files, backbone and batch size, measures:
   (c2) the same baseline tuned: the map with num_parallel_calls=AUTOTUNE, then prefetch;
   (b_xla) with --xla, (b) again with the base compiled by XLA (`extract.xla`);
 then prints images/s and the ratios b/a, b/c and b/c2, and the peak RSS of (b) at N and 4N images
-(each in a fresh process). Every path runs once to warm up before it is timed.
+(each in a fresh process). Every path runs in a fresh process of its own (paths sharing one
+process slowed each other down here: tf.data and Keras' predict leave thread pools behind), is
+run once to warm up and then timed --repeats times; the median is reported.
 
     python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,18 +86,12 @@ def rss_child(args: argparse.Namespace) -> None:
         )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--size", type=int, default=160)
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--xla", action="store_true", help="also time (b) with extract.xla on")
-    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.rss_child:
-        return rss_child(args)
+PATHS = ("a_ceiling", "b_ours", "c_baseline", "c2_tuned", "b_xla")
 
+
+def time_path(args: argparse.Namespace) -> None:
+    """In a fresh process: warm up one path over the files in --root, time it --repeats times,
+    print its images/s per round as JSON."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -102,24 +99,31 @@ def main() -> None:
     from transferline import backbones, dataset
     from transferline.features import compiled_forward
 
+    root = Path(args.root)
+    paths = sorted((str(p) for p in root.rglob("*.*")), key=lambda s: (Path(s).parent.name, s))
     spec = backbones.get(args.backbone)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "img"
-        paths = make_files(root, args.n)
-        model = build(args.backbone, args.size)
+    name = args.time_path
 
-        # (a) forward-only ceiling on in-memory tensors
+    if name in ("a_ceiling", "b_ours", "b_xla"):
+        model = build(args.backbone, args.size)
+        forward = compiled_forward(model, xla=name == "b_xla")
+    if name == "a_ceiling":  # the base on tensors already in memory
         x = np.concatenate(list(dataset.make_image_dataset(paths, None, args.size, args.batch)))
-        forward = compiled_forward(model)
         batches = [tf.constant(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
 
-        def ceiling() -> float:
+        def once() -> float:
             t = time.perf_counter()
             for b in batches:
                 forward(b).numpy()
             return time.perf_counter() - t
 
-        # (c) what a user would write
+    elif name in ("b_ours", "b_xla"):
+        out = Path(args.root).parent / f"{name}.npy"
+
+        def once() -> float:
+            return run_ours(model, forward, paths, args.size, args.batch, out)
+
+    else:  # what a user would write
         base = getattr(keras.applications, spec.constructor)(
             include_top=False, weights=None, input_shape=(args.size, args.size, 3), pooling="avg"
         )
@@ -128,7 +132,7 @@ def main() -> None:
         )
         prep = getattr(keras.applications, family).preprocess_input if family else (lambda v: v)
 
-        def baseline(tuned: bool = False) -> float:
+        def once() -> float:
             t = time.perf_counter()
             ds = keras.utils.image_dataset_from_directory(
                 root,
@@ -138,70 +142,87 @@ def main() -> None:
                 shuffle=False,
                 verbose=False,
             )
-            if tuned:
+            if name == "c2_tuned":
                 ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
             else:
                 ds = ds.map(prep)
             base.predict(ds, verbose=0)
             return time.perf_counter() - t
 
-        def ours() -> float:
-            return run_ours(model, forward, paths, args.size, args.batch, Path(tmp) / "f.npy")
+    once()  # warm-up: tracing, compilation, caches
+    print(json.dumps([len(paths) / once() for _ in range(args.repeats)]))
 
-        results = {}
-        paths_to_time = (
-            ("a_ceiling", ceiling),
-            ("b_ours", ours),
-            ("c_baseline", baseline),
-            ("c2_tuned", lambda: baseline(tuned=True)),
-        )
-        if args.xla:
-            forward_xla = compiled_forward(model, xla=True)
-            paths_to_time += (
-                (
-                    "b_xla",
-                    lambda: run_ours(
-                        model, forward_xla, paths, args.size, args.batch, Path(tmp) / "x.npy"
-                    ),
-                ),
-            )
-        for name, fn in paths_to_time:
-            fn()  # warm-up: tracing, caches
-            results[name] = args.n / fn()
+
+def child(args: argparse.Namespace, *extra: str) -> str:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--backbone",
+        args.backbone,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--repeats",
+        str(args.repeats),
+        *extra,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--xla", action="store_true", help="also time (b) with extract.xla on")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per path; medians reported")
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--time-path", choices=PATHS, help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(args)
+    if args.time_path:
+        return time_path(args)
+
+    import tensorflow as tf
+
+    results, spread = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "img"
+        make_files(root, args.n)
+        for name in PATHS if args.xla else PATHS[:-1]:
+            runs = json.loads(child(args, "--time-path", name, "--root", str(root)))
+            results[name], spread[name] = statistics.median(runs), (min(runs), max(runs))
     a, b, c = results["a_ceiling"], results["b_ours"], results["c_baseline"]
     c2 = results["c2_tuned"]
     print(
         f"{args.backbone} at {args.size}px, {args.n} files, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs, TF {tf.__version__}"
+        f"{os.cpu_count()} CPUs, TF {tf.__version__}; each path in its own process, "
+        f"median of {args.repeats} runs (min-max)"
     )
-    print(f"(a) forward-only ceiling : {a:8.1f} img/s")
-    print(f"(b) transferline extract : {b:8.1f} img/s   b/a = {b / a:.3f}")
-    print(f"(c) image_dataset_from_directory + predict: {c:8.1f} img/s   b/c = {b / c:.3f}")
-    print(f"(c2) the same, map parallel + prefetch   : {c2:8.1f} img/s   b/c2 = {b / c2:.3f}")
+
+    def row(label: str, name: str, ratio: str = "") -> None:
+        lo, hi = spread[name]
+        print(f"{label:42s}: {results[name]:7.1f} img/s ({lo:.1f}-{hi:.1f}) {ratio}")
+
+    row("(a) forward-only ceiling", "a_ceiling")
+    row("(b) transferline extract", "b_ours", f"b/a = {b / a:.3f}")
+    row("(c) image_dataset_from_directory + predict", "c_baseline", f"b/c = {b / c:.3f}")
+    row("(c2) the same, map parallel + prefetch", "c2_tuned", f"b/c2 = {b / c2:.3f}")
     if args.xla:
-        bx = results["b_xla"]
-        print(f"(b_xla) extract with extract.xla: true  : {bx:8.1f} img/s   b_xla/b = {bx / b:.3f}")
-    rss = []
-    for n in (args.n, 4 * args.n):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--rss-child",
-                "--n",
-                str(n),
-                "--backbone",
-                args.backbone,
-                "--size",
-                str(args.size),
-                "--batch",
-                str(args.batch),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
+        row(
+            "(b_xla) extract with extract.xla: true",
+            "b_xla",
+            f"b_xla/b = {results['b_xla'] / b:.3f}",
         )
-        rss.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    rss = [
+        json.loads(child(args, "--rss-child", "--n", str(n)))["peak_rss_mb"]
+        for n in (args.n, 4 * args.n)
+    ]
     print(
         f"peak RSS of (b): {rss[0]:.0f} MB at {args.n} images, {rss[1]:.0f} MB at "
         f"{4 * args.n} images (ratio {rss[1] / rss[0]:.3f})"
