@@ -3,16 +3,18 @@
 On the same generated image files, backbone and batch size, measures:
   (a) the forward-only ceiling: the base on tensors already in memory;
   (b) transferline's extract path end to end: files -> tf.data -> base -> .npy on disk;
+  (b_autotune) the same with tf.data's autotuner on (TensorFlow's default; transferline turns
+      it off), to show what that is worth;
   (c) the common baseline: keras.utils.image_dataset_from_directory + preprocess_input +
       model.predict, the map written plainly (`ds.map(preprocess_input)`);
   (c2) the same baseline tuned: the map with num_parallel_calls=AUTOTUNE, then prefetch;
   (b_xla) with --xla, (b) again with the base compiled by XLA (`extract.xla`);
 then prints images/s and the ratios b/a, b/c and b/c2, and the peak RSS of (b) at N and 4N images
-(each in a fresh process). Every path runs in a fresh process of its own (paths sharing one
-process slowed each other down here: tf.data and Keras' predict leave thread pools behind), is
-run once to warm up and then timed --repeats times; the median is reported.
+(each in a fresh process). Every path runs in a process of its own, is warmed up once, and then
+timed --repeats times, the paths taking turns round by round; medians are reported.
 
     python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
+                             [--repeats 7] [--paths a_ceiling,b_ours,b_autotune]
 """
 
 from __future__ import annotations
@@ -58,11 +60,19 @@ def build(backbone: str, size: int):
     return build_feature_extractor(backbones.get(backbone), "none", size, "avg", seed=0)
 
 
-def run_ours(model, forward, paths: list[str], size: int, batch: int, out: Path) -> float:
+def run_ours(
+    model, forward, paths: list[str], size: int, batch: int, out: Path, autotune: bool = False
+) -> float:
     """The extract stage's path; `forward` is traced once, as the stage does for its splits."""
+    import tensorflow as tf
+
     from transferline import dataset, features
 
     images = dataset.make_image_dataset(paths, None, size, batch)
+    if autotune:
+        options = tf.data.Options()
+        options.autotune.enabled = True
+        images = images.with_options(options)
     t = time.perf_counter()
     features.extract_to_npy(model, images, len(paths), out, "float32", desc="ours", forward=forward)
     return time.perf_counter() - t
@@ -86,12 +96,12 @@ def rss_child(args: argparse.Namespace) -> None:
         )
 
 
-PATHS = ("a_ceiling", "b_ours", "c_baseline", "c2_tuned", "b_xla")
+PATHS = ("a_ceiling", "b_ours", "b_autotune", "c_baseline", "c2_tuned", "b_xla")
 
 
 def time_path(args: argparse.Namespace) -> None:
-    """In a fresh process: warm up one path over the files in --root, time it --repeats times,
-    print its images/s per round as JSON."""
+    """Worker process for one path: warm it up over the files in --root, say READY, then time
+    one pass per RUN line on stdin and answer with its images/s."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -104,7 +114,7 @@ def time_path(args: argparse.Namespace) -> None:
     spec = backbones.get(args.backbone)
     name = args.time_path
 
-    if name in ("a_ceiling", "b_ours", "b_xla"):
+    if name in ("a_ceiling", "b_ours", "b_autotune", "b_xla"):
         model = build(args.backbone, args.size)
         forward = compiled_forward(model, xla=name == "b_xla")
     if name == "a_ceiling":  # the base on tensors already in memory
@@ -117,11 +127,12 @@ def time_path(args: argparse.Namespace) -> None:
                 forward(b).numpy()
             return time.perf_counter() - t
 
-    elif name in ("b_ours", "b_xla"):
+    elif name in ("b_ours", "b_autotune", "b_xla"):
         out = Path(args.root).parent / f"{name}.npy"
 
         def once() -> float:
-            return run_ours(model, forward, paths, args.size, args.batch, out)
+            autotune = name == "b_autotune"
+            return run_ours(model, forward, paths, args.size, args.batch, out, autotune)
 
     else:  # what a user would write
         base = getattr(keras.applications, spec.constructor)(
@@ -150,11 +161,14 @@ def time_path(args: argparse.Namespace) -> None:
             return time.perf_counter() - t
 
     once()  # warm-up: tracing, compilation, caches
-    print(json.dumps([len(paths) / once() for _ in range(args.repeats)]))
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "RUN":
+            print(f"RESULT {len(paths) / once()}", flush=True)
 
 
-def child(args: argparse.Namespace, *extra: str) -> str:
-    cmd = [
+def child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
+    return [
         sys.executable,
         __file__,
         "--backbone",
@@ -163,12 +177,52 @@ def child(args: argparse.Namespace, *extra: str) -> str:
         str(args.size),
         "--batch",
         str(args.batch),
-        "--repeats",
-        str(args.repeats),
         *extra,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+
+
+def child(args: argparse.Namespace, *extra: str) -> str:
+    out = subprocess.run(child_cmd(args, *extra), capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
+
+
+def answer(worker: subprocess.Popen, prefix: str) -> str:
+    """The worker's next stdout line that starts with `prefix` (TensorFlow may print others)."""
+    for line in worker.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    raise RuntimeError(f"a benchmark worker exited early (exit code {worker.wait()})")
+
+
+def interleaved(args: argparse.Namespace, names: list[str], root: Path) -> dict[str, list[float]]:
+    """images/s of every path, --repeats rounds; each round times every path once in turn.
+
+    Each path lives in its own warmed-up process (paths sharing one process slowed each other
+    down: tf.data and Keras' predict leave thread pools behind); the rounds interleave them in
+    time, so the speed drift of a shared VM reaches every path alike.
+    """
+    workers = {}
+    try:
+        for name in names:  # started and warmed up one at a time, each on an idle machine
+            workers[name] = subprocess.Popen(
+                child_cmd(args, "--time-path", name, "--root", str(root)),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            answer(workers[name], "READY")
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name, worker in workers.items():
+                worker.stdin.write("RUN\n")
+                worker.stdin.flush()
+                runs[name].append(float(answer(worker, "RESULT ")))
+        return runs
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
 
 
 def main() -> None:
@@ -178,11 +232,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--xla", action="store_true", help="also time (b) with extract.xla on")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per path; medians reported")
+    ap.add_argument("--repeats", type=int, default=7, help="rounds (timed runs per path)")
+    ap.add_argument(
+        "--paths",
+        help=f"comma-separated subset of {','.join(PATHS)} (skips the RSS runs)",
+    )
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--time-path", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = set(args.paths.split(",")) - set(PATHS) if args.paths else set()
+    if unknown:
+        ap.error(f"--paths: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PATHS)}")
     if args.rss_child:
         return rss_child(args)
     if args.time_path:
@@ -190,35 +251,48 @@ def main() -> None:
 
     import tensorflow as tf
 
-    results, spread = {}, {}
+    names = args.paths.split(",") if args.paths else list(PATHS if args.xla else PATHS[:-1])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "img"
         make_files(root, args.n)
-        for name in PATHS if args.xla else PATHS[:-1]:
-            runs = json.loads(child(args, "--time-path", name, "--root", str(root)))
-            results[name], spread[name] = statistics.median(runs), (min(runs), max(runs))
-    a, b, c = results["a_ceiling"], results["b_ours"], results["c_baseline"]
-    c2 = results["c2_tuned"]
+        runs = interleaved(args, names, root)
     print(
         f"{args.backbone} at {args.size}px, {args.n} files, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs, TF {tf.__version__}; each path in its own process, "
-        f"median of {args.repeats} runs (min-max)"
+        f"{os.cpu_count()} CPUs, TF {tf.__version__}; each path in its own process, the paths "
+        f"taking turns; medians of {args.repeats} rounds (min-max); a ratio is the median of "
+        "its per-round ratios (both paths timed in the same round)"
     )
 
-    def row(label: str, name: str, ratio: str = "") -> None:
-        lo, hi = spread[name]
-        print(f"{label:42s}: {results[name]:7.1f} img/s ({lo:.1f}-{hi:.1f}) {ratio}")
+    def ratio(top: str, bottom: str) -> float:
+        return statistics.median(t / b for t, b in zip(runs[top], runs[bottom], strict=True))
 
-    row("(a) forward-only ceiling", "a_ceiling")
-    row("(b) transferline extract", "b_ours", f"b/a = {b / a:.3f}")
-    row("(c) image_dataset_from_directory + predict", "c_baseline", f"b/c = {b / c:.3f}")
-    row("(c2) the same, map parallel + prefetch", "c2_tuned", f"b/c2 = {b / c2:.3f}")
-    if args.xla:
-        row(
-            "(b_xla) extract with extract.xla: true",
-            "b_xla",
-            f"b_xla/b = {results['b_xla'] / b:.3f}",
+    labels = {
+        "a_ceiling": "(a) forward-only ceiling",
+        "b_ours": "(b) transferline extract",
+        "b_autotune": "(b_autotune) the same, tf.data autotune on",
+        "c_baseline": "(c) image_dataset_from_directory + predict",
+        "c2_tuned": "(c2) the same, map parallel + prefetch",
+        "b_xla": "(b_xla) extract with extract.xla: true",
+    }
+    ratios = {
+        "b_ours": ("b/a", "b_ours", "a_ceiling"),
+        "b_autotune": ("b_autotune/a", "b_autotune", "a_ceiling"),
+        "c_baseline": ("b/c", "b_ours", "c_baseline"),
+        "c2_tuned": ("b/c2", "b_ours", "c2_tuned"),
+        "b_xla": ("b_xla/b", "b_xla", "b_ours"),
+    }
+    for name in names:
+        rates = runs[name]
+        line = (
+            f"{labels[name]:42s}: {statistics.median(rates):7.1f} img/s "
+            f"({min(rates):.1f}-{max(rates):.1f})"
         )
+        if name in ratios and {ratios[name][1], ratios[name][2]} <= set(runs):
+            label, top, bottom = ratios[name]
+            line += f" {label} = {ratio(top, bottom):.3f}"
+        print(line)
+    if args.paths:
+        return
     rss = [
         json.loads(child(args, "--rss-child", "--n", str(n)))["peak_rss_mb"]
         for n in (args.n, 4 * args.n)

@@ -272,7 +272,7 @@ def check_images(paths: Sequence[Path], workers: int | None = None) -> list[Chec
     """
     from tqdm import tqdm  # noqa: PLC0415
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     out: list[Check] = []
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
@@ -458,9 +458,16 @@ def make_image_dataset(
 
     `augment` is a Keras layer applied to training batches only (it is called with
     training=True here and never saved with the model).
+
+    tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
+    batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
+    project's 2-core machine, a stall paid by every extract split and every epoch; turning it
+    off took the extract path from 0.78 to 0.94 of the forward-only ceiling
+    (`bench/extract.py --repeats 15 --paths a_ceiling,b_ours,b_autotune`).
     """
     import tensorflow as tf  # noqa: PLC0415
 
+    parallel = usable_cpus()
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     if labels is not None:
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
@@ -469,23 +476,36 @@ def make_image_dataset(
     if labels is not None:
         ds = ds.map(
             lambda p, y: (load_image(p, image_size), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=parallel,
             deterministic=True,
         )
     else:
         ds = ds.map(
             lambda p: load_image(p, image_size),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=parallel,
             deterministic=True,
         )
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = ds.map(
             lambda x, y: (augment(x, training=True), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=parallel,
             deterministic=True,
         )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(PREFETCH_BATCHES).with_options(options)
+
+
+PREFETCH_BATCHES = 3
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def split_arrays(
