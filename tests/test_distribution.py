@@ -162,27 +162,34 @@ MACHINE = textwrap.dedent(
 )
 
 
-def test_two_machines_train_as_one(tmp_path):
-    """Two 'machines' (processes on loopback, TF_CONFIG) fine-tune one model together: both
-    end with the same weights, and they equal one machine doing the same training alone."""
+BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
+
+
+def loopback_cluster(n: int) -> list[dict[str, str]]:
+    """The environments of `n` 'machines' on 127.0.0.1: free ports, one TF_CONFIG each."""
     import socket
 
     ports = []
-    for _ in range(2):
+    for _ in range(n):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
     workers = [f"127.0.0.1:{p}" for p in ports]
-    base_env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
-    envs = [
+    return [
         {
-            **base_env,
+            **BASE_ENV,
             "TF_CONFIG": json.dumps(
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
             ),
         }
-        for i in range(2)
-    ] + [base_env]  # the third process trains alone
+        for i in range(n)
+    ]
+
+
+def test_two_machines_train_as_one(tmp_path):
+    """Two 'machines' (processes on loopback, TF_CONFIG) fine-tune one model together: both
+    end with the same weights, and they equal one machine doing the same training alone."""
+    envs = [*loopback_cluster(2), BASE_ENV]  # the third process trains alone
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", MACHINE],
@@ -231,29 +238,15 @@ UPSTREAM = textwrap.dedent(
 def test_upstream_keras_fit_under_multi_worker_strategy(tmp_path):
     """Why several machines fine-tune with finetune_across_machines, not Keras' fit. When
     this starts passing (Keras fixed it), that loop can go: remove it and this mark."""
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    workers = [f"127.0.0.1:{p}" for p in ports]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", UPSTREAM],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={
-                "TF_CPP_MIN_LOG_LEVEL": "3",
-                "PATH": "/usr/bin:/bin",
-                "TF_CONFIG": json.dumps(
-                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-                ),
-            },
+            env=env,
         )
-        for i in range(2)
+        for env in loopback_cluster(2)
     ]
     try:
         errs = [p.communicate(timeout=300)[1] for p in procs]  # drains the pipes

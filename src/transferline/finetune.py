@@ -193,6 +193,37 @@ def compile_model(model: keras.Model, learning_rate, optimizer: str = "adam") ->
     )
 
 
+def unfreeze_and_schedule(
+    model: keras.Model,
+    train_ds,
+    *,
+    epochs: int,
+    learning_rate: float,
+    unfreeze_layers: int,
+    unfreeze_from: str | None,
+    schedule: str,
+    warmup_epochs: float,
+    steps_per_epoch: int | None,
+) -> tuple[list[str], object]:
+    """Unfreeze the top of the base and build the learning-rate schedule over the whole run:
+    the start both training loops (`finetune`, `finetune_across_machines`) share."""
+    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
+    log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
+    steps = steps_per_epoch or int(train_ds.cardinality())
+    lr = learning_rate_schedule(
+        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+    )
+    return unfrozen, lr
+
+
+def warn_if_start_kept(best_epoch: int, start_loss: float) -> None:
+    if best_epoch < 0:
+        log.warning(
+            "no fine-tuning epoch beat the starting val_loss %.4f; keeping the starting weights",
+            start_loss,
+        )
+
+
 def finetune(
     model: keras.Model,
     train_ds,
@@ -211,11 +242,16 @@ def finetune(
     patience: int | None = None,
 ) -> FinetuneResult:
     """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
-    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
-    log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
-    steps = steps_per_epoch or int(train_ds.cardinality())
-    lr = learning_rate_schedule(
-        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+    unfrozen, lr = unfreeze_and_schedule(
+        model,
+        train_ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        unfreeze_layers=unfreeze_layers,
+        unfreeze_from=unfreeze_from,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
     )
     compile_model(model, lr, optimizer)  # recompile after changing `trainable`
     before = model.evaluate(val_ds, verbose=0, return_dict=True)
@@ -240,11 +276,7 @@ def finetune(
         {"epoch": i, **{k: float(v[i]) for k, v in hist.history.items()}}
         for i in range(len(hist.history["loss"]))
     ]
-    if keep.best_epoch < 0:
-        log.warning(
-            "no fine-tuning epoch beat the starting val_loss %.4f; keeping the starting weights",
-            before["loss"],
-        )
+    warn_if_start_kept(keep.best_epoch, before["loss"])
     return FinetuneResult(
         history,
         keep.best_epoch,
@@ -281,11 +313,16 @@ def finetune_across_machines(
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
-    log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
-    steps = steps_per_epoch or int(train_ds.cardinality())
-    lr = learning_rate_schedule(
-        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+    unfrozen, lr = unfreeze_and_schedule(
+        model,
+        train_ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        unfreeze_layers=unfreeze_layers,
+        unfreeze_from=unfreeze_from,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
     )
     opt = make_optimizer(optimizer, lr)
     if keras.mixed_precision.global_policy().name == "mixed_float16":
@@ -373,11 +410,7 @@ def finetune_across_machines(
             log.info("no better val_loss for %d epochs: stopping early", wait)
             break
     model.set_weights(best_weights)
-    if best_epoch < 0:
-        log.warning(
-            "no fine-tuning epoch beat the starting val_loss %.4f; keeping the starting weights",
-            before["loss"],
-        )
+    warn_if_start_kept(best_epoch, before["loss"])
     return FinetuneResult(history, best_epoch, before, unfrozen)
 
 
