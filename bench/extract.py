@@ -1,7 +1,9 @@
 """Benchmark feature extraction (not a test).
 
 On the same generated image files, backbone and batch size, measures:
-  (a) the forward-only ceiling: the base on tensors already in memory;
+  (a) the forward-only ceiling: the base on tensors already in memory, as the extract stage
+      builds it (BatchNormalization folded into the convolutions);
+  (a_plain) the same with the plain Keras base (nothing folded), to show what folding is worth;
   (b) transferline's extract path end to end: files -> tf.data -> base -> .npy on disk;
   (b_autotune) the same with tf.data's autotuner on (TensorFlow's default; transferline turns
       it off), to show what that is worth;
@@ -53,11 +55,12 @@ def make_files(root: Path, n: int, px: int = 256) -> list[str]:
     return sorted(paths, key=lambda s: (Path(s).parent.name, Path(s).name))
 
 
-def build(backbone: str, size: int):
+def build(backbone: str, size: int, fold: bool = True):
+    """The extract stage's model (folded) or, with fold=False, the plain Keras base."""
     from transferline import backbones
     from transferline.models import build_feature_extractor
 
-    return build_feature_extractor(backbones.get(backbone), "none", size, "avg", seed=0)
+    return build_feature_extractor(backbones.get(backbone), "none", size, "avg", seed=0, fold=fold)
 
 
 def run_ours(
@@ -96,7 +99,7 @@ def rss_child(args: argparse.Namespace) -> None:
         )
 
 
-PATHS = ("a_ceiling", "b_ours", "b_autotune", "c_baseline", "c2_tuned", "b_xla")
+PATHS = ("a_ceiling", "a_plain", "b_ours", "b_autotune", "c_baseline", "c2_tuned", "b_xla")
 
 
 def time_path(args: argparse.Namespace) -> None:
@@ -114,10 +117,10 @@ def time_path(args: argparse.Namespace) -> None:
     spec = backbones.get(args.backbone)
     name = args.time_path
 
-    if name in ("a_ceiling", "b_ours", "b_autotune", "b_xla"):
-        model = build(args.backbone, args.size)
+    if name in ("a_ceiling", "a_plain", "b_ours", "b_autotune", "b_xla"):
+        model = build(args.backbone, args.size, fold=name != "a_plain")
         forward = compiled_forward(model, xla=name == "b_xla")
-    if name == "a_ceiling":  # the base on tensors already in memory
+    if name in ("a_ceiling", "a_plain"):  # the base on tensors already in memory
         x = np.concatenate(list(dataset.make_image_dataset(paths, None, args.size, args.batch)))
         batches = [tf.constant(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
 
@@ -268,6 +271,7 @@ def main() -> None:
 
     labels = {
         "a_ceiling": "(a) forward-only ceiling",
+        "a_plain": "(a_plain) the same, BatchNorm not folded",
         "b_ours": "(b) transferline extract",
         "b_autotune": "(b_autotune) the same, tf.data autotune on",
         "c_baseline": "(c) image_dataset_from_directory + predict",
@@ -275,6 +279,7 @@ def main() -> None:
         "b_xla": "(b_xla) extract with extract.xla: true",
     }
     ratios = {
+        "a_plain": ("a/a_plain", "a_ceiling", "a_plain"),
         "b_ours": ("b/a", "b_ours", "a_ceiling"),
         "b_autotune": ("b_autotune/a", "b_autotune", "a_ceiling"),
         "c_baseline": ("b/c", "b_ours", "c_baseline"),

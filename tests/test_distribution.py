@@ -36,11 +36,14 @@ SCRIPT = textwrap.dedent(
         ext = models.build_feature_extractor(
             backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0
         )
+        folded = models.build_feature_extractor(  # as the extract stage builds it
+            backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0, fold=True
+        )
     expected = ext.predict(x, verbose=0)
-    fwd = features.compiled_forward(ext, strategy)
+    fwd = features.compiled_forward(folded, strategy)
     out = Path(sys.argv[1]) / "f.npy"
     features.extract_to_npy(
-        ext, tf.data.Dataset.from_tensor_slices(x).batch(4), 13, out, forward=fwd
+        folded, tf.data.Dataset.from_tensor_slices(x).batch(4), 13, out, forward=fwd
     )
     got = np.load(out)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
@@ -55,6 +58,7 @@ SCRIPT = textwrap.dedent(
     after = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
+        "folded": models.folded_batchnorms(folded),
         "feature_gap": float(np.abs(got - expected).max()),
         "shape": list(got.shape),
         "bn_unchanged": all(np.array_equal(a, b) for a, b in zip(stats, after)),
@@ -77,8 +81,9 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["replicas"] == 2
-    assert res["shape"] == [13, 1280]
-    assert res["feature_gap"] < 1e-4  # same features, same order, as on one device
+    assert res["shape"] == [13, 1280] and res["folded"] > 0
+    # same features, same order, as the plain (unfolded) model on one device
+    assert res["feature_gap"] < 1e-4
     assert res["bn_unchanged"] and res["epochs"] == 1 and res["unfrozen"] == 4
     assert res["val_loss"] == res["val_loss"]  # not NaN
 

@@ -114,7 +114,8 @@ def extract_dataset(
     """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics.
 
     `mixed_precision` auto|on|off (features are written as `dtype` either way); with several
-    GPUs (or `devices`) every batch is split across them.
+    GPUs (or `devices`) every batch is split across them. BatchNormalization is folded into
+    the convolutions (`models.fold_batchnorm`): the same features up to float rounding, faster.
     """
     import json  # noqa: PLC0415
 
@@ -125,7 +126,7 @@ def extract_dataset(
     strategy = models.distribution(devices)
     with strategy.scope():
         extractor = models.build_feature_extractor(
-            backbones.get(backbone), weights, image_size, pooling, seed
+            backbones.get(backbone), weights, image_size, pooling, seed, fold=True
         )
     forward = compiled_forward(extractor, strategy, xla)  # traced once, used for every split
     per_split, total_n, total_s = {}, 0, 0.0
@@ -163,6 +164,7 @@ def extract_dataset(
         "mixed_precision": mixed,
         "xla": xla,
         "replicas": int(strategy.num_replicas_in_sync),
+        "batchnorm_folded": models.folded_batchnorms(extractor),
     }
 
 

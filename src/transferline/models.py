@@ -173,11 +173,119 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="transferline")
+class FoldedBatchNorm(keras.layers.Layer):
+    """Stands where a BatchNormalization was folded into the convolution before it."""
+
+    def call(self, x, training=None, mask=None):
+        return x
+
+
+_FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
+
+
+def _foldable_pairs(base: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
+    """{convolution name: the BatchNormalization that is the only consumer of its output}."""
+    pairs = {}
+    for bn in base.layers:
+        if type(bn) is not keras.layers.BatchNormalization or len(bn._inbound_nodes) != 1:
+            continue
+        if bn.axis not in (-1, 3):  # a channels-last 4-D input normalised per channel
+            continue
+        parents = bn._inbound_nodes[0].parent_nodes
+        if len(parents) != 1:
+            continue
+        conv = parents[0].operation
+        if (
+            type(conv) in _FOLDABLE
+            and conv.data_format == "channels_last"
+            and conv.get_config()["activation"] == "linear"
+            and len(conv._inbound_nodes) == 1
+            and len(conv._outbound_nodes) == 1
+        ):
+            pairs[conv.name] = bn
+    return pairs
+
+
+def fold_batchnorm(base: keras.Model) -> keras.Model:
+    """An inference-only copy of a functional `base` in which every BatchNormalization that
+    directly follows a convolution (its output's only consumer, no activation between) is
+    folded into that convolution's kernel and bias.
+
+    Why: in inference a BatchNormalization is a fixed per-channel affine map, so folding it
+    saves two passes over every activation tensor it touches: mobilenet_v2 at 160 px ran
+    1.04x and 1.16x faster on CPU in two runs of bench/extract.py (a_ceiling vs a_plain).
+    Outputs equal the original's up to float rounding. Unfolded layers are shared with `base`,
+    not copied. Only for a frozen base: the folded copy cannot be trained like the original.
+    """
+    pairs = _foldable_pairs(base)
+    if not pairs:
+        return base
+    folded_bn = {bn.name for bn in pairs.values()}
+    convs: dict[str, keras.layers.Layer] = {}
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if layer.name in folded_bn:
+            return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy)
+        if layer.name in pairs:
+            convs[layer.name] = type(layer).from_config({**layer.get_config(), "use_bias": True})
+            return convs[layer.name]
+        return layer
+
+    folded = keras.models.clone_model(base, clone_function=clone)
+    as64 = lambda v: keras.ops.convert_to_numpy(v).astype("float64")  # noqa: E731
+    for name, bn in pairs.items():
+        old, new = base.get_layer(name), convs[name]
+        scale = (as64(bn.gamma) if bn.scale else 1.0) / np.sqrt(
+            as64(bn.moving_variance) + bn.epsilon
+        )
+        bias = as64(old.bias) if old.use_bias else 0.0
+        new.bias.assign(
+            (bias - as64(bn.moving_mean)) * scale + (as64(bn.beta) if bn.center else 0.0)
+        )
+        if isinstance(old, keras.layers.SeparableConv2D):
+            new.depthwise_kernel.assign(old.depthwise_kernel)
+            new.pointwise_kernel.assign(as64(old.pointwise_kernel) * scale)
+        elif isinstance(old, keras.layers.DepthwiseConv2D):  # output channel = in * multiplier + m
+            kernel = as64(old.kernel)
+            new.kernel.assign(kernel * scale.reshape(kernel.shape[2], kernel.shape[3]))
+        else:
+            new.kernel.assign(as64(old.kernel) * scale)
+    folded.trainable = False
+    log.info(
+        "folded %d of %d BatchNormalization layers into the convolutions before them",
+        len(pairs),
+        sum(isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers),
+    )
+    return folded
+
+
+def folded_batchnorms(model: keras.Model) -> int:
+    """How many BatchNormalization layers `fold_batchnorm` folded in `model` (nested included)."""
+    return sum(
+        folded_batchnorms(layer)
+        if isinstance(layer, keras.Model)
+        else isinstance(layer, FoldedBatchNorm)
+        for layer in model.layers
+    )
+
+
 def build_feature_extractor(
-    backbone: Backbone, weights: str, image_size: int, pooling: str, seed: int
+    backbone: Backbone,
+    weights: str,
+    image_size: int,
+    pooling: str,
+    seed: int,
+    fold: bool = False,
 ) -> keras.Model:
-    """Raw RGB image -> pooled bottleneck features, base frozen and in inference mode."""
+    """Raw RGB image -> pooled bottleneck features, base frozen and in inference mode.
+
+    `fold` folds BatchNormalization into the convolutions (`fold_batchnorm`): faster, for
+    feature extraction only; never for a model that will be fine-tuned.
+    """
     base = build_base(backbone, weights, image_size, pooling, seed)
+    if fold:
+        base = fold_batchnorm(base)
     image = keras.Input((image_size, image_size, 3), name="image")
     x = Preprocess(backbone.preprocessing, name="preprocess")(image)
     features = base(x, training=False)
