@@ -14,6 +14,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject.toml): one worker per usable core, at most 4. Each worker imports
+    TensorFlow and the end-to-end tests start DVC stages of their own: the cap bounds their
+    memory on a big machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def make_image(
     path: Path,
     color: tuple[int, int, int],

@@ -166,6 +166,8 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     first = sh([*dvc, "repro"], repo)
     assert ran(first) == {"download", "split", "extract", "train_head", "finetune", "evaluate"}
+    # Every cached output was already git-ignored: DVC had no .gitignore to extend.
+    assert ".gitignore" not in sh(["git", "status", "--porcelain"], repo)
 
     # Every output is there and has the right shape.
     assert len(list((repo / "data/raw").rglob("*.png"))) == 1797
@@ -268,7 +270,12 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     # A real MLflow tracking server: the same pipeline logs to it over HTTP.
     with mlflow_server(tmp_path / "server") as uri:
-        sh([*dvc, "repro", "-f", "evaluate"], repo, extra={"MLFLOW_TRACKING_URI": uri})
+        again = sh(
+            [*dvc, "repro", "-f", "--single-item", "evaluate"],
+            repo,
+            extra={"MLFLOW_TRACKING_URI": uri},
+        )
+        assert ran(again) == {"evaluate"}  # evaluate alone logs the whole parameter set
         import mlflow
 
         remote = mlflow.MlflowClient(tracking_uri=uri)
@@ -331,12 +338,16 @@ def test_readme_quickstart_without_git_identity(tmp_path):
         for what, value in (("NAME", "e2e"), ("EMAIL", "e2e@example.invalid"))
     }
     dvc = [sys.executable, "-m", "dvc"]
-    sh(
+    temp = sh(
         [*dvc, "exp", "run", "--temp", "-n", "temp1", "-S", "head.logreg.C=0.5"],
         repo,
         home,
         extra=ident,
     )
+    # The copy has no dvc.lock (uncommitted here), so DVC's run-cache restores every stage
+    # whose inputs did not change: extraction above all, the expensive one.
+    assert ran(temp) == {"train_head", "evaluate"}
+    assert "Stage 'extract' is cached - skipping run" in temp
     sh(
         [*dvc, "exp", "run", "--queue", "-n", "queued1", "-S", "head.logreg.C=2"],
         repo,
