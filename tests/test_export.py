@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from transferline import backbones, export, finetune, heads
-from transferline.models import Preprocess, build_feature_extractor
+from transferline.models import Preprocess, base_of, build_feature_extractor, folded_batchnorms
 
-from conftest import add_broken_files, make_class_folders
+from conftest import add_broken_files, make_class_folders, randomize_batchnorm
 
 
 @pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "builtin"])
@@ -50,6 +50,22 @@ def test_export_predicts_like_the_pipeline_model_at_any_size(classifier_dir):
     names = {type(layer).__name__ for layer in keras.saving.load_model(
         classifier_dir / export.MODEL_FILE).layers}  # fmt: skip
     assert "Preprocess" not in names and "Resizing" in names
+
+
+def test_a_local_classifier_predicts_with_batchnorm_folded(tmp_path):
+    """The saved file keeps the plain base; the loaded model folds it, as extract does."""
+    ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
+    randomize_batchnorm(base_of(ext))
+    model = export.export_classifier(
+        finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0)), 32
+    )
+    export.save_classifier(tmp_path / "clf", model, ["cat", "dog"], {"image_size": 32})
+    clf = export.load_classifier(tmp_path / "clf")
+    assert folded_batchnorms(base_of(clf.model)) > 0
+    saved = keras.saving.load_model(tmp_path / "clf" / export.MODEL_FILE)
+    assert folded_batchnorms(base_of(saved)) == 0
+    x = np.random.default_rng(2).uniform(0, 255, (3, 48, 40, 3)).astype("float32")
+    np.testing.assert_allclose(clf.predict(x), saved.predict(x, verbose=0), atol=1e-5)
 
 
 def test_export_loads_where_transferline_is_not_imported(classifier_dir):

@@ -8,26 +8,13 @@ from transferline.models import (  # noqa: E402
     base_of,
     build_feature_extractor,
     fold_batchnorm,
+    fold_nested_base,
     folded_batchnorms,
 )
 
+from conftest import randomize_batchnorm  # noqa: E402
+
 L = keras.layers
-
-
-def randomize_batchnorm(model: keras.Model, seed: int = 1) -> None:
-    """Statistics away from the defaults (mean 0, variance 1), so folding really is tested,
-    yet near enough that a deep random net stays well conditioned (wider ranges made the
-    deepest EfficientNets chaotic: a batch of 1 and of 2 then differed by 30-70%)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            shape = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0, 0.1, shape))
-            layer.moving_variance.assign(rng.uniform(0.8, 1.25, shape))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.9, 1.1, shape))
-            if layer.center:
-                layer.beta.assign(rng.normal(0, 0.05, shape))
 
 
 def batchnorms(model: keras.Model) -> list[str]:
@@ -146,6 +133,29 @@ def test_build_feature_extractor_folds_on_request():
     np.testing.assert_allclose(
         folded.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-4, atol=1e-6
     )
+
+
+def with_head(extractor: keras.Model) -> keras.Model:
+    probs = L.Dense(3, activation="softmax", name="head")(extractor.output)
+    return keras.Model(extractor.input, probs, name="pipeline")
+
+
+def test_fold_nested_base_folds_the_base_inside_a_whole_model():
+    model = with_head(build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", 0))
+    randomize_batchnorm(base_of(model))
+    n = len(batchnorms(base_of(model)))
+    folded = fold_nested_base(model)
+    assert folded_batchnorms(base_of(folded)) == n and batchnorms(base_of(folded)) == []
+    assert len(batchnorms(base_of(model))) == n  # the original is untouched
+    assert folded.get_layer("head") is model.get_layer("head")  # the head is shared, not copied
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6
+    )
+    vgg = with_head(build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", 0))
+    assert fold_nested_base(vgg) is vgg  # no BatchNormalization: nothing to fold
+    flat = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(2, 3), L.BatchNormalization()])
+    assert fold_nested_base(flat) is flat  # no nested base (a Keras file from elsewhere)
 
 
 def test_fold_under_mixed_precision_keeps_the_policy_and_the_outputs():

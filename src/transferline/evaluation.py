@@ -266,11 +266,12 @@ def evaluate_models(
     if not is_skip_marker(finetuned):
         import keras  # noqa: PLC0415
 
-        from transferline import models  # noqa: F401, PLC0415  (registers Preprocess)
+        from transferline import models  # noqa: PLC0415  (also registers Preprocess)
 
         model = keras.saving.load_model(finetuned)
         images = dataset.make_image_dataset(paths, None, image_size, batch_size)
-        results["finetune"] = model.predict(images, verbose=0)
+        # Run forward with BatchNormalization folded, as extract does; export the model itself.
+        results["finetune"] = models.fold_nested_base(model).predict(images, verbose=0)
     metrics = {}
     for name, probs in results.items():
         m = metrics[name] = classification_metrics(y_test, probs, classes)

@@ -18,7 +18,14 @@ import keras
 import numpy as np
 
 from transferline.files import atomic_dir, read_json, write_json
-from transferline.models import _CAFFE_MEAN_BGR, _TORCH_MEAN, _TORCH_STD, Preprocess, base_of
+from transferline.models import (
+    _CAFFE_MEAN_BGR,
+    _TORCH_MEAN,
+    _TORCH_STD,
+    Preprocess,
+    base_of,
+    fold_nested_base,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,7 @@ class Classifier:
     predict_fn: Callable[[np.ndarray], np.ndarray]
     classes: list[str]
     image_size: int
+    model: keras.Model | None = None  # the Keras model that predicts (a local classifier)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.predict_fn(images))
@@ -117,9 +125,14 @@ def load_classifier(path: str | Path) -> Classifier:
             "one folder (`dvc repro` writes models/classifier/), or an MLflow model URI"
         )
     meta = read_json(classes_file)
-    model = keras.saving.load_model(model_file)
+    # Prediction only runs forward: BatchNormalization folded into the convolutions, as in
+    # the extract stage (the same probabilities up to float rounding, faster).
+    model = fold_nested_base(keras.saving.load_model(model_file))
     return Classifier(
-        lambda x: model.predict(x, verbose=0), list(meta["classes"]), int(meta["image_size"])
+        lambda x: model.predict(x, verbose=0),
+        list(meta["classes"]),
+        int(meta["image_size"]),
+        model,
     )
 
 

@@ -298,3 +298,22 @@ def base_of(model: keras.Model) -> keras.Model:
     if not nested:
         raise ValueError(f"model {model.name} holds no nested base model")
     return nested[0]
+
+
+def fold_nested_base(model: keras.Model) -> keras.Model:
+    """An inference-only copy of `model` (a pipeline model or an exported classifier) whose
+    nested base has its BatchNormalization folded (`fold_batchnorm`); `model` itself when
+    nothing folds or it holds no nested base (a Keras file from elsewhere). For evaluation and
+    prediction, which only run the model forward: the same outputs up to float rounding.
+    `model` is not changed; save and export it, not the copy.
+    """
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        return model
+    base = nested[0]
+    folded = fold_batchnorm(base)
+    if folded is base:
+        return model
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: folded if layer is base else layer
+    )
