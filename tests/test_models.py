@@ -135,13 +135,17 @@ def test_build_feature_extractor_folds_on_request():
     )
 
 
-def with_head(extractor: keras.Model) -> keras.Model:
-    probs = L.Dense(3, activation="softmax", name="head")(extractor.output)
-    return keras.Model(extractor.input, probs, name="pipeline")
+def pipeline(key: str) -> keras.Model:
+    """The model the finetune stage saves and evaluate loads: base and head nested."""
+    from transferline import finetune, heads
+
+    extractor = build_feature_extractor(backbones.get(key), "none", 32, "avg", seed=0)
+    dim = int(extractor.output_shape[-1])
+    return finetune.assemble(extractor, heads.build_dense_head(dim, 3, 0, 0.0))
 
 
 def test_fold_nested_base_folds_the_base_inside_a_whole_model():
-    model = with_head(build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", 0))
+    model = pipeline("mobilenet_v2")
     randomize_batchnorm(base_of(model))
     n = len(batchnorms(base_of(model)))
     folded = fold_nested_base(model)
@@ -152,7 +156,7 @@ def test_fold_nested_base_folds_the_base_inside_a_whole_model():
     np.testing.assert_allclose(
         folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6
     )
-    vgg = with_head(build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", 0))
+    vgg = pipeline("vgg16")
     assert fold_nested_base(vgg) is vgg  # no BatchNormalization: nothing to fold
     flat = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(2, 3), L.BatchNormalization()])
     assert fold_nested_base(flat) is flat  # no nested base (a Keras file from elsewhere)

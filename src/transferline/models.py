@@ -302,18 +302,18 @@ def base_of(model: keras.Model) -> keras.Model:
 
 def fold_nested_base(model: keras.Model) -> keras.Model:
     """An inference-only copy of `model` (a pipeline model or an exported classifier) whose
-    nested base has its BatchNormalization folded (`fold_batchnorm`); `model` itself when
-    nothing folds or it holds no nested base (a Keras file from elsewhere). For evaluation and
-    prediction, which only run the model forward: the same outputs up to float rounding.
-    `model` is not changed; save and export it, not the copy.
+    nested models, the base above all, have their BatchNormalization folded (`fold_batchnorm`);
+    `model` itself when nothing folds (no BatchNormalization after a convolution, or no nested
+    model: a Keras file from elsewhere). For evaluation and prediction, which only run the
+    model forward: the same outputs up to float rounding. `model` is not changed; save and
+    export it, not the copy.
     """
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(nested) != 1:
+    swaps = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            folded = fold_batchnorm(layer)
+            if folded is not layer:
+                swaps[id(layer)] = folded
+    if not swaps:
         return model
-    base = nested[0]
-    folded = fold_batchnorm(base)
-    if folded is base:
-        return model
-    return keras.models.clone_model(
-        model, clone_function=lambda layer: folded if layer is base else layer
-    )
+    return keras.models.clone_model(model, clone_function=lambda layer: swaps.get(id(layer), layer))
