@@ -362,6 +362,9 @@ def test_readme_quickstart_without_git_identity(tmp_path):
             break
         time.sleep(5)
     assert "Success" in status, status
+    queued = sh([*dvc, "queue", "logs", "queued1"], repo, home, extra=ident)
+    assert ran(queued) == {"train_head", "evaluate"}  # the queue's copy restores the rest
+    assert "Stage 'extract' is cached - skipping run" in queued
     sh([*dvc, "queue", "stop", "--kill"], repo, home, extra=ident, check=False)
     shown = json.loads(sh([*dvc, "exp", "show", "--json"], repo, home, extra=ident))
     assert {"temp1", "queued1"} <= set(re.findall(r'"name": "([^"]+)"', json.dumps(shown)))
