@@ -89,9 +89,37 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
     model = finetune.assemble(ext, heads.build_dense_head(1280, 3, 0, 0.0))
     clf = export.export_classifier(model, 32)
-    run = tracking.open_run("exp", "hash-m", {}, "m")
+    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    run.log_metrics({"accuracy": 0.75}, prefix="test.head.")
+    run.log_metrics({"loss": 0.5}, prefix="head.")
     uri = tracking.log_classifier(run, clf, ["a", "b", "c"], 32, register_as="pets")
     tracking.close_run(run)
+
+    # A LoggedModel of the run, as mlflow.keras.log_model makes one: the UI's Models column.
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    outputs = client.get_run(run.run_id).outputs.model_outputs
+    assert [f"models:/{o.model_id}" for o in outputs] == [uri]
+    logged = client.get_logged_model(outputs[0].model_id)
+    assert logged.name == "model" and logged.status.to_proto() == 2  # READY
+    assert logged.source_run_id == run.run_id
+    assert logged.params == {"model.backbone": "mobilenet_v2"}
+    assert {m.key: m.value for m in logged.metrics} == {"test.head.accuracy": 0.75}
+    history = client.get_metric_history(run.run_id, "test.head.accuracy")
+    assert [m.value for m in history] == [0.75]
+    by_run = tracking.load_pyfunc(f"runs:/{run.run_id}/model")
+    assert by_run.metadata.model_id == logged.model_id
+    assert by_run.metadata.saved_input_example_info["type"] == "ndarray"
+
+    # Evaluated again in the same run (same params): a second model, and the run's name for
+    # it means the newest, with the newest metrics.
+    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    run.log_metrics({"accuracy": 0.5}, prefix="test.head.")
+    newer = tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
+    tracking.close_run(run)
+    assert newer != uri
+    assert f"models:/{tracking.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}" == newer
+    newest = client.get_logged_model(newer.removeprefix("models:/"))
+    assert {m.key: m.value for m in newest.metrics} == {"test.head.accuracy": 0.5}
 
     pyfunc = tracking.load_pyfunc(uri)
     assert pyfunc.metadata.metadata == {"classes": ["a", "b", "c"], "image_size": 32}

@@ -175,45 +175,82 @@ def log_classifier(
     image_size: int,
     register_as: str | None = None,
 ) -> str:
-    """Log the exported classifier with MLflow's Keras flavour; returns its `runs:/` URI.
+    """Log the exported classifier as an MLflow LoggedModel of this run; returns its URI.
 
-    The signature takes float32 RGB batches of any height and width (0..255) and returns one
-    probability per class; the class names are in the model's metadata. Requirements are
-    given, not inferred (inference re-loads the model in a subprocess). The model is saved
-    into a folder made first and uploaded with the run's artifacts: mlflow.keras.log_model
-    3.17 writes the input example before it creates its folder and fails.
+    It is what `mlflow.keras.log_model(name="model")` makes: a Keras-flavour model with the
+    run's params, linked to the run as an output (the UI's Models column, `runs:/ID/model`),
+    with the run's test metrics attached. The signature takes float32 RGB batches of any
+    height and width (0..255) and returns one probability per class; the class names are in
+    the model's metadata. Requirements are given, not inferred (inferring re-loads the model
+    in a subprocess). Not `log_model` itself: with an input example, mlflow.keras.save_model
+    writes it before it creates the model folder and fails (mlflow/mlflow#16183, still open
+    in 3.17), so here the folder is made first and the steps of `Model.log` are taken with
+    the public client API.
     """
     import tempfile  # noqa: PLC0415
 
     import mlflow  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from mlflow.models import ModelSignature  # noqa: PLC0415
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: PLC0415
+    from mlflow.models import Model, ModelSignature  # noqa: PLC0415
     from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
+    client = run.client
+    source = client.get_run(run.run_id)
+    logged = client.create_logged_model(
+        source.info.experiment_id,
+        name="model",
+        source_run_id=run.run_id,
+        params=dict(source.data.params),
+        model_type="image-classifier",
     )
-    example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
-    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")]
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        folder.mkdir()
-        mlflow.keras.save_model(
-            model,
-            str(folder),
-            signature=signature,
-            input_example=example.astype("float32"),
-            pip_requirements=requirements,
-            metadata={"classes": classes, "image_size": image_size},
+    model_id = logged.model_id
+    try:
+        client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=0)])
+        latest = [  # the current value of each, re-logged as it is (so not duplicated)
+            max(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
+            for key in source.data.metrics
+            if key.startswith("test.")
+        ]
+        tested = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest]
+        if tested:
+            client.log_batch(run.run_id, metrics=tested)
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
         )
-        run.client.log_artifacts(run.run_id, str(folder), "model")
-    uri = f"runs:/{run.run_id}/model"
+        example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
+        requirements = [
+            f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            mlflow.keras.save_model(
+                model,
+                str(folder),
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    model_uuid=model_id,
+                    run_id=run.run_id,
+                    model_id=model_id,
+                ),
+                signature=signature,
+                input_example=example.astype("float32"),
+                pip_requirements=requirements,
+                metadata={"classes": classes, "image_size": image_size},
+            )
+            client.log_model_artifacts(model_id, str(folder))
+    except BaseException:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    uri = f"models:/{model_id}"
     if register_as:
-        mlflow.set_tracking_uri(run.client.tracking_uri)
+        mlflow.set_tracking_uri(client.tracking_uri)
         version = mlflow.register_model(uri, register_as)
         log.info("MLflow: registered %s version %s", register_as, version.version)
-    log.info("MLflow: model logged as %s", uri)
+    log.info("MLflow: model logged as %s (also runs:/%s/model)", uri, run.run_id)
     return uri
 
 

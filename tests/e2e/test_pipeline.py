@@ -159,6 +159,17 @@ def mlflow_runs(repo: Path, experiment: str):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
+def logged_model_files(client, run) -> set[str]:
+    """Files of the MLflow LoggedModel the run names `model` (the newest, as runs:/ID/model)."""
+    (model,) = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"name = 'model' AND source_run_id = '{run.info.run_id}'",
+        max_results=1,
+    )
+    assert model.model_id in {o.model_id for o in run.outputs.model_outputs}
+    return {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+
+
 def test_dvc_repro_end_to_end(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     set_params(repo / "params.yaml", TINY)
@@ -232,7 +243,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert run.data.tags["git.commit"] and run.data.tags["data.raw_md5"].endswith(".dir")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
     assert "plots/evaluate/head_confusion.png" in artifacts
-    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "MLmodel" in logged_model_files(client, run)
     assert run.data.tags["device"] == "CPU" and run.data.tags["model.source"] == "finetune"
 
     # Nothing left to do: status clean, a second repro runs nothing.
@@ -282,9 +293,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         (found,) = remote.search_runs([remote.get_experiment_by_name("e2e").experiment_id])
         assert found.data.metrics["test.head.accuracy"] == pytest.approx(ev["head"]["accuracy"])
         assert found.data.params["model.backbone"] == "vgg16"
-        assert "model/MLmodel" in {
-            a.path for a in remote.list_artifacts(found.info.run_id, "model")
-        }
+        assert "MLmodel" in logged_model_files(remote, found)
         assert (tmp_path / "server/artifacts").is_dir()  # artifacts went through the server
 
     # Fine-tuning off: only what reads finetune.* re-runs; evaluate reports the head only.
