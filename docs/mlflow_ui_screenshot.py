@@ -1,13 +1,15 @@
 """Screenshot of the MLflow runs table with chosen columns (a manual check, not a test).
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5055 &
-    python docs/mlflow_ui_screenshot.py test.finetune.accuracy test.head.accuracy model.backbone
+    python docs/mlflow_ui_screenshot.py test.finetune.accuracy test.head.accuracy model.backbone \
+        Dataset Source
 
 Needs `pip install selenium` and Chromium's chromedriver (Debian: chromium-driver). Opens the
 first experiment's runs sorted by test.finetune.accuracy, ticks each named column in the
-Columns menu (names also untick: Dataset Source Models), writes docs/mlflow-runs.png.
+Columns menu (names also untick: Dataset Source), writes docs/mlflow-runs.png.
 """
 
+import contextlib
 import sys
 import time
 
@@ -25,10 +27,8 @@ d.get(
 time.sleep(8)
 # close the assistant side panel if present
 for b in d.find_elements(By.CSS_SELECTOR, "button[aria-label*='lose']"):
-    try:
+    with contextlib.suppress(Exception):
         b.click()
-    except Exception:
-        pass
 for name in sys.argv[1:]:
     btn = d.find_elements(By.XPATH, "//button[contains(., 'Columns')]")[0]
     d.execute_script("arguments[0].click();", btn)
