@@ -96,11 +96,13 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     tracking.close_run(run)
 
     # A LoggedModel of the run, as mlflow.keras.log_model makes one: the UI's Models column.
+    from mlflow.entities import LoggedModelStatus
+
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
     outputs = client.get_run(run.run_id).outputs.model_outputs
     assert [f"models:/{o.model_id}" for o in outputs] == [uri]
     logged = client.get_logged_model(outputs[0].model_id)
-    assert logged.name == "model" and logged.status.to_proto() == 2  # READY
+    assert logged.name == "model" and logged.status == LoggedModelStatus.READY
     assert logged.source_run_id == run.run_id
     assert logged.params == {"model.backbone": "mobilenet_v2"}
     assert {m.key: m.value for m in logged.metrics} == {"test.head.accuracy": 0.75}
