@@ -18,11 +18,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject.toml): one worker per usable core, at most 4. Each worker imports
     TensorFlow and the end-to-end tests start DVC stages of their own: the cap bounds their
     memory on a big machine."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    from transferline.dataset import usable_cpus
+
+    return max(1, min(4, usable_cpus()))
 
 
 def make_image(
