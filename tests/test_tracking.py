@@ -52,6 +52,36 @@ def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_pa
     assert tags["git.dirty"] == "true" and "dvc.exp_name" not in tags
 
 
+def test_runs_carry_mlflows_own_source_tags(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    def git(*args):
+        ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+        return subprocess.run(
+            ["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    git("init", "-q", "-b", "main")
+    git("remote", "add", "origin", "https://someone:s3cret@git.example.com/team/pets.git")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "evaluate.py").write_text("")
+    (tmp_path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py"])  # as DVC runs a stage
+    run = tracking.open_run("exp", "hash-s", {"seed": 1}, "s")
+    tracking.close_run(run)
+    tags = mlflow.MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run.run_id).data.tags
+    assert tags["mlflow.source.name"] == "stages/evaluate.py"
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD") == tags["git.commit"]
+    assert tags["mlflow.source.git.branch"] == "main"
+    assert tags["mlflow.source.git.repoURL"] == "https://git.example.com/team/pets.git"
+
+
 def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -79,6 +109,8 @@ def test_one_run_per_parameter_set(tmp_path, monkeypatch):
 
 
 def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
+    import sys
+
     import numpy as np
 
     from transferline import backbones, export, finetune, heads
@@ -105,6 +137,7 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     assert logged.name == "model" and logged.status == LoggedModelStatus.READY
     assert logged.source_run_id == run.run_id
     assert logged.params == {"model.backbone": "mobilenet_v2"}
+    assert logged.tags["mlflow.source.name"] == sys.argv[0]  # the UI's "Logged from"
     assert {m.key: m.value for m in logged.metrics} == {"test.head.accuracy": 0.75}
     history = client.get_metric_history(run.run_id, "test.head.accuracy")
     assert [m.value for m in history] == [0.75]

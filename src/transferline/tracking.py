@@ -15,12 +15,14 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 log = logging.getLogger(__name__)
 
 HASH_TAG = "transferline.params_hash"
+GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
 
 
@@ -64,6 +66,21 @@ def context_tags() -> dict[str, str]:
     for pkg in _PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{pkg}"] = metadata.version(pkg)
+    return tags
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own context tags, resolved as `mlflow.start_run` and `log_model` resolve them:
+    user, source script and type, git commit, branch and remote, and any installed
+    RunContextProvider plugin's. The client API sets none of them; the UI's User, Source and
+    Version columns and a model's "Logged from" read them. A remote's user name and password
+    are left out of its URL, as recent MLflow releases do, whatever the installed one does."""
+    from mlflow.tracking.context.registry import resolve_tags  # noqa: PLC0415
+
+    tags = dict(resolve_tags())
+    url = urlsplit(tags.get(GIT_REPO_URL_TAG, ""))
+    if url.scheme and "@" in url.netloc:
+        tags[GIT_REPO_URL_TAG] = urlunsplit(url._replace(netloc=url.netloc.rsplit("@", 1)[1]))
     return tags
 
 
@@ -164,7 +181,7 @@ def open_run(
             client.log_batch(run_id, params=params[i : i + 100])
         log.info("MLflow: new run %s (%s) in %s", run_name, run_id, uri)
     run = Run(client, run_id)
-    run.set_tags(context_tags())
+    run.set_tags({**source_tags(), **context_tags()})
     return run
 
 
@@ -203,6 +220,7 @@ def log_classifier(
         source_run_id=run.run_id,
         params=dict(source.data.params),
         model_type="image-classifier",
+        tags=source_tags(),
     )
     model_id = logged.model_id
     try:

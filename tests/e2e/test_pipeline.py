@@ -241,6 +241,9 @@ def test_dvc_repro_end_to_end(tmp_path):
         "extract.images_per_second" in run.data.metrics and "head.val_accuracy" in run.data.metrics
     )
     assert run.data.tags["git.commit"] and run.data.tags["data.raw_md5"].endswith(".dir")
+    # MLflow's own source tags, as the UI's Source and Version columns read them.
+    assert run.data.tags["mlflow.source.name"] == "stages/evaluate.py"
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git.commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
     assert "plots/evaluate/head_confusion.png" in artifacts
     assert "MLmodel" in logged_model_files(client, run)
