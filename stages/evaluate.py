@@ -38,6 +38,7 @@ def run(p: Params) -> None:
     export.save_classifier(stagekit.CLASSIFIER, classifier, classes, meta)
     with stagekit.mlflow_run(p) as run:
         stagekit.log_everything(run)
+        stagekit.log_datasets(run, p.data.dataset)
         run.set_tags({"device": models.device_description(), "model.source": source})
         tracking.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
 

@@ -36,6 +36,7 @@ def run(p: Params) -> None:
             {**totals, "rejected": metrics["rejected"], "duplicates": metrics["duplicates"]},
             prefix="split.",
         )
+        stagekit.log_datasets(run, p.data.dataset)
 
 
 if __name__ == "__main__":

@@ -240,3 +240,21 @@ def test_competition_zip_of_zips_splits_by_file_name(tmp_path):
         "test": {"cat": 1, "dog": 1},
     }
     assert all(p.startswith("train/") for rows in result.manifests.values() for p, _ in rows)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"),
+    [
+        ("chest_ct", "chest_ct"),
+        (
+            "kaggle://datasets/mohamedhanyyy/chest-ctscan-images",
+            "mohamedhanyyy/chest-ctscan-images",
+        ),
+        ("kaggle://competitions/dogs-vs-cats/", "dogs-vs-cats"),
+        ("https://example.com/files/flowers.tar.gz?dl=1", "flowers"),
+        ("file:///data/pets.zip", "pets"),
+        ("/data/pets/", "pets"),
+    ],
+)
+def test_dataset_name_is_short_and_readable(dataset, name):
+    assert sources.dataset_name(dataset) == name

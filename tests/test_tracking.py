@@ -108,6 +108,39 @@ def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     assert exp.artifact_location == (Path(tmp_path).resolve() / "mlartifacts").as_uri()
 
 
+def test_split_manifests_are_the_runs_mlflow_datasets(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "train.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/3.png,b\n")
+    (tmp_path / "test.csv").write_text("path,label\na/4.png,a\n")
+    manifests = {"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"}
+    run = tracking.open_run("exp", "hash-d", {"seed": 1}, "d")
+    run.log_datasets("pets", manifests, "0123abcd.dir")
+    run.log_datasets("pets", manifests, "0123abcd.dir")  # evaluate logs them again: no change
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    got = {
+        (i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset
+        for i in inputs
+    }
+    assert set(got) == {("pets/train", "training"), ("pets/test", "test")}
+    train = got["pets/train", "training"]
+    assert json.loads(train.profile) == {"num_rows": 3, "num_classes": 2}
+    assert json.loads(train.source) == {"uri": (tmp_path / "train.csv").as_posix()}
+    assert [c["name"] for c in json.loads(train.schema)["mlflow_colspec"]] == ["path", "label"]
+    # The same manifest over changed raw data (another DVC hash) is another dataset version.
+    run.log_datasets("pets", {"train": manifests["train"]}, "4567cdef.dir")
+    tracking.close_run(run)
+    digests = {
+        i.dataset.digest
+        for i in client.get_run(run.run_id).inputs.dataset_inputs
+        if i.dataset.name == "pets/train"
+    }
+    assert len(digests) == 2 and train.digest in digests
+
+
 def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     import sys
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -53,6 +54,20 @@ PRESETS: dict[str, Preset] = {
 def preset_subdir(dataset: str) -> str | None:
     preset = PRESETS.get(dataset)
     return preset.subdir if preset else None
+
+
+def dataset_name(dataset: str) -> str:
+    """A short name for `data.dataset`, as MLflow lists data sets: the preset, Kaggle's
+    OWNER/NAME or competition name, or the archive's or folder's name."""
+    if dataset in PRESETS:
+        return dataset
+    if dataset.startswith("kaggle://"):
+        return dataset.removeprefix("kaggle://").split("/", 1)[1].strip("/")
+    if dataset.startswith("https://"):
+        name = urllib.parse.urlsplit(dataset).path.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        name = Path(dataset.removeprefix("file://")).expanduser().resolve().name
+    return _archive_stem(Path(name)) if is_archive(Path(name)) else name
 
 
 # ---------------------------------------------------------------- archives

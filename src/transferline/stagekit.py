@@ -110,3 +110,15 @@ def log_everything(run) -> None:
         run.log_artifact(path, "plots/evaluate")
     for path in (Path("params.yaml"), Path("dvc.lock")):
         run.log_artifact(path)
+
+
+def log_datasets(run, dataset: str) -> None:
+    """The split manifests as the run's MLflow datasets, named after `data.dataset`."""
+    from transferline import sources, tracking  # noqa: PLC0415
+
+    manifests = {s: SPLITS / f"{s}.csv" for s in ("train", "val", "test")}
+    run.log_datasets(
+        sources.dataset_name(dataset),
+        {s: path for s, path in manifests.items() if path.exists()},
+        tracking.dvc_lock_hash("download", "data/raw"),
+    )

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 HASH_TAG = "transferline.params_hash"
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
 
 
@@ -125,6 +126,40 @@ class Run:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_datasets(self, name: str, manifests: Mapping[str, Path], data_hash: str | None) -> None:
+        """The split manifests (path,label) as MLflow datasets of this run, with MLflow's
+        context tag (training, validation, test): the UI's Dataset column and filter. The
+        digest covers the manifest and, where dvc.lock has it, the raw data's DVC hash, so it
+        changes when the files change under the same names. Logging the same one again (as
+        evaluate does after split) adds nothing."""
+        import csv  # noqa: PLC0415
+        import hashlib  # noqa: PLC0415
+        import json  # noqa: PLC0415
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag  # noqa: PLC0415
+        from mlflow.types import ColSpec, Schema  # noqa: PLC0415
+
+        schema = Schema([ColSpec("string", "path"), ColSpec("string", "label")])
+        inputs = []
+        for split, path in manifests.items():
+            data = Path(path).read_bytes()
+            rows = list(csv.DictReader(data.decode().splitlines()))
+            digest = hashlib.md5(data + (data_hash or "").encode(), usedforsecurity=False)
+            dataset = Dataset(
+                name=f"{name}/{split}",
+                digest=digest.hexdigest()[:8],
+                source_type="local",
+                source=json.dumps({"uri": Path(path).as_posix()}),
+                schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
+                profile=json.dumps(
+                    {"num_rows": len(rows), "num_classes": len({r["label"] for r in rows})}
+                ),
+            )
+            context = InputTag("mlflow.data.context", SPLIT_CONTEXTS.get(split, split))
+            inputs.append(DatasetInput(dataset, [context]))
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag  # noqa: PLC0415

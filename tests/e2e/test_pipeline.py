@@ -244,6 +244,16 @@ def test_dvc_repro_end_to_end(tmp_path):
     # MLflow's own source tags, as the UI's Source and Version columns read them.
     assert run.data.tags["mlflow.source.name"] == "stages/evaluate.py"
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git.commit"]
+    # The split manifests are its datasets (logged by split and again by evaluate: once each).
+    datasets = [
+        (i.dataset.name, [t.value for t in i.tags if t.key == "mlflow.data.context"])
+        for i in run.inputs.dataset_inputs
+    ]
+    assert sorted(datasets) == [
+        ("digits/test", ["test"]),
+        ("digits/train", ["training"]),
+        ("digits/val", ["validation"]),
+    ]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
     assert "plots/evaluate/head_confusion.png" in artifacts
     assert "MLmodel" in logged_model_files(client, run)
