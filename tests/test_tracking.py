@@ -180,7 +180,10 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
 
     # Evaluated again in the same run (same params): a second model, and the run's name for
     # it means the newest, with the newest metrics.
+    # Before it, an evaluate killed mid-upload left a PENDING model: it is deleted first.
     run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    exp_id = logged.experiment_id
+    killed = client.create_logged_model(exp_id, name="model", source_run_id=run.run_id)
     run.log_metrics({"accuracy": 0.5}, prefix="test.head.")
     newer = tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
     tracking.close_run(run)
@@ -188,6 +191,27 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     assert f"models:/{tracking.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}" == newer
     newest = client.get_logged_model(newer.removeprefix("models:/"))
     assert {m.key: m.value for m in newest.metrics} == {"test.head.accuracy": 0.5}
+
+    def listed():
+        return {m.model_id: m.status for m in client.search_logged_models([exp_id])}
+
+    assert killed.model_id not in listed()
+    assert set(listed().values()) == {LoggedModelStatus.READY}
+
+    # An upload that fails leaves no model behind: runs:/ still means the last whole one.
+    def broken_save(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    before = listed()
+    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    with monkeypatch.context() as patched, pytest.raises(OSError, match="No space"):
+        patched.setattr(mlflow.keras, "save_model", broken_save)
+        tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
+    tracking.close_run(run, failed=True)
+    assert listed() == before
+    outputs = client.get_run(run.run_id).outputs.model_outputs
+    assert {f"models:/{o.model_id}" for o in outputs} == {uri, newer}
+    assert f"models:/{tracking.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}" == newer
 
     pyfunc = tracking.load_pyfunc(uri)
     assert pyfunc.metadata.metadata == {"classes": ["a", "b", "c"], "image_size": 32}

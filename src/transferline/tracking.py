@@ -237,7 +237,9 @@ def log_classifier(
     in a subprocess). Not `log_model` itself: with an input example, mlflow.keras.save_model
     writes it before it creates the model folder and fails (mlflow/mlflow#16183, still open
     in 3.17), so here the folder is made first and the steps of `Model.log` are taken with
-    the public client API.
+    the public client API. The model is linked to the run once it is whole; a failed upload's
+    model is deleted at once, a killed one's (still PENDING) at the run's next log, so that
+    `runs:/ID/model` goes back to the last whole model.
     """
     import tempfile  # noqa: PLC0415
 
@@ -249,6 +251,7 @@ def log_classifier(
 
     client = run.client
     source = client.get_run(run.run_id)
+    _delete_unfinished_models(client, source.info.experiment_id, run.run_id)
     logged = client.create_logged_model(
         source.info.experiment_id,
         name="model",
@@ -259,7 +262,6 @@ def log_classifier(
     )
     model_id = logged.model_id
     try:
-        client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=0)])
         latest = [  # the current value of each, re-logged as it is (so not duplicated)
             max(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
             for key in source.data.metrics
@@ -294,8 +296,12 @@ def log_classifier(
                 metadata={"classes": classes, "image_size": image_size},
             )
             client.log_model_artifacts(model_id, str(folder))
+        client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=0)])
     except BaseException:
-        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        # Half-uploaded: out of sight, so runs:/ID/model keeps meaning the last whole model.
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+            client.delete_logged_model(model_id)
         raise
     client.finalize_logged_model(model_id, LoggedModelStatus.READY)
     uri = f"models:/{model_id}"
@@ -305,6 +311,17 @@ def log_classifier(
         log.info("MLflow: registered %s version %s", register_as, version.version)
     log.info("MLflow: model logged as %s (also runs:/%s/model)", uri, run.run_id)
     return uri
+
+
+def _delete_unfinished_models(client: Any, experiment_id: str, run_id: str) -> None:
+    """Delete this run's models still PENDING: left by an evaluate that was killed mid-upload.
+    MLflow resolves runs:/ID/model to the newest model of the run whatever its state."""
+    from mlflow.entities import LoggedModelStatus  # noqa: PLC0415
+
+    for model in client.search_logged_models([experiment_id], filter_string="name = 'model'"):
+        if model.source_run_id == run_id and model.status == LoggedModelStatus.PENDING:
+            log.warning("MLflow: deleting unfinished model %s of this run", model.model_id)
+            client.delete_logged_model(model.model_id)
 
 
 def load_pyfunc(uri: str):
