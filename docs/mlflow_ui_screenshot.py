@@ -1,12 +1,11 @@
 """Screenshot of the MLflow runs table with chosen columns (a manual check, not a test).
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5055 &
-    python docs/mlflow_ui_screenshot.py test.finetune.accuracy test.head.accuracy model.backbone \
-        Dataset Source
+    python docs/mlflow_ui_screenshot.py test.finetune.accuracy test.head.accuracy model.backbone
 
 Needs `pip install selenium` and Chromium's chromedriver (Debian: chromium-driver). Opens the
 first experiment's runs sorted by test.finetune.accuracy, ticks each named column in the
-Columns menu (names also untick: Dataset Source), writes docs/mlflow-runs.png.
+Columns menu (a name already ticked is unticked), writes docs/mlflow-runs.png.
 """
 
 import contextlib
