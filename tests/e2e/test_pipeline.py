@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -151,6 +152,14 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z_]+)'", output))
 
 
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command that keeps the headline columns only."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("dvc exp show --drop")
+    end = text.index("#", start)
+    return shlex.split(text[start:end].replace("\\\n", " "))
+
+
 def mlflow_runs(repo: Path, experiment: str):
     import mlflow
 
@@ -258,6 +267,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "plots/evaluate/head_confusion.png" in artifacts
     assert "MLmodel" in logged_model_files(client, run)
     assert run.data.tags["device"] == "CPU" and run.data.tags["model.source"] == "finetune"
+
+    # The README's short `dvc exp show`: the headline columns; the first row is the workspace.
+    shown = sh([*dvc, *readme_exp_show()[1:], "--csv"], repo)
+    header, row = list(csv.reader(shown.splitlines()))[:2]
+    assert header == [
+        "Experiment",
+        "finetune.accuracy",
+        "finetune.macro_f1",
+        "head.accuracy",
+        "head.macro_f1",
+        "model.backbone",
+        "head.type",
+    ]
+    assert float(row[1]) == pytest.approx(ev["finetune"]["accuracy"], abs=1e-5)
+    assert float(row[3]) == pytest.approx(ev["head"]["accuracy"], abs=1e-5)
+    assert row[5:] == ["vgg16", "logreg"]
 
     # Nothing left to do: status clean, a second repro runs nothing.
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
