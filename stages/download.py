@@ -11,4 +11,4 @@ def run(p: Params) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stagekit.main("download", run))
+    raise SystemExit(stagekit.main("download", run, tracked=False))  # logs nothing

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,73 @@ def test_latest_runs_best_first(tmp_path, monkeypatch):
     assert [r["backbone"] for r in rows] == ["b", "c", "a"]  # 0.9 (fine-tuned), 0.8, 0.7
     assert rows[0]["test.head.accuracy"] == 0.6 and rows[1]["test.finetune.accuracy"] is None
     assert tracking.latest_runs("no-such-experiment") == []
+
+
+def refused_uri() -> str:
+    """An http address where nothing listens (a port just freed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://user:secret@127.0.0.1:{port}"
+
+
+def test_unreachable_server_is_one_clear_error_at_once(monkeypatch):
+    import time
+
+    uri = refused_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.check_store()
+    assert time.perf_counter() - start < 30  # not MLflow's minutes of retries
+    message = str(err.value)
+    assert "Connection refused" in message and "MLFLOW_TRACKING_URI" in message
+    assert uri.replace("user:secret@", "") in message and "secret" not in message
+
+
+def test_store_errors_name_the_fix():
+    from mlflow.exceptions import MlflowException
+
+    def raised_through(exc: Exception) -> Exception:
+        try:
+            with tracking.store_errors("https://mlflow.example.com"):
+                raise exc
+        except Exception as seen:
+            return seen
+        raise AssertionError("nothing raised")
+
+    unauthorized = raised_through(MlflowException("request failed with error code 401 != 200"))
+    assert isinstance(unauthorized, tracking.TrackingError)
+    assert "MLFLOW_TRACKING_USERNAME" in str(unauthorized)
+    assert "https://mlflow.example.com" in str(unauthorized)
+    not_mlflow = raised_through(MlflowException("request failed with error code 404 != 200"))
+    assert "not as an MLflow tracking server" in str(not_mlflow)
+    bug = ValueError("a bug")
+    assert raised_through(bug) is bug  # not the store's: passed on as it is
+
+
+def test_stage_stops_before_its_work_when_the_store_is_down(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['extract.py']\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'stages' / 'extract.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('rc', e.code, 'tf', 'tensorflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": refused_uri()}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert "rc 2 tf False" in out.stdout  # stopped before TensorFlow, so before any work
+    assert "ERROR in stage 'extract': MLflow tracking store" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "data").exists()

@@ -33,7 +33,14 @@ PLOTS = Path("plots")
 KNOWN_ERRORS = (ParamsError, SourceError, DataError, WeightsError, StageError)
 
 
-def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
+def main(
+    stage: str,
+    body: Callable[[Params], None],
+    argv: list[str] | None = None,
+    tracked: bool = True,
+) -> int:
+    """Run one stage: arguments, logging, params, (with `tracked`) a quick check that the MLflow
+    store answers, then the body; known errors end it with one paragraph and exit code 2."""
     parser = argparse.ArgumentParser(
         prog=f"stages/{stage}.py", description=f"DVC stage '{stage}' of transferline."
     )
@@ -50,6 +57,10 @@ def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = No
     log.info("stage %s: start", stage)
     try:
         params = load_params(args.params)
+        if tracked:
+            from transferline import tracking  # noqa: PLC0415
+
+            tracking.check_store()
         with logs.native_log_filtered(enabled=not args.verbose):
             body(params)
     except KNOWN_ERRORS as exc:
@@ -61,17 +72,24 @@ def main(stage: str, body: Callable[[Params], None], argv: list[str] | None = No
 
 @contextlib.contextmanager
 def mlflow_run(params: Params) -> Iterator:
-    """The MLflow run of this parameter set, closed as failed if the stage fails."""
+    """The MLflow run of this parameter set, closed as failed if the stage fails; the store's
+    errors become one clean paragraph."""
     from transferline import tracking  # noqa: PLC0415
 
     name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
-    run = tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+    uri = tracking.tracking_uri()
+    with tracking.store_errors(uri):
+        run = tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
     try:
-        yield run
+        with tracking.store_errors(uri):
+            yield run
+    except tracking.TrackingError:
+        raise  # closing the run would fail (and be retried) the same way
     except BaseException:
         tracking.close_run(run, failed=True)
         raise
-    tracking.close_run(run)
+    with tracking.store_errors(uri):
+        tracking.close_run(run)
 
 
 # metrics file stem -> MLflow namespace

@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+
+from transferline.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,68 @@ def repo_root(start: Path | None = None) -> Path:
 
 def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+
+
+class TrackingError(StageError):
+    """The MLflow store cannot be reached or written; the message names it and the fix."""
+
+
+def describe_store_error(uri: str, exc: BaseException) -> str:
+    """One paragraph: which store, why (the innermost reason, not MLflow's whole chain), and
+    what to do about it."""
+    text = " ".join(str(exc).split())
+    errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+    reason = errno.group(0) if errno else (text[:300] + "..." if len(text) > 300 else text)
+    if re.search(r"\b(401|403)\b|Unauthorized|Forbidden|PERMISSION_DENIED", text):
+        fix = (
+            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+            "for this server"
+        )
+    elif re.search(r"\b404\b", text):
+        fix = (
+            "The address answers, but not as an MLflow tracking server: check its host, port "
+            "and path"
+        )
+    elif uri.startswith(("http://", "https://")):
+        fix = (
+            "Start the server (`mlflow server --host 0.0.0.0 --port 5000`), point "
+            "MLFLOW_TRACKING_URI at a running one, or unset it to log to sqlite:///mlflow.db at "
+            "the repository root"
+        )
+    else:
+        fix = "Check that this database can be opened and written, or set MLFLOW_TRACKING_URI"
+    store = _without_credentials(uri)
+    return f"MLflow tracking store {store} cannot be used ({reason}). {fix}, then run it again."
+
+
+def check_store(root: Path | None = None, timeout_s: int = 10) -> str:
+    """Reach the tracking store once, without MLflow's retries; return its URI.
+
+    Stages call this before their work: MLflow retries a refused connection with back-off
+    for about four minutes, so an unreachable server would otherwise stop a stage only after
+    its work was done, and with a traceback.
+    """
+    from unittest import mock  # noqa: PLC0415
+
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    uri = tracking_uri(root)
+    once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    with store_errors(uri), mock.patch.dict(os.environ, once):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
+@contextlib.contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """MLflow's errors (HTTP, database) as a TrackingError that names the store and the fix."""
+    import requests  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    try:
+        yield
+    except (MlflowException, requests.RequestException) as exc:
+        raise TrackingError(describe_store_error(uri, exc)) from exc
 
 
 def _git(*args: str) -> str:
@@ -79,10 +144,16 @@ def source_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags  # noqa: PLC0415
 
     tags = dict(resolve_tags())
-    url = urlsplit(tags.get(GIT_REPO_URL_TAG, ""))
-    if url.scheme and "@" in url.netloc:
-        tags[GIT_REPO_URL_TAG] = urlunsplit(url._replace(netloc=url.netloc.rsplit("@", 1)[1]))
+    if GIT_REPO_URL_TAG in tags:
+        tags[GIT_REPO_URL_TAG] = _without_credentials(tags[GIT_REPO_URL_TAG])
     return tags
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def dvc_lock_hash(stage: str, path: str, lock: Path = Path("dvc.lock")) -> str | None:
@@ -135,6 +206,7 @@ class Run:
         evaluate does after split) adds nothing."""
         import csv  # noqa: PLC0415
         import hashlib  # noqa: PLC0415
+        import io  # noqa: PLC0415
         import json  # noqa: PLC0415
 
         from mlflow.entities import Dataset, DatasetInput, InputTag  # noqa: PLC0415
@@ -144,7 +216,7 @@ class Run:
         inputs = []
         for split, path in manifests.items():
             data = Path(path).read_bytes()
-            rows = list(csv.DictReader(data.decode().splitlines()))
+            rows = list(csv.DictReader(io.StringIO(data.decode(), newline="")))
             digest = hashlib.md5(data + (data_hash or "").encode(), usedforsecurity=False)
             dataset = Dataset(
                 name=f"{name}/{split}",
