@@ -23,6 +23,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(4, usable_cpus()))
 
 
+def refused_uri() -> str:
+    """An http tracking URI (with credentials in it) where nothing listens: a port just freed."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://user:secret@127.0.0.1:{port}"
+
+
 def make_image(
     path: Path,
     color: tuple[int, int, int],

@@ -119,3 +119,20 @@ def test_compare_prints_runs_best_first(tmp_path):
     assert "0.9300" in rows[0]
     missing = run_cli("compare", "--experiment", "nope", env=env)
     assert missing.returncode == 1 and "no runs in experiment 'nope'" in missing.stderr
+
+
+def test_mlflow_commands_fail_at_once_with_one_paragraph(tmp_path):
+    from conftest import make_image, refused_uri
+
+    image = tmp_path / "x.png"
+    make_image(image, (200, 30, 30))
+    down = {"MLFLOW_TRACKING_URI": refused_uri()}
+    for args in (("compare", "--experiment", "x"), ("predict", "runs:/0123abc/model", str(image))):
+        out = run_cli(*args, env=down)
+        assert out.returncode == 2, out.stderr
+        assert "cannot be reached ([Errno 111] Connection refused)" in out.stderr
+        assert "Traceback" not in out.stderr and "secret" not in out.stderr
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = run_cli("predict", "runs:/" + "0" * 32 + "/model", str(image), env=store)
+    assert out.returncode == 2 and "MLflow cannot load it" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -247,18 +247,10 @@ def test_latest_runs_best_first(tmp_path, monkeypatch):
     assert tracking.latest_runs("no-such-experiment") == []
 
 
-def refused_uri() -> str:
-    """An http address where nothing listens (a port just freed)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://user:secret@127.0.0.1:{port}"
-
-
 def test_unreachable_server_is_one_clear_error_at_once(monkeypatch):
     import time
+
+    from conftest import refused_uri
 
     uri = refused_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -288,6 +280,9 @@ def test_store_errors_name_the_fix():
     assert "https://mlflow.example.com" in str(unauthorized)
     not_mlflow = raised_through(MlflowException("request failed with error code 404 != 200"))
     assert "not as an MLflow tracking server" in str(not_mlflow)
+    other = raised_through(MlflowException("INVALID_PARAMETER_VALUE: bad metric key"))
+    assert "rejected a request (INVALID_PARAMETER_VALUE" in str(other)
+    assert "Start the server" not in str(other)
     bug = ValueError("a bug")
     assert raised_through(bug) is bug  # not the store's: passed on as it is
 
@@ -296,7 +291,7 @@ def test_stage_stops_before_its_work_when_the_store_is_down(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, refused_uri
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     code = (

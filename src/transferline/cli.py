@@ -193,10 +193,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("transferline predict: no image files to predict", file=sys.stderr)
         return 2
     from transferline import export  # noqa: PLC0415  (TensorFlow)
+    from transferline.errors import StageError  # noqa: PLC0415
 
     try:
         classifier = export.load_classifier(args.model)
-    except (FileNotFoundError, OSError, ValueError) as exc:
+    except (FileNotFoundError, OSError, ValueError, StageError) as exc:
         print(f"transferline predict: cannot load the model: {exc}", file=sys.stderr)
         return 2
     rows = export.predict_files(classifier, files, batch_size=args.batch_size)
@@ -230,6 +231,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ParamsError as exc:
             print(f"transferline compare: {exc} (or pass --experiment NAME)", file=sys.stderr)
             return 2
+    try:
+        tracking.check_store()
+    except tracking.TrackingError as exc:
+        print(f"transferline compare: {exc}", file=sys.stderr)
+        return 2
     rows = tracking.latest_runs(experiment, args.limit)
     if not rows:
         print(

@@ -53,31 +53,40 @@ class TrackingError(StageError):
 
 
 def describe_store_error(uri: str, exc: BaseException) -> str:
-    """One paragraph: which store, why (the innermost reason, not MLflow's whole chain), and
-    what to do about it."""
+    """One paragraph: which store, what went wrong (the innermost reason, not MLflow's whole
+    chain), and what to do about it."""
     text = " ".join(str(exc).split())
     errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
     reason = errno.group(0) if errno else (text[:300] + "..." if len(text) > 300 else text)
+    store = f"MLflow tracking store {_without_credentials(uri)}"
+    remote = uri.startswith(("http://", "https://"))
+    if errno or re.search(r"Max retries exceeded|timed out|Connection(Error| aborted)", text):
+        if remote:
+            return (
+                f"{store} cannot be reached ({reason}). Start the server (`mlflow server --host "
+                "0.0.0.0 --port 5000`), point MLFLOW_TRACKING_URI at a running one, or unset it "
+                "to log to sqlite:///mlflow.db at the repository root, then run it again."
+            )
+        return (
+            f"{store} cannot be opened or written ({reason}). Check the path and its "
+            "permissions, or set MLFLOW_TRACKING_URI, then run it again."
+        )
     if re.search(r"\b(401|403)\b|Unauthorized|Forbidden|PERMISSION_DENIED", text):
-        fix = (
-            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-            "for this server"
+        return (
+            f"{store} refused the credentials ({reason}). Set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, then run it again."
         )
-    elif re.search(r"\b404\b", text):
-        fix = (
-            "The address answers, but not as an MLflow tracking server: check its host, port "
-            "and path"
+    if remote and re.search(r"\b404\b", text):
+        return (
+            f"{store} answers, but not as an MLflow tracking server ({reason}). Check the "
+            "host, port and path in MLFLOW_TRACKING_URI, then run it again."
         )
-    elif uri.startswith(("http://", "https://")):
-        fix = (
-            "Start the server (`mlflow server --host 0.0.0.0 --port 5000`), point "
-            "MLFLOW_TRACKING_URI at a running one, or unset it to log to sqlite:///mlflow.db at "
-            "the repository root"
+    if not remote and re.search(r"OperationalError|unable to open|read-only|locked", text):
+        return (
+            f"{store} cannot be opened or written ({reason}). Check the path and its "
+            "permissions, or set MLFLOW_TRACKING_URI, then run it again."
         )
-    else:
-        fix = "Check that this database can be opened and written, or set MLFLOW_TRACKING_URI"
-    store = _without_credentials(uri)
-    return f"MLflow tracking store {store} cannot be used ({reason}). {fix}, then run it again."
+    return f"{store} rejected a request ({reason}). The store's own log may say more."
 
 
 def check_store(root: Path | None = None, timeout_s: int = 10) -> str:
@@ -400,10 +409,19 @@ def load_pyfunc(uri: str):
     """An MLflow model (runs:/..., models:/name/version, a path) as a pyfunc model, from the
     same store the pipeline logs to."""
     import mlflow  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
-    mlflow.set_tracking_uri(tracking_uri())
-
-    return mlflow.pyfunc.load_model(uri)
+    # A store that is down fails at once (TrackingError), not after MLflow's retries.
+    in_store = uri.startswith(("runs:/", "models:/"))
+    mlflow.set_tracking_uri(check_store() if in_store else tracking_uri())
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(
+            f"{uri}: MLflow cannot load it ({reason}). Check the run ID or the model's name and "
+            "version (`transferline compare` lists the runs; `mlflow ui` shows both)."
+        ) from exc
 
 
 COMPARE_METRICS = ("test.head.accuracy", "test.finetune.accuracy", "test.finetune.macro_f1")
