@@ -83,10 +83,8 @@ def mlflow_run(params: Params) -> Iterator:
     try:
         with tracking.store_errors(uri):
             yield run
-    except tracking.TrackingError:
-        raise  # closing the run would fail (and be retried) the same way
     except BaseException:
-        tracking.close_run(run, failed=True)
+        tracking.abandon_run(run)
         raise
     with tracking.store_errors(uri):
         tracking.close_run(run)

@@ -96,15 +96,21 @@ def check_store(root: Path | None = None, timeout_s: int = 10) -> str:
     for about four minutes, so an unreachable server would otherwise stop a stage only after
     its work was done, and with a traceback.
     """
-    from unittest import mock  # noqa: PLC0415
-
     from mlflow import MlflowClient  # noqa: PLC0415
 
     uri = tracking_uri(root)
-    once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    with store_errors(uri), mock.patch.dict(os.environ, once):
+    with store_errors(uri), _no_retries(timeout_s):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
+
+
+def _no_retries(timeout_s: int = 10) -> contextlib.AbstractContextManager:
+    """MLflow's HTTP requests made inside it are tried once, with this timeout (MLflow reads
+    both settings from the environment at each request)."""
+    from unittest import mock  # noqa: PLC0415
+
+    once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    return mock.patch.dict(os.environ, once)
 
 
 @contextlib.contextmanager
@@ -461,3 +467,10 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
 
 def close_run(run: Run, failed: bool = False) -> None:
     run.client.set_terminated(run.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def abandon_run(run: Run) -> None:
+    """Mark the run FAILED if the store answers at once; never raises, so the stage's own
+    error is the one reported."""
+    with contextlib.suppress(Exception), _no_retries():
+        close_run(run, failed=True)

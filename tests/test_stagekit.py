@@ -1,0 +1,49 @@
+import time
+
+import mlflow
+import pytest
+
+from transferline import stagekit, tracking
+from transferline.params import load_params
+
+from conftest import REPO, refused_uri
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_params(REPO / "params.yaml")
+
+
+def runs(experiment: str):
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_a_failing_stage_leaves_its_run_failed_and_its_own_error(params):
+    with pytest.raises(ValueError, match="the stage's bug"), stagekit.mlflow_run(params):
+        raise ValueError("the stage's bug")
+    (run,) = runs(params.mlflow.experiment)
+    assert run.info.status == "FAILED"
+
+
+def test_a_request_the_store_rejects_is_one_paragraph(params):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(tracking.TrackingError, match="rejected a request"):  # noqa: SIM117
+        with stagekit.mlflow_run(params):
+            raise MlflowException("INVALID_PARAMETER_VALUE: bad key")
+    (run,) = runs(params.mlflow.experiment)
+    assert run.info.status == "FAILED"
+    with stagekit.mlflow_run(params) as again:  # the same parameter set: the same run, closed
+        assert again.run_id == run.info.run_id
+    assert runs(params.mlflow.experiment)[0].info.status == "FINISHED"
+
+
+def test_abandoning_a_run_on_a_store_that_is_gone_returns_at_once():
+    run = tracking.Run(mlflow.MlflowClient(refused_uri()), "0" * 32)
+    start = time.perf_counter()
+    tracking.abandon_run(run)  # raises nothing: the stage's own error is the one to report
+    assert time.perf_counter() - start < 30
