@@ -68,14 +68,22 @@ def test_runs_carry_mlflows_own_source_tags(tmp_path, monkeypatch):
     git("init", "-q", "-b", "main")
     git("remote", "add", "origin", "https://someone:s3cret@git.example.com/team/pets.git")
     (tmp_path / "stages").mkdir()
-    (tmp_path / "stages" / "evaluate.py").write_text("")
+    (tmp_path / "stages" / "evaluate.py").write_text(
+        "from transferline import tracking\n"
+        "run = tracking.open_run('exp', 'hash-s', {'seed': 1}, 's')\n"
+        "tracking.close_run(run)\n"
+        "print(run.run_id)\n"
+    )
     (tmp_path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
     git("add", ".")
     git("commit", "-qm", "first")
-    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py"])  # as DVC runs a stage
-    run = tracking.open_run("exp", "hash-s", {"seed": 1}, "s")
-    tracking.close_run(run)
-    tags = mlflow.MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run.run_id).data.tags
+    # In a process of its own, as DVC runs a stage: MLflow caches the git context per process.
+    out = subprocess.run(
+        [sys.executable, "stages/evaluate.py"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    run_id = out.stdout.split()[-1]
+    tags = mlflow.MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id).data.tags
     assert tags["mlflow.source.name"] == "stages/evaluate.py"
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
     assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD") == tags["git.commit"]
