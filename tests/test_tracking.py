@@ -1,4 +1,6 @@
+import functools
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,18 @@ def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def git_in(repo: Path, *args: str) -> str:
+    """Run git in `repo` with a stand-in identity; its output."""
+    ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    return subprocess.run(
+        ["git", *ident, *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_path, monkeypatch):
-    import subprocess
     from importlib import metadata
 
-    def git(*args):
-        ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-        return subprocess.run(
-            ["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True
-        ).stdout.strip()
+    git = functools.partial(git_in, tmp_path)
 
     monkeypatch.chdir(tmp_path)
     git("init", "-q")
@@ -54,14 +59,9 @@ def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_pa
 
 
 def test_runs_carry_mlflows_own_source_tags(tmp_path, monkeypatch):
-    import subprocess
     import sys
 
-    def git(*args):
-        ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-        return subprocess.run(
-            ["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True
-        ).stdout.strip()
+    git = functools.partial(git_in, tmp_path)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -296,7 +296,6 @@ def test_store_errors_name_the_fix():
 
 
 def test_stage_stops_before_its_work_when_the_store_is_down(tmp_path):
-    import subprocess
     import sys
 
     from conftest import REPO, refused_uri

@@ -55,11 +55,15 @@ class TrackingError(StageError):
 def describe_store_error(uri: str, exc: BaseException) -> str:
     """One paragraph: which store, what went wrong (the innermost reason, not MLflow's whole
     chain), and what to do about it."""
-    text = " ".join(str(exc).split())
+    text = _one_line(exc, limit=None)
     errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
-    reason = errno.group(0) if errno else (text[:300] + "..." if len(text) > 300 else text)
+    reason = errno.group(0) if errno else _one_line(exc)
     store = f"MLflow tracking store {_without_credentials(uri)}"
     remote = uri.startswith(("http://", "https://"))
+    unusable = (
+        f"{store} cannot be opened or written ({reason}). Check the path and its "
+        "permissions, or set MLFLOW_TRACKING_URI, then run it again."
+    )
     if errno or re.search(r"Max retries exceeded|timed out|Connection(Error| aborted)", text):
         if remote:
             return (
@@ -67,10 +71,7 @@ def describe_store_error(uri: str, exc: BaseException) -> str:
                 "0.0.0.0 --port 5000`), point MLFLOW_TRACKING_URI at a running one, or unset it "
                 "to log to sqlite:///mlflow.db at the repository root, then run it again."
             )
-        return (
-            f"{store} cannot be opened or written ({reason}). Check the path and its "
-            "permissions, or set MLFLOW_TRACKING_URI, then run it again."
-        )
+        return unusable
     if re.search(r"\b(401|403)\b|Unauthorized|Forbidden|PERMISSION_DENIED", text):
         return (
             f"{store} refused the credentials ({reason}). Set MLFLOW_TRACKING_USERNAME and "
@@ -82,11 +83,14 @@ def describe_store_error(uri: str, exc: BaseException) -> str:
             "host, port and path in MLFLOW_TRACKING_URI, then run it again."
         )
     if not remote and re.search(r"OperationalError|unable to open|read-only|locked", text):
-        return (
-            f"{store} cannot be opened or written ({reason}). Check the path and its "
-            "permissions, or set MLFLOW_TRACKING_URI, then run it again."
-        )
+        return unusable
     return f"{store} rejected a request ({reason}). The store's own log may say more."
+
+
+def _one_line(exc: BaseException, limit: int | None = 300) -> str:
+    """The exception's message on one line, cut at `limit` characters."""
+    text = " ".join(str(exc).split())
+    return text[:limit] + "..." if limit is not None and len(text) > limit else text
 
 
 def check_store(root: Path | None = None, timeout_s: int = 10) -> str:
@@ -423,10 +427,9 @@ def load_pyfunc(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
-        reason = " ".join(str(exc).split())[:300]
         raise ValueError(
-            f"{uri}: MLflow cannot load it ({reason}). Check the run ID or the model's name and "
-            "version (`transferline compare` lists the runs; `mlflow ui` shows both)."
+            f"{uri}: MLflow cannot load it ({_one_line(exc)}). Check the run ID or the model's "
+            "name and version (`transferline compare` lists the runs; `mlflow ui` shows both)."
         ) from exc
 
 
