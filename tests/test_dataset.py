@@ -221,6 +221,10 @@ def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
     assert x[1, ..., 2].mean() > 150 > x[1, ..., 0].mean()  # blue stays blue
     # tf.data's autotuner off: with it, deleting a finished iterator stalled up to 2.3 s
     assert ds.options().autotune.enabled is False
+    full = dataset.make_image_dataset(
+        [str(p) for p in paths], [0, 1, 2], 24, 2, drop_remainder=True
+    )
+    assert [tuple(y.shape) for _, y in full] == [(2,)]  # the short last batch left out
 
 
 def test_label_map_merges_and_reconciles(tmp_path):

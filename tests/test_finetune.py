@@ -278,3 +278,14 @@ def test_training_loop_for_several_machines_under_mixed_precision():
     losses = [h["val_loss"] for h in result.history]
     assert all(np.isfinite(losses)) and result.best_epoch >= 0
     assert min(losses) < result.val_before["loss"]
+
+
+def test_epoch_plan_keeps_every_replica_fed():
+    assert finetune.epoch_plan(100, 32, 1) == (4, False)  # one device: the short batch trains
+    assert finetune.epoch_plan(100, 32, 2) == (3, True)  # 4 left out, different ones per epoch
+    assert finetune.epoch_plan(96, 32, 4) == (3, True)
+    assert finetune.epoch_plan(3, 3, 2) == (1, True)  # 2 + 1 images: no replica empty
+    with pytest.raises(StageError, match=r"finetune.batch_size 1 is smaller than the 2 replicas"):
+        finetune.epoch_plan(100, 1, 2)
+    with pytest.raises(StageError, match=r"larger than the training split \(20 images\)"):
+        finetune.epoch_plan(20, 32, 2)

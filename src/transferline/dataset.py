@@ -453,11 +453,13 @@ def make_image_dataset(
     *,
     shuffle_seed: int | None = None,
     augment=None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
 
     `augment` is a Keras layer applied to training batches only (it is called with
-    training=True here and never saved with the model).
+    training=True here and never saved with the model). `drop_remainder` leaves out the short
+    last batch (see `finetune.epoch_plan`).
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
     batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
@@ -485,7 +487,7 @@ def make_image_dataset(
             num_parallel_calls=parallel,
             deterministic=True,
         )
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if augment is not None:
         ds = ds.map(
             lambda x, y: (augment(x, training=True), y),

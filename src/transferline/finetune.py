@@ -414,6 +414,43 @@ def finetune_across_machines(
     return FinetuneResult(history, best_epoch, before, unfrozen)
 
 
+def epoch_plan(n_images: int, batch_size: int, replicas: int) -> tuple[int, bool]:
+    """Training steps per epoch, and whether the short last batch is left out.
+
+    With several replicas a short last batch is split across them in order, so one can get
+    no image at all. TensorFlow's CPU gradient of a depthwise convolution (MobileNet,
+    EfficientNet, ...) for an empty batch is uninitialised memory, not zeros, and it goes
+    into the shared update: the weights turn to garbage or NaN, at random
+    (tests/test_distribution.py). So with several replicas only full batches train; the set
+    is reshuffled every epoch, so a different few images wait each time.
+    """
+    if replicas == 1:
+        return math.ceil(n_images / batch_size), False
+    if batch_size < replicas:
+        raise StageError(
+            f"finetune.batch_size {batch_size} is smaller than the {replicas} replicas "
+            f"(devices) training together, so some would get no images. Set "
+            f"finetune.batch_size to {replicas} or more (a multiple of {replicas} splits evenly)."
+        )
+    if n_images < batch_size:
+        raise StageError(
+            f"finetune.batch_size {batch_size} is larger than the training split "
+            f"({n_images} images). With {replicas} replicas only full batches train, so not "
+            f"one step would run. Set finetune.batch_size to {n_images} or less."
+        )
+    dropped = n_images % batch_size
+    if dropped:
+        log.info(
+            "%d replicas: each epoch trains on %d full batches of %d and leaves out the "
+            "short last one (%d images, different ones each epoch)",
+            replicas,
+            n_images // batch_size,
+            batch_size,
+            dropped,
+        )
+    return n_images // batch_size, True
+
+
 def max_feature_gap(extractor: keras.Model, images: np.ndarray, cached: np.ndarray) -> float:
     """Largest relative difference between the rebuilt base's features and the cached ones."""
     # a direct call, not predict: predict does not run under MultiWorkerMirroredStrategy
@@ -460,6 +497,8 @@ def run_finetune(
     strategy = models.distribution(devices, multi_worker=True)
     mixed = models.set_precision(mixed_precision)
     classes = read_json(features_dir / "meta.json")["classes"]
+    train_paths, y_train = dataset.split_arrays(raw, splits_dir, "train", classes)
+    steps, drop = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
     with strategy.scope():
         extractor = models.build_feature_extractor(
             backbones.get(backbone), weights, image_size, pooling, seed
@@ -474,7 +513,6 @@ def run_finetune(
             f"{features_dir} (relative gap {gap:.3g}): the weights changed since extract ran "
             f"(e.g. a different Keras cache or weights file). Run `dvc repro -f extract`."
         )
-    train_paths, y_train = dataset.split_arrays(raw, splits_dir, "train", classes)
     a = f.augment
     train_ds = dataset.make_image_dataset(
         train_paths,
@@ -483,6 +521,7 @@ def run_finetune(
         f.batch_size,
         shuffle_seed=seed,
         augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
+        drop_remainder=drop,
     )
     val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, f.batch_size)
     common = {
@@ -493,7 +532,7 @@ def run_finetune(
         "optimizer": f.optimizer,
         "schedule": f.schedule,
         "warmup_epochs": f.warmup_epochs,
-        "steps_per_epoch": math.ceil(len(train_paths) / f.batch_size),
+        "steps_per_epoch": steps,
         "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
         "patience": f.patience,
     }
