@@ -245,17 +245,22 @@ def test_label_map_merges_and_reconciles(tmp_path):
     assert split(pre, label_map={"doggo": "dog"}).classes == ["cat", "dog"]
 
 
-def test_cmyk_and_16_bit_decode_to_the_right_rgb(tmp_path):
+def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
     from PIL import Image
 
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgb[...] = (200, 100, 30)
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
     Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)).save(tmp_path / "i16.png")
+    # a camera's multi-picture JPEG (MPO): the first picture is the photo
+    first, second = (Image.fromarray(np.full((8, 8, 3), c, np.uint8)) for c in (60, 250))
+    first.save(tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[second])
     assert Image.open(tmp_path / "i16.png").mode == "I;16"
-    paths = [str(tmp_path / "cmyk.jpg"), str(tmp_path / "i16.png")]
-    assert all(dataset.check_image(p).ok for p in paths)
-    (x,) = list(dataset.make_image_dataset(paths, None, 8, batch_size=2))
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    paths = [str(tmp_path / name) for name in ("cmyk.jpg", "i16.png", "camera.jpg")]
+    assert [dataset.check_image(p).reason for p in paths] == ["", "", ""]
+    (x,) = list(dataset.make_image_dataset(paths, None, 8, batch_size=3))
     x = x.numpy()
     np.testing.assert_allclose(x[0, 4, 4], (200, 100, 30), atol=2)
     np.testing.assert_allclose(x[1, 4, 4], (200, 200, 200), atol=1)  # scaled, not clipped
+    np.testing.assert_allclose(x[2], 60, atol=2)

@@ -37,8 +37,9 @@ SPLIT_DIR_NAMES = {
     "testing": "test",
 }
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
-# Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read.
-SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
+# Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read. MPO is a
+# camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF"}
 Layout = Literal["auto", "class_folders", "presplit", "filename"]
 
 
