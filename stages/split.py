@@ -33,7 +33,7 @@ def run(p: Params) -> None:
     with stagekit.mlflow_run(p) as run:
         totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
         run.log_metrics(
-            {**totals, "rejected": metrics["rejected"], "duplicates": metrics["duplicates"]},
+            {**totals, **{k: metrics[k] for k in ("rejected", "duplicates", "exif_turned")}},
             prefix="split.",
         )
         stagekit.log_datasets(run, p.data.dataset)

@@ -54,6 +54,27 @@ def make_image(
     return path
 
 
+def save_turned(path: Path, upright: np.ndarray, orientation: int, fmt: str = "PNG") -> Path:
+    """Store `upright` as a camera would: the pixels as the sensor read them, and the EXIF
+    orientation tag (0x0112) that says how to turn them back."""
+    from PIL import Image, ImageOps
+
+    t = Image.Transpose  # the inverse of each orientation's turn (6 and 8 swap)
+    stored = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE}
+    stored |= {6: t.ROTATE_90, 7: t.TRANSVERSE, 8: t.ROTATE_270}
+    img = Image.fromarray(upright)
+    if orientation > 1:
+        img = img.transpose(stored[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, exif=exif, quality=95)
+    if fmt == "PNG":  # lossless: PIL turns it back exactly
+        with Image.open(path) as back:
+            assert np.array_equal(np.asarray(ImageOps.exif_transpose(back)), upright)
+    return path
+
+
 def randomize_batchnorm(model, seed: int = 1) -> None:
     """Statistics away from the defaults (mean 0, variance 1), so folding really is tested,
     yet near enough that a deep random net stays well conditioned (wider ranges made the

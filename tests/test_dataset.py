@@ -10,7 +10,15 @@ import pytest
 from transferline import dataset
 from transferline.dataset import Candidate, DataError
 
-from conftest import COLORS, add_broken_files, make_class_folders, make_image, seed_of, snapshot
+from conftest import (
+    COLORS,
+    add_broken_files,
+    make_class_folders,
+    make_image,
+    save_turned,
+    seed_of,
+    snapshot,
+)
 
 
 def split(root: Path, **kw):
@@ -264,3 +272,69 @@ def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
     np.testing.assert_allclose(x[0, 4, 4], (200, 100, 30), atol=2)
     np.testing.assert_allclose(x[1, 4, 4], (200, 200, 200), atol=1)  # scaled, not clipped
     np.testing.assert_allclose(x[2], 60, atol=2)
+
+
+def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
+    """Phones store pixels as the sensor read them plus an EXIF tag saying how to turn them;
+    split records the tag and every loader turns the image as PIL's exif_transpose does."""
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)  # landscape, no symmetry
+    root = tmp_path / "raw"
+    for o in range(1, 9):
+        save_turned(root / "cat" / f"o{o}.png", upright, o)
+        save_turned(root / "dog" / f"o{o}.png", 255 - upright, o)
+    broken = save_turned(root / "dog" / "bad_tag.png", upright[:, ::-1].copy(), 1)
+    with Image.open(broken) as img:
+        img.load()
+        exif = img.getexif()
+        exif[dataset.EXIF_ORIENTATION] = 9  # no such orientation: used as stored
+        img.save(broken, exif=exif)
+    assert dataset.check_image(broken).orientation == 0
+    assert dataset.check_image(root / "cat/o6.png").orientation == 6
+    result = split(root, val=0.2, test=0.2)
+    assert "no valid value (1-8), e.g. dog/bad_tag.png" in caplog.text
+    assert result.orientations == {f"{c}/o{o}.png": o for c in ("cat", "dog") for o in range(2, 9)}
+    out = tmp_path / "splits"
+    out.mkdir()
+    assert dataset.write_split(result, out)["exif_turned"] == 14
+    paths, labels, turns = [], [], []
+    for s in dataset.SPLITS:
+        p, y, o = dataset.split_arrays(root, out, s, ["cat", "dog"])
+        paths += p
+        labels += list(y)
+        turns += list(o)
+    assert sorted(turns) == [1, 1, 1, *sorted(2 * list(range(2, 9)))]
+    # The reference: PIL turns the file upright, then the pipeline's own resize.
+    expected = []
+    for p in paths:
+        with Image.open(p) as img:
+            ref = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        expected.append(tf.image.resize(ref, (16, 16)).numpy())
+    got = np.concatenate(list(dataset.make_image_dataset(paths, None, 16, 5, orientations=turns)))
+    np.testing.assert_allclose(got, np.stack(expected), atol=1e-3)
+    # all eight cats are one upright picture, whatever their tag
+    cat = expected[paths.index(str(root / "cat/o1.png"))]
+    assert sum(np.allclose(x, cat, atol=1e-3) for x in got) == 8
+    # with labels and shuffling, each file's turn travels with it
+    ds = dataset.make_image_dataset(paths, labels, 16, 4, shuffle_seed=3, orientations=turns)
+    for x, y in ds:
+        for img, label in zip(x.numpy(), y.numpy(), strict=True):
+            match = [i for i, e in enumerate(expected) if np.allclose(img, e, atol=1e-3)]
+            assert match and all(labels[i] == label for i in match)
+    # without the record, files are used as stored (a plain tf.data decode)
+    plain = np.concatenate(list(dataset.make_image_dataset(paths, None, 16, 5)))
+    assert not np.allclose(plain, got, atol=1)
+
+
+def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
+    upright = np.zeros((16, 24, 3), np.uint8)
+    upright[:, :8] = 255  # white on the left
+    path = save_turned(tmp_path / "photo.jpg", upright, 6, fmt="JPEG")
+    check = dataset.check_image(path)
+    assert check.ok and check.orientation == 6
+    (x,) = list(dataset.make_image_dataset([str(path)], None, 24, 1, orientations=[6]))
+    x = x.numpy()[0]
+    assert x[:, :6].mean() > 200 and x[:, -10:].mean() < 40  # left is white again

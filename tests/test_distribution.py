@@ -49,8 +49,8 @@ SCRIPT = textwrap.dedent(
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     # as run_finetune batches the training split: 1 image in the last batch of 4 would
     # leave a replica with none, and its depthwise gradient with garbage
-    steps, drop = finetune.epoch_plan(13, 4, strategy.num_replicas_in_sync)
-    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=drop)
+    plan = finetune.epoch_plan(13, 4, strategy.num_replicas_in_sync)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=plan.drop_remainder)
     with strategy.scope():
         model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
         base = models.base_of(model)
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
         stats = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
         result = finetune.finetune(
             model, train, ds, epochs=3, learning_rate=1e-3, unfreeze_layers=4,
-            steps_per_epoch=steps,
+            steps_per_epoch=plan.steps,
         )
     after = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
     print(json.dumps({

@@ -11,7 +11,7 @@ import pytest
 from transferline import backbones, export, finetune, heads
 from transferline.models import Preprocess, base_of, build_feature_extractor, folded_batchnorms
 
-from conftest import add_broken_files, make_class_folders, randomize_batchnorm
+from conftest import add_broken_files, make_class_folders, randomize_batchnorm, save_turned
 
 
 @pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "builtin"])
@@ -106,3 +106,21 @@ def test_predict_files_reports_broken_files_per_file(classifier_dir, tmp_path):
     assert "empty file" in by_name["empty.jpg"]["error"]
     assert "corrupt or truncated" in by_name["truncated.jpg"]["error"]
     assert by_name["notes.txt"]["label"] is None
+
+
+def test_predict_files_turns_camera_images_upright(classifier_dir, tmp_path):
+    upright = np.random.default_rng(2).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    files = [save_turned(tmp_path / f"o{o}.png", upright, o) for o in (1, 6, 8, 3)]
+    # the pixels of o6.png without its tag: what a loader that ignores EXIF would see
+    from PIL import Image
+
+    with Image.open(files[1]) as img:
+        img.convert("RGB").save(tmp_path / "untagged.png")
+    rows = export.predict_files(
+        export.load_classifier(classifier_dir), [*files, tmp_path / "untagged.png"]
+    )
+    p = np.array([r["p_cat"] for r in rows])
+    # a random-weight VGG averages much of a turn away (1.2e-4 apart when measured), but
+    # the same picture agrees to float rounding
+    np.testing.assert_allclose(p[1:4], p[0], atol=1e-6)
+    assert abs(p[4] - p[0]) > 2e-5

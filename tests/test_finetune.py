@@ -281,10 +281,11 @@ def test_training_loop_for_several_machines_under_mixed_precision():
 
 
 def test_epoch_plan_keeps_every_replica_fed():
-    assert finetune.epoch_plan(100, 32, 1) == (4, False)  # one device: the short batch trains
-    assert finetune.epoch_plan(100, 32, 2) == (3, True)  # 4 left out, different ones per epoch
-    assert finetune.epoch_plan(96, 32, 4) == (3, True)
-    assert finetune.epoch_plan(3, 3, 2) == (1, True)  # 2 + 1 images: no replica empty
+    plan = finetune.EpochPlan
+    assert finetune.epoch_plan(100, 32, 1) == plan(4, False, 100)  # one device: all train
+    assert finetune.epoch_plan(100, 32, 2) == plan(3, True, 96)  # 4 wait, others each epoch
+    assert finetune.epoch_plan(96, 32, 4) == plan(3, True, 96)
+    assert finetune.epoch_plan(3, 3, 2) == plan(1, True, 3)  # 2 + 1 images: no replica empty
     with pytest.raises(StageError, match=r"finetune.batch_size 1 is smaller than the 2 replicas"):
         finetune.epoch_plan(100, 1, 2)
     with pytest.raises(StageError, match=r"larger than the training split \(20 images\)"):

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +41,8 @@ SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 # Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read. MPO is a
 # camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF"}
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
+ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
 Layout = Literal["auto", "class_folders", "presplit", "filename"]
 
 
@@ -62,6 +65,8 @@ class SplitResult:
     duplicates: int
     layout: str
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # kept images whose EXIF orientation is not 1 (as stored), path -> orientation 2..8
+    orientations: dict[str, int] = field(default_factory=dict)
 
 
 def is_hidden(name: str) -> bool:
@@ -236,6 +241,17 @@ class Check:
     ok: bool
     reason: str
     digest: str
+    # EXIF orientation 1..8 (1: as stored, or no tag); 0: a tag with no valid value
+    orientation: int = 1
+
+
+def _exif_orientation(img) -> int:
+    """The EXIF orientation of an opened PIL image, as PIL's `ImageOps.exif_transpose` reads
+    it; 0 for a tag that holds no valid value (then the pixels are used as stored)."""
+    with warnings.catch_warnings():  # a corrupt EXIF block: PIL warns and reads no tag
+        warnings.simplefilter("ignore")
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
 def check_image(path: str | Path) -> Check:
@@ -259,11 +275,12 @@ def check_image(path: str | Path) -> Check:
             img.load()
             if img.width < 1 or img.height < 1:
                 return Check(False, "image has no pixels", digest)
+            orientation = _exif_orientation(img)
     except UnidentifiedImageError:
         return Check(False, "not an image (unrecognised file format)", digest)
     except (OSError, ValueError, SyntaxError) as exc:
         return Check(False, f"corrupt or truncated image: {exc}", digest)
-    return Check(True, "", digest)
+    return Check(True, "", digest, orientation)
 
 
 def check_images(paths: Sequence[Path], workers: int | None = None) -> list[Check]:
@@ -374,11 +391,21 @@ def build_split(
             rejected.append((c.path, "no label: the file name has no class prefix like cat.1.jpg"))
     checks = check_images([rel_to / c.path for c in labelled], workers)
     good: list[tuple[Candidate, str]] = []
+    orientation: dict[str, int] = {}
     for c, chk in zip(labelled, checks, strict=True):
         if chk.ok:
             good.append((c, chk.digest))
+            orientation[c.path] = chk.orientation
         else:
             rejected.append((c.path, chk.reason))
+    invalid = sorted(path for path, o in orientation.items() if o == 0)
+    if invalid:
+        log.warning(
+            "%d images have an EXIF orientation tag with no valid value (1-8), e.g. %s: they are "
+            "used as stored, as image viewers show them",
+            len(invalid),
+            invalid[0],
+        )
     # Exact duplicates: one copy survives (the first by path); copies that disagree on the
     # label are all refused, since no rule can say which label is right.
     by_digest: dict[str, list[Candidate]] = defaultdict(list)
@@ -399,7 +426,16 @@ def build_split(
     classes = sorted({c.label for c in kept})
     manifests = {s: sorted((c.path, c.label) for c in split[s]) for s in SPLITS}
     counts = {s: dict(sorted(Counter(lbl for _, lbl in manifests[s]).items())) for s in SPLITS}
-    return SplitResult(manifests, classes, sorted(rejected), duplicates, chosen, counts)
+    turned = {c.path: orientation[c.path] for c in kept if orientation[c.path] > 1}
+    return SplitResult(
+        manifests,
+        classes,
+        sorted(rejected),
+        duplicates,
+        chosen,
+        counts,
+        dict(sorted(turned.items())),
+    )
 
 
 def write_split(result: SplitResult, folder: Path) -> dict:
@@ -407,7 +443,7 @@ def write_split(result: SplitResult, folder: Path) -> dict:
     import csv  # noqa: PLC0415
     import json  # noqa: PLC0415
 
-    def table(name: str, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+    def table(name: str, header: tuple[str, str], rows: list[tuple[str, object]]) -> None:
         with (folder / name).open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
@@ -416,12 +452,14 @@ def write_split(result: SplitResult, folder: Path) -> dict:
     for split, rows in result.manifests.items():
         table(f"{split}.csv", ("path", "label"), rows)
     table("rejected.csv", ("path", "reason"), result.rejected)
+    table(ORIENTATION_FILE, ("path", "orientation"), list(result.orientations.items()))
     (folder / "classes.json").write_text(json.dumps(result.classes, indent=2) + "\n")
     return {
         "counts": result.counts,
         "rejected": len(result.rejected),
         "duplicates": result.duplicates,
         "layout": result.layout,
+        "exif_turned": len(result.orientations),
     }
 
 
@@ -435,15 +473,46 @@ def read_manifest(path: Path) -> list[tuple[str, str]]:
         return [(r["path"], r["label"]) for r in csv.DictReader(f)]
 
 
-def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode any supported file to RGB float32 0..255 at image_size x image_size."""
+# EXIF orientation -> (transpose, flip left-right, flip top-bottom), applied in that order:
+# the same pixels as PIL's ImageOps.exif_transpose (tests/test_dataset.py).
+_ORIENTATION_STEPS = {
+    1: (0, 0, 0),
+    2: (0, 1, 0),
+    3: (0, 1, 1),
+    4: (0, 0, 1),
+    5: (1, 0, 0),
+    6: (1, 1, 0),
+    7: (1, 1, 1),
+    8: (1, 0, 1),
+}
+
+
+def load_image(path: tf.Tensor, image_size: int, orientation: tf.Tensor | None = None) -> tf.Tensor:
+    """Decode any supported file to RGB float32 0..255 at image_size x image_size, turned
+    upright by its EXIF `orientation` (1..8) when one is given."""
     import tensorflow as tf  # noqa: PLC0415
 
     img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     # Bilinear without antialiasing, as keras.utils.image_dataset_from_directory does: 25%
     # faster on CPU (bench/extract.py), and what ImageNet-trained bases usually see.
     img = tf.image.resize(img, (image_size, image_size))
-    return tf.ensure_shape(img, (image_size, image_size, 3))
+    img = tf.ensure_shape(img, (image_size, image_size, 3))
+    if orientation is not None:
+        # Turned after the resize, on fewer pixels: resizing to a square works per axis, so
+        # the order gives the same numbers. tf.switch_case runs only the turn an image needs
+        # (tf.where over every turn made all decoding about 3x slower); what is left costs
+        # small files some decode speed, camera-sized ones none (bench/orientation.py).
+        def turn(transpose: int, flip_lr: int, flip_ud: int):
+            def branch() -> tf.Tensor:
+                out = tf.transpose(img, (1, 0, 2)) if transpose else img
+                out = tf.reverse(out, [1]) if flip_lr else out
+                return tf.reverse(out, [0]) if flip_ud else out
+
+            return branch
+
+        branches = [turn(*_ORIENTATION_STEPS[o]) for o in range(1, 9)]
+        img = tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+    return img
 
 
 def make_image_dataset(
@@ -455,12 +524,15 @@ def make_image_dataset(
     shuffle_seed: int | None = None,
     augment=None,
     drop_remainder: bool = False,
+    orientations: Sequence[int] | None = None,
 ) -> tf.data.Dataset:
     """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
 
     `augment` is a Keras layer applied to training batches only (it is called with
     training=True here and never saved with the model). `drop_remainder` leaves out the short
-    last batch (see `finetune.epoch_plan`).
+    last batch (see `finetune.epoch_plan`). `orientations` (EXIF, 1..8 per path, from
+    `split_arrays` or `check_images`) turns camera images upright; a set with none to turn
+    keeps the plain decode.
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
     batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
@@ -471,22 +543,27 @@ def make_image_dataset(
     import tensorflow as tf  # noqa: PLC0415
 
     parallel = usable_cpus()
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    files = tf.data.Dataset.from_tensor_slices(list(paths))
+    turn = orientations is not None and any(o != 1 for o in orientations)
+    if turn:
+        if len(orientations) != len(paths):
+            raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
+        o = np.asarray(orientations, dtype=np.int32)
+        files = tf.data.Dataset.zip(files, tf.data.Dataset.from_tensor_slices(o))
+
+    def load(file) -> tf.Tensor:  # file: a path, or (path, orientation)
+        return load_image(file[0], image_size, file[1]) if turn else load_image(file, image_size)
+
+    ds = files
     if labels is not None:
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     if labels is not None:
-        ds = ds.map(
-            lambda p, y: (load_image(p, image_size), y),
-            num_parallel_calls=parallel,
-            deterministic=True,
-        )
+        ds = ds.map(lambda f, y: (load(f), y), num_parallel_calls=parallel, deterministic=True)
     else:
         ds = ds.map(
-            lambda p: load_image(p, image_size),
-            num_parallel_calls=parallel,
-            deterministic=True,
+            lambda *f: load(f if turn else f[0]), num_parallel_calls=parallel, deterministic=True
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if augment is not None:
@@ -511,12 +588,27 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def read_orientations(splits_dir: Path) -> dict[str, int]:
+    """The split stage's record of images to turn upright (path -> EXIF orientation 2..8).
+    A splits folder without one (e.g. manifests written by hand) has none to turn."""
+    import csv  # noqa: PLC0415
+
+    path = Path(splits_dir) / ORIENTATION_FILE
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {r["path"]: int(r["orientation"]) for r in csv.DictReader(f)}
+
+
 def split_arrays(
     raw: Path, splits_dir: Path, split: str, classes: list[str]
-) -> tuple[list[str], np.ndarray]:
-    """Absolute file paths and integer labels of one split's manifest."""
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Absolute file paths, integer labels and EXIF orientations of one split's manifest."""
     rows = read_manifest(splits_dir / f"{split}.csv")
     index = {c: i for i, c in enumerate(classes)}
-    return [str(raw / p) for p, _ in rows], np.array(
-        [index[lbl] for _, lbl in rows], dtype=np.int64
+    turned = read_orientations(splits_dir)
+    return (
+        [str(raw / p) for p, _ in rows],
+        np.array([index[lbl] for _, lbl in rows], dtype=np.int64),
+        np.array([turned.get(p, 1) for p, _ in rows], dtype=np.int32),
     )

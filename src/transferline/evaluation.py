@@ -196,6 +196,7 @@ def write_figures(
     paths: list[str],
     image_size: int,
     report: dict[str, Any],
+    orientations: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Predictions CSV, per-class report, confusion matrix, ROC curves and the worst
     misclassified images of one model; returns the one-vs-rest ROC AUC of each class."""
@@ -216,10 +217,12 @@ def write_figures(
     worst = worst_misclassified(y_test, probs)
     images = []
     if worst:
-        picked = [paths[i] for i, _, _ in worst]
-        images = list(
-            np.concatenate(list(dataset.make_image_dataset(picked, None, image_size, 16)))
+        picked = [i for i, _, _ in worst]
+        turns = None if orientations is None else [orientations[i] for i in picked]
+        ds = dataset.make_image_dataset(
+            [paths[i] for i in picked], None, image_size, 16, orientations=turns
         )
+        images = list(np.concatenate(list(ds)))
     captions = [
         f"{Path(paths[i]).name[:22]}\n{classes[int(y_test[i])]} -> {classes[p]} ({c:.2f})"
         for i, p, c in worst
@@ -255,7 +258,7 @@ def evaluate_models(
 
     classes = read_json(features_dir / "meta.json")["classes"]
     x_test, y_test = load_split(features_dir, "test")
-    paths, y_images = dataset.split_arrays(raw, splits_dir, "test", classes)
+    paths, y_images, turns = dataset.split_arrays(raw, splits_dir, "test", classes)
     if not np.array_equal(y_images, y_test):
         raise StageError(
             f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
@@ -269,13 +272,15 @@ def evaluate_models(
         from transferline import models  # noqa: PLC0415  (also registers Preprocess)
 
         model = keras.saving.load_model(finetuned)
-        images = dataset.make_image_dataset(paths, None, image_size, batch_size)
+        images = dataset.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         # Run forward with BatchNormalization folded, as extract does; export the model itself.
         results["finetune"] = models.fold_nested_base(model).predict(images, verbose=0)
     metrics = {}
     for name, probs in results.items():
         m = metrics[name] = classification_metrics(y_test, probs, classes)
-        auc = write_figures(plots_dir, name, y_test, probs, classes, paths, image_size, m)
+        auc = write_figures(
+            plots_dir, name, y_test, probs, classes, paths, image_size, m, orientations=turns
+        )
         # Macro one-vs-rest AUC over the classes present in the test set (None if < 2).
         m["roc_auc"] = round(float(np.mean(list(auc.values()))), 6) if auc else None
         for c, v in auc.items():

@@ -145,12 +145,13 @@ def predict_files(
 
     checks = dataset.check_images(paths, workers=1)
     good = [str(p) for p, c in zip(paths, checks, strict=True) if c.ok]
+    turns = [c.orientation or 1 for c in checks if c.ok]  # 0: no valid tag, as stored
     probs = (
         np.concatenate(
             [
                 classifier.predict(batch.numpy())
                 for batch in dataset.make_image_dataset(
-                    good, None, classifier.image_size, batch_size
+                    good, None, classifier.image_size, batch_size, orientations=turns
                 )
             ]
         )

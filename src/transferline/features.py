@@ -131,8 +131,8 @@ def extract_dataset(
     forward = compiled_forward(extractor, strategy, xla)  # traced once, used for every split
     per_split, total_n, total_s = {}, 0, 0.0
     for split in dataset.SPLITS:
-        paths, labels = dataset.split_arrays(raw, splits_dir, split, classes)
-        images = dataset.make_image_dataset(paths, None, image_size, batch_size)
+        paths, labels, turns = dataset.split_arrays(raw, splits_dir, split, classes)
+        images = dataset.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         per_split[split] = extract_to_npy(
             extractor,
             images,

@@ -414,7 +414,14 @@ def finetune_across_machines(
     return FinetuneResult(history, best_epoch, before, unfrozen)
 
 
-def epoch_plan(n_images: int, batch_size: int, replicas: int) -> tuple[int, bool]:
+@dataclass(frozen=True)
+class EpochPlan:
+    steps: int  # training steps per epoch
+    drop_remainder: bool  # the short last batch is left out
+    images: int  # training images one epoch sees
+
+
+def epoch_plan(n_images: int, batch_size: int, replicas: int) -> EpochPlan:
     """Training steps per epoch, and whether the short last batch is left out.
 
     With several replicas a short last batch is split across them in order, so one can get
@@ -425,7 +432,7 @@ def epoch_plan(n_images: int, batch_size: int, replicas: int) -> tuple[int, bool
     is reshuffled every epoch, so a different few images wait each time.
     """
     if replicas == 1:
-        return math.ceil(n_images / batch_size), False
+        return EpochPlan(math.ceil(n_images / batch_size), False, n_images)
     if batch_size < replicas:
         raise StageError(
             f"finetune.batch_size {batch_size} is smaller than the {replicas} replicas "
@@ -448,7 +455,8 @@ def epoch_plan(n_images: int, batch_size: int, replicas: int) -> tuple[int, bool
             batch_size,
             dropped,
         )
-    return n_images // batch_size, True
+    steps = n_images // batch_size
+    return EpochPlan(steps, True, steps * batch_size)
 
 
 def max_feature_gap(extractor: keras.Model, images: np.ndarray, cached: np.ndarray) -> float:
@@ -497,15 +505,21 @@ def run_finetune(
     strategy = models.distribution(devices, multi_worker=True)
     mixed = models.set_precision(mixed_precision)
     classes = read_json(features_dir / "meta.json")["classes"]
-    train_paths, y_train = dataset.split_arrays(raw, splits_dir, "train", classes)
-    steps, drop = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
+    train_paths, y_train, train_turns = dataset.split_arrays(raw, splits_dir, "train", classes)
+    plan = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
     with strategy.scope():
         extractor = models.build_feature_extractor(
             backbones.get(backbone), weights, image_size, pooling, seed
         )
-    val_paths, y_val = dataset.split_arrays(raw, splits_dir, "val", classes)
+    val_paths, y_val, val_turns = dataset.split_arrays(raw, splits_dir, "val", classes)
     k = min(16, len(val_paths))
-    probe = np.concatenate(list(dataset.make_image_dataset(val_paths[:k], None, image_size, k)))
+    probe = np.concatenate(
+        list(
+            dataset.make_image_dataset(
+                val_paths[:k], None, image_size, k, orientations=val_turns[:k]
+            )
+        )
+    )
     gap = max_feature_gap(extractor, probe, np.load(features_dir / "val_features.npy")[:k])
     if gap > 1e-2:
         raise StageError(
@@ -521,9 +535,12 @@ def run_finetune(
         f.batch_size,
         shuffle_seed=seed,
         augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
-        drop_remainder=drop,
+        drop_remainder=plan.drop_remainder,
+        orientations=train_turns,
     )
-    val_ds = dataset.make_image_dataset(val_paths, y_val, image_size, f.batch_size)
+    val_ds = dataset.make_image_dataset(
+        val_paths, y_val, image_size, f.batch_size, orientations=val_turns
+    )
     common = {
         "epochs": f.epochs,
         "learning_rate": f.learning_rate,
@@ -532,7 +549,7 @@ def run_finetune(
         "optimizer": f.optimizer,
         "schedule": f.schedule,
         "warmup_epochs": f.warmup_epochs,
-        "steps_per_epoch": steps,
+        "steps_per_epoch": plan.steps,
         "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
         "patience": f.patience,
     }
@@ -562,5 +579,7 @@ def run_finetune(
         "mixed_precision": mixed,
         "replicas": int(strategy.num_replicas_in_sync),
         "workers": workers[2] if workers else 1,
+        # fewer than the training split when several replicas leave out the short last batch
+        "train_images_per_epoch": plan.images,
     }
     return metrics, result.history

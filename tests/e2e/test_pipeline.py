@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import add_broken_files, make_class_folders, snapshot
+from conftest import COLORS, add_broken_files, make_class_folders, save_turned, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -238,6 +238,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     head = json.loads((repo / "metrics/train_head.json").read_text())
     assert finetune["val_accuracy_before"] == pytest.approx(head["val_accuracy"], abs=0.051)
+    assert finetune["train_images_per_epoch"] == sum(split["counts"]["train"].values())
 
     # The MLflow run holds params, every stage's metrics, curves and figures.
     client, runs = mlflow_runs(repo, "e2e")
@@ -427,6 +428,9 @@ def test_readme_quickstart_without_git_identity(tmp_path):
 def test_broken_files_are_rejected_and_nothing_is_lost(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     clean = make_class_folders(tmp_path / "clean" / "pets", per_class=12)
+    upright = np.full((16, 24, 3), COLORS["cat"], np.uint8)
+    upright[:, :4] = 255  # a phone photo: stored sideways, with the EXIF tag to turn it
+    save_turned(clean / "cat" / "phone.jpg", upright, 6, fmt="JPEG")
     messy = tmp_path / "messy" / "pets"
     shutil.copytree(clean, messy)
     expected = add_broken_files(messy / "cat")
@@ -448,6 +452,9 @@ def test_broken_files_are_rejected_and_nothing_is_lost(tmp_path):
     assert snapshot(messy.parent) == before  # the user's folder is untouched
     split = json.loads((repo / "metrics/split.json").read_text())
     assert split["rejected"] == len(expected) and split["duplicates"] == 0
+    with (repo / "data/splits/orientation.csv").open() as f:
+        assert list(csv.DictReader(f)) == [{"path": "pets/cat/phone.jpg", "orientation": "6"}]
+    assert split["exif_turned"] == 1
     manifests = {s: (repo / f"data/splits/{s}.csv").read_text() for s in ("train", "val", "test")}
     messy_eval = json.loads((repo / "metrics/evaluate.json").read_text())
 
