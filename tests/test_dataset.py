@@ -329,6 +329,19 @@ def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
     assert not np.allclose(plain, got, atol=1)
 
 
+def test_unreadable_exif_never_costs_a_usable_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = make_image(tmp_path / "a.jpg", (10, 20, 30), fmt="JPEG")
+
+    def broken(self):
+        raise KeyError("a maker note PIL cannot parse")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    check = dataset.check_image(path)
+    assert check.ok and check.orientation == 0  # used as stored
+
+
 def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
     upright = np.zeros((16, 24, 3), np.uint8)
     upright[:, :8] = 255  # white on the left

@@ -250,7 +250,10 @@ def _exif_orientation(img) -> int:
     it; 0 for a tag that holds no valid value (then the pixels are used as stored)."""
     with warnings.catch_warnings():  # a corrupt EXIF block: PIL warns and reads no tag
         warnings.simplefilter("ignore")
-        value = img.getexif().get(EXIF_ORIENTATION, 1)
+        try:
+            value = img.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # metadata only: unreadable EXIF must not cost a usable image
+            return 0
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
