@@ -50,7 +50,8 @@ SCRIPT = textwrap.dedent(
     # as run_finetune batches the training split: 1 image in the last batch of 4 would
     # leave a replica with none, and its depthwise gradient with garbage
     plan = finetune.epoch_plan(13, 4, strategy.num_replicas_in_sync)
-    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(4, drop_remainder=plan.drop_remainder)
+    train = tf.data.Dataset.from_tensor_slices((x, y))
+    train = train.batch(4, drop_remainder=plan.drop_remainder)
     with strategy.scope():
         model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
         base = models.base_of(model)

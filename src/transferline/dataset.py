@@ -404,8 +404,8 @@ def build_split(
     invalid = sorted(path for path, o in orientation.items() if o == 0)
     if invalid:
         log.warning(
-            "%d images have an EXIF orientation tag with no valid value (1-8), e.g. %s: they are "
-            "used as stored, as image viewers show them",
+            "%d images have an EXIF orientation that cannot be read (a tag outside 1-8, or "
+            "corrupt EXIF), e.g. %s: they are used as stored, as image viewers show them",
             len(invalid),
             invalid[0],
         )
