@@ -546,18 +546,20 @@ def make_image_dataset(
     import tensorflow as tf  # noqa: PLC0415
 
     parallel = usable_cpus()
-    files = tf.data.Dataset.from_tensor_slices(list(paths))
     turn = orientations is not None and any(o != 1 for o in orientations)
     if turn:
         if len(orientations) != len(paths):
             raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
         o = np.asarray(orientations, dtype=np.int32)
-        files = tf.data.Dataset.zip(files, tf.data.Dataset.from_tensor_slices(o))
+        ds = tf.data.Dataset.from_tensor_slices({"path": list(paths), "orientation": o})
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(list(paths))
 
-    def load(file) -> tf.Tensor:  # file: a path, or (path, orientation)
-        return load_image(file[0], image_size, file[1]) if turn else load_image(file, image_size)
+    def load(file) -> tf.Tensor:  # file: a path, or {"path", "orientation"}
+        if turn:
+            return load_image(file["path"], image_size, file["orientation"])
+        return load_image(file, image_size)
 
-    ds = files
     if labels is not None:
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
     if shuffle_seed is not None:
@@ -565,9 +567,7 @@ def make_image_dataset(
     if labels is not None:
         ds = ds.map(lambda f, y: (load(f), y), num_parallel_calls=parallel, deterministic=True)
     else:
-        ds = ds.map(
-            lambda *f: load(f if turn else f[0]), num_parallel_calls=parallel, deterministic=True
-        )
+        ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if augment is not None:
         ds = ds.map(
