@@ -33,6 +33,15 @@ def test_backbones_lists_every_entry_without_tensorflow():
     assert set(rows) == set(cli.backbones.REGISTRY)
 
 
+def test_a_reader_that_leaves_early_stops_the_output_without_a_traceback():
+    # `transferline backbones | head -0`: the reader is gone before the first line.
+    cmd = [sys.executable, "-m", "transferline.cli", "backbones"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b""
+
+
 def test_check_reports_bad_params(tmp_path):
     ok = run_cli("check")
     assert ok.returncode == 0 and "params.yaml: OK" in ok.stdout
@@ -119,6 +128,7 @@ def test_compare_prints_runs_best_first(tmp_path):
     assert "0.9300" in rows[0]
     missing = run_cli("compare", "--experiment", "nope", env=env)
     assert missing.returncode == 1 and "no runs in experiment 'nope'" in missing.stderr
+    assert "experiments with runs there: cmp (pick one with --experiment)" in missing.stderr
 
 
 def test_mlflow_commands_fail_at_once_with_one_paragraph(tmp_path):

@@ -238,9 +238,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 2
     rows = tracking.latest_runs(experiment, args.limit)
     if not rows:
+        others = tracking.experiments_with_runs()
+        hint = (
+            f"; experiments with runs there: {', '.join(others)} (pick one with --experiment)"
+            if others
+            else "; it has none with runs yet (`dvc repro` or `transferline quickstart` logs one)"
+        )
         print(
             f"transferline compare: no runs in experiment {experiment!r} at "
-            f"{tracking.tracking_uri()}",
+            f"{tracking.tracking_uri()}{hint}",
             file=sys.stderr,
         )
         return 1
@@ -317,10 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.verbose)
-    if args.func is cmd_predict:  # the one command that loads TensorFlow in this process
-        with logs.native_log_filtered(enabled=not args.verbose):
-            return args.func(args)
-    return args.func(args)
+    try:
+        if args.func is cmd_predict:  # the one command that loads TensorFlow in this process
+            with logs.native_log_filtered(enabled=not args.verbose):
+                return args.func(args)
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader left (`transferline predict ... --csv | head`): stop quietly, as a
+        # command killed by SIGPIPE does, instead of a traceback. Python would otherwise
+        # fail again flushing stdout at exit, hence stdout goes to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # 128 + SIGPIPE, the status a shell reports for such a command
 
 
 if __name__ == "__main__":

@@ -433,6 +433,21 @@ def load_pyfunc(uri: str):
         ) from exc
 
 
+def experiments_with_runs(root: Path | None = None, limit: int = 20) -> list[str]:
+    """Names of the store's experiments that hold at least one run (at most `limit`), so an
+    error about an empty experiment can say which ones to pick from."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    names = []
+    for exp in client.search_experiments(max_results=1000):
+        if len(names) == limit:
+            break
+        if client.search_runs([exp.experiment_id], max_results=1):
+            names.append(exp.name)
+    return sorted(names)
+
+
 COMPARE_METRICS = ("test.head.accuracy", "test.finetune.accuracy", "test.finetune.macro_f1")
 
 
