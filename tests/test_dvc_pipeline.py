@@ -28,3 +28,14 @@ def test_gitignores_cover_every_cached_output():
                 ignore = path.parent / ".gitignore"
                 entries = ignore.read_text().split() if ignore.is_file() else []
                 assert f"/{path.name}" in entries, f"{ignore} lacks /{path.name}"
+
+
+def test_every_stage_that_builds_a_base_depends_on_the_weights_folder():
+    with Repo(str(REPO)) as repo:
+        deps = {s.addressing: {str(d.def_path) for d in s.deps} for s in repo.index.stages}
+    assert {name for name, d in deps.items() if "weights" in d} == {
+        "extract",
+        "finetune",
+        "evaluate",
+    }
+    assert (REPO / "weights" / ".gitignore").is_file()  # the folder exists in a fresh clone

@@ -96,6 +96,40 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(bad)
 
 
+def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path):
+    """dvc.yaml makes weights/ a dependency of the stages that load a base: a file elsewhere
+    could change without DVC re-running them."""
+    repo = tmp_path / "repo"
+    (repo / "weights").mkdir(parents=True)
+    (repo / "weights" / "base.weights.h5").write_bytes(b"\0")
+    outside = tmp_path / "elsewhere.weights.h5"
+    outside.write_bytes(b"\0")
+    params = repo / "params.yaml"
+
+    def load(weights: str):
+        raw = base()
+        raw["model"]["weights"] = weights
+        params.write_text(yaml.safe_dump(raw))
+        return load_params(params)
+
+    assert load("weights/base.weights.h5").model.weights == "weights/base.weights.h5"
+    assert load(str(repo / "weights" / "base.weights.h5")).model.weights.endswith("h5")
+    with pytest.raises(ParamsError) as info:
+        load("weights/typo.weights.h5")
+    msg = str(info.value)
+    assert "`model.weights` = 'weights/typo.weights.h5': no such file" in msg
+    assert "keras.applications.VGG16(include_top=False)" in msg
+    for where in (str(outside), "weights/../../elsewhere.weights.h5"):
+        with pytest.raises(ParamsError) as info:
+            load(where)
+        msg = str(info.value)
+        assert "outside the repository's weights/ folder" in msg
+        assert "dvc add weights/elsewhere.weights.h5" in msg
+    # A link inside weights/ is the user's choice: DVC hashes the file it points to.
+    (repo / "weights" / "linked.weights.h5").symlink_to(outside)
+    assert load("weights/linked.weights.h5").model.weights == "weights/linked.weights.h5"
+
+
 def test_stage_rejects_bad_params_before_importing_tensorflow(tmp_path):
     raw = base()
     raw["model"]["backbone"] = "vgg61"

@@ -106,12 +106,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from transferline.params import ParamsError, load_params, parse_params  # noqa: PLC0415
+    from transferline.params import ParamsError, check_files, parse_params, read_raw  # noqa: PLC0415
 
     overrides = quickstart_overrides(args.set or [])
     try:  # the overridden params must be valid before DVC starts anything
-        raw = apply_overrides(load_params().as_dict(), overrides)
-        parse_params(raw, "params.yaml with the quickstart overrides")
+        raw = read_raw()
+        if not isinstance(raw, dict):
+            raise ParamsError("params.yaml: expected a mapping of sections at the top level.")
+        raw = apply_overrides(raw, overrides)
+        source = "params.yaml with the quickstart overrides"
+        check_files(parse_params(raw, source), Path("."), source)
     except ParamsError as exc:
         print(f"transferline quickstart: {exc}", file=sys.stderr)
         return 2

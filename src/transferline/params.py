@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -292,14 +293,57 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_raw(path: str | Path = "params.yaml") -> Any:
+    """The YAML of a params file, not yet validated."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(
             f"{path}: not found. Run the stage from the repository root, where params.yaml is."
         ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the syntax.") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """params.yaml validated, and the files it names checked (relative to its folder)."""
+    path = Path(path)
+    params = parse_params(read_raw(path), str(path))
+    check_files(params, path.parent, str(path))
+    return params
+
+
+WEIGHTS_DIR = "weights"
+
+
+def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
+    """A weights file must exist and lie under `root`/weights/: dvc.yaml makes that folder a
+    dependency of extract, finetune and evaluate, so DVC re-runs them when a file in it
+    changes. A file elsewhere could change unseen and leave features from other weights."""
+    weights = p.model.weights
+    if weights in ("imagenet", "none"):
+        return
+    ctor = f"keras.applications.{p.model.spec.constructor}(include_top=False)"
+    path = Path(weights) if Path(weights).is_absolute() else Path(root) / weights
+    # abspath, not resolve: a symlink inside weights/ is fine (DVC hashes what it points to).
+    folder = Path(os.path.abspath(Path(root) / WEIGHTS_DIR))
+    if not Path(os.path.abspath(path)).is_relative_to(folder):
+        name = Path(weights).name
+        raise ParamsError(
+            f"{source}: `model.weights` = {weights!r} is outside the repository's {WEIGHTS_DIR}/ "
+            f"folder ({folder}). DVC tracks that folder as a dependency of extract, finetune "
+            f"and evaluate, so it re-runs them when a weights file changes; a file elsewhere "
+            f"could change unseen and leave features from other weights. Copy it there "
+            f"(`cp {weights} {WEIGHTS_DIR}/`), set model.weights: {WEIGHTS_DIR}/{name}, and "
+            f"version it with `dvc add {WEIGHTS_DIR}/{name}` (`dvc exp run --temp/--queue` "
+            f"copies hold only what git and DVC track)."
+        )
+    if not path.is_file():
+        raise ParamsError(
+            f"{source}: `model.weights` = {weights!r}: no such file ({os.path.abspath(path)}). "
+            f"Use 'imagenet', 'none', or the path of a weights file under {WEIGHTS_DIR}/ saved "
+            f"from {ctor} with save_weights('NAME.weights.h5'). If your workspace has it, "
+            f"this ran in a `dvc exp run --temp/--queue` copy, which holds only what git and "
+            f"DVC track: `dvc add {weights}` puts it there too."
+        )

@@ -288,6 +288,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     # Nothing left to do: status clean, a second repro runs nothing.
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
     assert ran(sh([*dvc, "repro"], repo)) == set()
+    # A changed file under weights/ (where model.weights files must be) is a changed input of
+    # every stage that builds a base.
+    (repo / "weights" / "new.weights.h5").write_bytes(b"\0")
+    status = sh([*dvc, "status", "--json"], repo)
+    assert set(json.loads(status[status.index("{") :])) == {"extract", "finetune", "evaluate"}
+    (repo / "weights" / "new.weights.h5").unlink()
 
     # Reproducible: after a forced re-run `dvc metrics diff` against the committed run shows
     # no change at all, and the models predict the same.
