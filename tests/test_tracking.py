@@ -1,6 +1,8 @@
 import functools
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,6 @@ def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_pa
 
 
 def test_runs_carry_mlflows_own_source_tags(tmp_path, monkeypatch):
-    import sys
-
     git = functools.partial(git_in, tmp_path)
 
     monkeypatch.chdir(tmp_path)
@@ -151,8 +151,6 @@ def test_split_manifests_are_the_runs_mlflow_datasets(tmp_path, monkeypatch):
 
 
 def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
-    import sys
-
     import numpy as np
 
     from transferline import backbones, export, finetune, heads
@@ -189,10 +187,19 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
 
     # Evaluated again in the same run (same params): a second model, and the run's name for
     # it means the newest, with the newest metrics.
-    # Before it, an evaluate killed mid-upload left a PENDING model: it is deleted first.
+    # Before it, an evaluate killed mid-upload left a PENDING model: it is deleted first. One
+    # that a live process (another evaluate of the same params) is still uploading is kept.
     run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
     exp_id = logged.experiment_id
-    killed = client.create_logged_model(exp_id, name="model", source_run_id=run.run_id)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    killed, uploading = (
+        client.create_logged_model(
+            exp_id, name="model", source_run_id=run.run_id, tags={tracking.WRITER_TAG: writer}
+        )
+        for writer in (f"{here}:{gone.pid}", f"{here}:{os.getpid()}")
+    )
     run.log_metrics({"accuracy": 0.5}, prefix="test.head.")
     newer = tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
     tracking.close_run(run)
@@ -205,6 +212,8 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
         return {m.model_id: m.status for m in client.search_logged_models([exp_id])}
 
     assert killed.model_id not in listed()
+    assert listed()[uploading.model_id] == LoggedModelStatus.PENDING
+    client.delete_logged_model(uploading.model_id)
     assert set(listed().values()) == {LoggedModelStatus.READY}
 
     # An upload that fails leaves no model behind: runs:/ still means the last whole one.
@@ -233,6 +242,15 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     assert loaded.classes == ["a", "b", "c"] and loaded.image_size == 32
     registered = export.load_classifier("models:/pets/1")
     np.testing.assert_allclose(registered.predict(raw), probs, atol=1e-6)
+
+
+def test_a_pending_model_from_another_host_is_abandoned_only_after_a_day():
+    day_ms = tracking.ABANDONED_AFTER_S * 1000
+    for writer in ("other-host:123", "", "no-pid"):
+        assert not tracking._upload_abandoned(writer, day_ms - 1)
+        assert tracking._upload_abandoned(writer, day_ms + 1)
+    # A live writer on this host is never abandoned, however old its model.
+    assert not tracking._upload_abandoned(f"{socket.gethostname()}:{os.getpid()}", 10 * day_ms)
 
 
 def keras_resize(x, size):
@@ -296,8 +314,6 @@ def test_store_errors_name_the_fix():
 
 
 def test_stage_stops_before_its_work_when_the_store_is_down(tmp_path):
-    import sys
-
     from conftest import REPO, refused_uri
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +26,10 @@ from transferline.errors import StageError
 log = logging.getLogger(__name__)
 
 HASH_TAG = "transferline.params_hash"
+WRITER_TAG = "transferline.writer"  # on a logged model: host:pid of the process uploading it
+# A PENDING model whose writer cannot be checked (another host) is taken as abandoned after
+# this long: an upload, even of the largest base over a slow link, is done well before.
+ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
@@ -349,7 +354,7 @@ def log_classifier(
         source_run_id=run.run_id,
         params=dict(source.data.params),
         model_type="image-classifier",
-        tags=source_tags(),
+        tags={**source_tags(), WRITER_TAG: f"{socket.gethostname()}:{os.getpid()}"},
     )
     model_id = logged.model_id
     try:
@@ -405,14 +410,33 @@ def log_classifier(
 
 
 def _delete_unfinished_models(client: Any, experiment_id: str, run_id: str) -> None:
-    """Delete this run's models still PENDING: left by an evaluate that was killed mid-upload.
-    MLflow resolves runs:/ID/model to the newest model of the run whatever its state."""
+    """Delete this run's PENDING models that no upload will finish: left by an evaluate killed
+    mid-upload (MLflow resolves runs:/ID/model to the run's newest model whatever its state).
+    One still being uploaded, by another evaluate of the same params, is left alone."""
     from mlflow.entities import LoggedModelStatus  # noqa: PLC0415
 
+    now_ms = time.time() * 1000
     for model in client.search_logged_models([experiment_id], filter_string="name = 'model'"):
-        if model.source_run_id == run_id and model.status == LoggedModelStatus.PENDING:
+        if model.source_run_id != run_id or model.status != LoggedModelStatus.PENDING:
+            continue
+        if _upload_abandoned(model.tags.get(WRITER_TAG, ""), now_ms - model.creation_timestamp):
             log.warning("MLflow: deleting unfinished model %s of this run", model.model_id)
             client.delete_logged_model(model.model_id)
+
+
+def _upload_abandoned(writer: str, age_ms: float) -> bool:
+    """Whether a PENDING model's upload is over: its writer process (host:pid) on this host
+    has exited; one on another host (or untagged) is judged by age alone."""
+    host, _, pid = writer.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and os.name == "posix":
+        try:  # signal 0 only checks (on Windows os.kill would terminate it, hence POSIX only)
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    return age_ms > ABANDONED_AFTER_S * 1000
 
 
 def load_pyfunc(uri: str):
