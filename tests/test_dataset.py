@@ -193,6 +193,24 @@ def test_single_class_and_empty_are_errors(tmp_path):
         dataset.split_candidates([], 0.1, 0.1, 0, None)
 
 
+def test_a_lone_class_folder_is_named_not_reported_as_no_images(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(3):
+        make_image(raw / "cat" / f"{i}.png", (10 * i, 0, 0))
+    with pytest.raises(DataError) as info:
+        dataset.find_candidates(raw)
+    msg = str(info.value)
+    assert f"{raw.as_posix()}/cat/ holds 3 files but no class folders" in msg
+    assert "cat/ was taken for a wrapper folder" in msg and "needs at least two" in msg
+    # Unlabelled files at the top: no wrapper to blame, the same first and last sentence.
+    flat = tmp_path / "flat"
+    make_image(flat / "0.png", (0, 0, 0))
+    with pytest.raises(DataError) as info:
+        dataset.find_candidates(flat)
+    msg = str(info.value)
+    assert "holds 1 file but" in msg and "wrapper" not in msg and "cat.1.jpg, dog.1.jpg" in msg
+
+
 def test_write_split_outputs(tmp_path, class_folders):
     add_broken_files(class_folders / "dog")
     result = split(class_folders)

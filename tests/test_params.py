@@ -96,7 +96,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(bad)
 
 
-def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path):
+def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path, monkeypatch):
     """dvc.yaml makes weights/ a dependency of the stages that load a base: a file elsewhere
     could change without DVC re-running them."""
     repo = tmp_path / "repo"
@@ -104,7 +104,8 @@ def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path):
     (repo / "weights" / "base.weights.h5").write_bytes(b"\0")
     outside = tmp_path / "elsewhere.weights.h5"
     outside.write_bytes(b"\0")
-    params = repo / "params.yaml"
+    params = tmp_path / "other_params.yaml"  # `--params` elsewhere: paths are from the cwd
+    monkeypatch.chdir(repo)
 
     def load(weights: str):
         raw = base()

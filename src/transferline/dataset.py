@@ -224,7 +224,27 @@ def find_candidates(
         cands = _class_folder_candidates(folder, rel_to, None)
     else:
         cands = _filename_candidates(folder, rel_to)
+        if cands and not any(c.label for c in cands):
+            raise DataError(_unlabelled_message(root, folder, len(cands)))
     return chosen, _relabel(cands, label_map)
+
+
+def _unlabelled_message(root: Path, folder: Path, n: int) -> str:
+    """Files but no class: most often a single class folder taken for a wrapper folder."""
+    text = (
+        f"{folder.as_posix()}/ holds {n} file{'s' * (n != 1)} but no class folders, and no "
+        f"file name starts with a class (as cat.1.jpg does), so no image has a label."
+    )
+    if folder != root:
+        text += (
+            f" {folder.name}/ was taken for a wrapper folder, being the only folder in "
+            f"{folder.parent.as_posix()}/: if it is a class, it is the only one, and a "
+            f"classifier needs at least two."
+        )
+    return text + (
+        " Give each class its own folder (e.g. cat/ and dog/ side by side), or name the files "
+        "by class (cat.1.jpg, dog.1.jpg)."
+    )
 
 
 def _relabel(cands: list[Candidate], label_map: dict[str, str] | None) -> list[Candidate]:

@@ -306,11 +306,13 @@ def read_raw(path: str | Path = "params.yaml") -> Any:
         raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the syntax.") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """params.yaml validated, and the files it names checked (relative to its folder)."""
+def load_params(path: str | Path = "params.yaml", root: Path | None = None) -> Params:
+    """params.yaml validated, and the files it names checked. Relative paths are taken from
+    `root`, by default the working directory: where stages run and read them (DVC runs them
+    from the repository root)."""
     path = Path(path)
     params = parse_params(read_raw(path), str(path))
-    check_files(params, path.parent, str(path))
+    check_files(params, Path.cwd() if root is None else root, str(path))
     return params
 
 
