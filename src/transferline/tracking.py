@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 HASH_TAG = "transferline.params_hash"
 WRITER_TAG = "transferline.writer"  # on a logged model: host:pid of the process uploading it
 # A PENDING model whose writer cannot be checked (another host) is taken as abandoned after
-# this long: an upload, even of the largest base over a slow link, is done well before.
+# this long: a day, far longer than uploading even the largest base (~1.4 GB) should take.
 ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
