@@ -141,23 +141,23 @@ def predict_files(
 ) -> list[dict[str, object]]:
     """Label and probability per file; a file that is not a usable image gets its reason
     instead of stopping the others. Decoding and resizing are the pipeline's own."""
+    from tqdm import tqdm  # noqa: PLC0415
+
     from transferline import dataset  # noqa: PLC0415
 
     checks = dataset.check_images(paths, workers=1)
     good = [str(p) for p, c in zip(paths, checks, strict=True) if c.ok]
     turns = [c.orientation or 1 for c in checks if c.ok]  # 0: no valid tag, as stored
-    probs = (
-        np.concatenate(
-            [
-                classifier.predict(batch.numpy())
-                for batch in dataset.make_image_dataset(
-                    good, None, classifier.image_size, batch_size, orientations=turns
-                )
-            ]
+    parts = [np.zeros((0, len(classifier.classes)), np.float32)]
+    if good:  # on stderr, from 1000 images on, as the validation's bar before it
+        images = dataset.make_image_dataset(
+            good, None, classifier.image_size, batch_size, orientations=turns
         )
-        if good
-        else np.zeros((0, len(classifier.classes)))
-    )
+        with tqdm(total=len(good), unit="img", desc="predict", disable=len(good) < 1000) as bar:
+            for batch in images:
+                parts.append(classifier.predict(batch.numpy()))
+                bar.update(len(parts[-1]))
+    probs = np.concatenate(parts)
     rows, k = [], 0
     for path, check in zip(paths, checks, strict=True):
         if not check.ok:
