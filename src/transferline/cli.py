@@ -110,10 +110,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     overrides = quickstart_overrides(args.set or [])
     try:  # the overridden params must be valid before DVC starts anything
-        raw = read_raw()
-        if not isinstance(raw, dict):
-            raise ParamsError("params.yaml: expected a mapping of sections at the top level.")
-        raw = apply_overrides(raw, overrides)
+        raw = apply_overrides(read_raw(), overrides)
         source = "params.yaml with the quickstart overrides"
         check_files(parse_params(raw, source), Path("."), source)
     except ParamsError as exc:

@@ -293,17 +293,20 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
 
 
-def read_raw(path: str | Path = "params.yaml") -> Any:
-    """The YAML of a params file, not yet validated."""
+def read_raw(path: str | Path = "params.yaml") -> dict:
+    """The YAML of a params file, a mapping not yet validated (overrides apply to it)."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(
             f"{path}: not found. Run the stage from the repository root, where params.yaml is."
         ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the syntax.") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level.")
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml", root: Path | None = None) -> Params:
