@@ -36,7 +36,7 @@ def run(p: Params) -> None:
     source = "finetune" if finetuned is not None else "head"
     meta = {"image_size": m.size, "source": source, "backbone": m.backbone}
     export.save_classifier(stagekit.CLASSIFIER, classifier, classes, meta)
-    with stagekit.mlflow_run(p) as run:
+    with stagekit.mlflow_run(p, uses_weights=True) as run:
         stagekit.log_everything(run)
         stagekit.log_datasets(run, p.data.dataset)
         run.set_tags({"device": models.device_description(), "model.source": source})

@@ -28,7 +28,7 @@ def run(p: Params) -> None:
     stagekit.log.info(
         "extract: %d images at %.1f img/s", metrics["images"], metrics["images_per_second"]
     )
-    with stagekit.mlflow_run(p) as run:
+    with stagekit.mlflow_run(p, uses_weights=True) as run:
         run.log_metrics(
             {k: metrics[k] for k in ("images_per_second", "seconds")}, prefix="extract."
         )

@@ -39,7 +39,7 @@ def run(p: Params) -> None:
     write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)
     if not models.is_chief():  # another machine of a TF_CONFIG cluster: the chief logs
         return
-    with stagekit.mlflow_run(p) as run:
+    with stagekit.mlflow_run(p, uses_weights=True) as run:
         run.log_metrics(metrics, prefix="finetune.")
         run.log_history(history, prefix="finetune.history.")
 

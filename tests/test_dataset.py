@@ -226,11 +226,31 @@ def test_write_split_outputs(tmp_path, class_folders):
     assert metrics["counts"]["test"] == {"cat": 2, "dog": 2}
 
 
+def test_split_arrays_name_images_gone_since_the_split(tmp_path, class_folders):
+    out = tmp_path / "splits"
+    out.mkdir()
+    dataset.write_split(split(class_folders), out)
+    paths, labels, turns = dataset.split_arrays(class_folders, out, "train", ["cat", "dog"])
+    assert len(paths) == len(labels) == len(turns) > 1 and all(Path(p).is_file() for p in paths)
+    Path(paths[1]).unlink()  # data/raw edited after the split: one paragraph, not a TF error
+    with pytest.raises(DataError) as err:
+        dataset.split_arrays(class_folders, out, "train", ["cat", "dog"])
+    msg = str(err.value)
+    assert f"1 of the {len(paths)} images that {out / 'train.csv'} lists are missing" in msg
+    assert f"(e.g. {paths[1]})" in msg and "Run `dvc repro`" in msg
+    (out / "val.csv").unlink()
+    with pytest.raises(DataError, match=r"val\.csv is missing: the split stage writes it"):
+        dataset.split_arrays(class_folders, out, "val", ["cat", "dog"])
+
+
 def test_parallel_validation_matches_serial(tmp_path):
     root = make_class_folders(tmp_path / "many", per_class=40)
     add_broken_files(root / "cat")
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    assert dataset.check_images(files, workers=2) == dataset.check_images(files, workers=1)
+    serial = dataset.check_images(files, workers=1)
+    assert len(files) >= 64 and not all(c.ok for c in serial)  # big enough for a pool
+    assert dataset.check_images(files, workers=2) == serial
+    assert dataset.check_images(files, workers=2, threads=True) == serial  # predict's
 
 
 def test_image_dataset_decodes_to_rgb_at_size(tmp_path):

@@ -47,3 +47,32 @@ def test_abandoning_a_run_on_a_store_that_is_gone_returns_at_once():
     start = time.perf_counter()
     tracking.abandon_run(run)  # raises nothing: the stage's own error is the one to report
     assert time.perf_counter() - start < 30
+
+
+def test_stages_that_build_a_base_tag_the_run_with_the_weights_files_md5(params, tmp_path):
+    # The run is found by the params' hash, which holds only the file's path: the tag is what
+    # tells a run made with a replaced file. It is the md5 DVC records in the file's .dvc file.
+    weights = tmp_path / "weights" / "base.weights.h5"
+    weights.parent.mkdir()
+    weights.write_bytes(b"abc")
+    params = params.model_copy(
+        update={"model": params.model.model_copy(update={"weights": "weights/base.weights.h5"})}
+    )
+    with stagekit.mlflow_run(params):  # split, train_head: no base, no tag
+        pass
+    assert stagekit.WEIGHTS_MD5_TAG not in runs(params.mlflow.experiment)[0].data.tags
+    with stagekit.mlflow_run(params, uses_weights=True):
+        pass
+    (run,) = runs(params.mlflow.experiment)
+    assert run.data.tags[stagekit.WEIGHTS_MD5_TAG] == "900150983cd24fb0d6963f7d28e17f72"
+    weights.write_bytes(b"replaced")  # same path, same params, same run: the tag follows
+    with stagekit.mlflow_run(params, uses_weights=True):
+        pass
+    (run,) = runs(params.mlflow.experiment)
+    assert run.data.tags[stagekit.WEIGHTS_MD5_TAG] == "91bb248359043fe98416e259c9bdf10d"
+
+
+def test_imagenet_and_random_weights_get_no_md5_tag(params):
+    with stagekit.mlflow_run(params, uses_weights=True):
+        pass
+    assert stagekit.WEIGHTS_MD5_TAG not in runs(params.mlflow.experiment)[0].data.tags

@@ -151,6 +151,7 @@ def test_split_manifests_are_the_runs_mlflow_datasets(tmp_path, monkeypatch):
 
 
 def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
+    import keras
     import numpy as np
 
     from transferline import backbones, export, finetune, heads
@@ -240,6 +241,8 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     np.testing.assert_allclose(probs, model.predict(resized, verbose=0), atol=1e-5)
     loaded = export.load_classifier(uri)  # what `transferline predict runs:/...` uses
     assert loaded.classes == ["a", "b", "c"] and loaded.image_size == 32
+    assert isinstance(loaded.model, keras.Model)  # run as a local one: folded, batch by batch
+    np.testing.assert_allclose(loaded.predict(raw), probs, atol=1e-5)
     registered = export.load_classifier("models:/pets/1")
     np.testing.assert_allclose(registered.predict(raw), probs, atol=1e-6)
 

@@ -94,7 +94,7 @@ class Classifier:
     predict_fn: Callable[[np.ndarray], np.ndarray]
     classes: list[str]
     image_size: int
-    model: keras.Model | None = None  # the Keras model that predicts (a local classifier)
+    model: keras.Model | None = None  # the Keras model that predicts (None: a pyfunc does)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.predict_fn(images))
@@ -115,7 +115,14 @@ def load_classifier(path: str | Path) -> Classifier:
                 f"{text}: this MLflow model carries no class names; log it with transferline's "
                 "evaluate stage (metadata: classes, image_size)"
             )
-        return Classifier(model.predict, list(meta["classes"]), int(meta["image_size"]))
+        classes, size = list(meta["classes"]), int(meta["image_size"])
+        try:  # the Keras flavour: its model runs as a local one does
+            raw = model.get_raw_model()
+        except NotImplementedError:  # another flavour: through its pyfunc
+            raw = None
+        if isinstance(raw, keras.Model):
+            return _forward_only(raw, classes, size)
+        return Classifier(model.predict, classes, size)
     folder = local if local.is_dir() else local.parent
     model_file = folder / MODEL_FILE if local.is_dir() else local
     classes_file = folder / CLASSES_FILE
@@ -125,15 +132,17 @@ def load_classifier(path: str | Path) -> Classifier:
             "one folder (`dvc repro` writes models/classifier/), or an MLflow model URI"
         )
     meta = read_json(classes_file)
-    # Prediction only runs forward: BatchNormalization folded into the convolutions, as in
-    # the extract stage (the same probabilities up to float rounding, faster).
-    model = fold_nested_base(keras.saving.load_model(model_file))
-    return Classifier(
-        lambda x: model.predict(x, verbose=0),
-        list(meta["classes"]),
-        int(meta["image_size"]),
-        model,
-    )
+    model = keras.saving.load_model(model_file)
+    return _forward_only(model, list(meta["classes"]), int(meta["image_size"]))
+
+
+def _forward_only(model: keras.Model, classes: list[str], image_size: int) -> Classifier:
+    """Prediction only runs forward: BatchNormalization folded into the convolutions, as in
+    the extract stage (the same probabilities up to float rounding, faster). The caller feeds
+    one batch at a time, hence `predict_on_batch`: `predict` builds its data pipeline anew on
+    every call (115 of 260 ms per batch of 32, vgg16 at 32 px on 2 cores)."""
+    model = fold_nested_base(model)
+    return Classifier(model.predict_on_batch, classes, image_size, model)
 
 
 def predict_files(
@@ -145,7 +154,7 @@ def predict_files(
 
     from transferline import dataset  # noqa: PLC0415
 
-    checks = dataset.check_images(paths, workers=1)
+    checks = dataset.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
     good = [str(p) for p, c in zip(paths, checks, strict=True) if c.ok]
     turns = [c.orientation or 1 for c in checks if c.ok]  # 0: no valid tag, as stored
     parts = [np.zeros((0, len(classifier.classes)), np.float32)]

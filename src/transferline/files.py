@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def md5_of(path: Path, chunk: int = 1 << 20) -> str:
+    """MD5 of a file's bytes: what DVC 3 records for it (`dvc add`, dvc.lock), so the two match."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], header: list[str] | None = None) -> None:

@@ -70,16 +70,27 @@ def main(
     return 0
 
 
+WEIGHTS_MD5_TAG = "model.weights_md5"
+
+
 @contextlib.contextmanager
-def mlflow_run(params: Params) -> Iterator:
+def mlflow_run(params: Params, uses_weights: bool = False) -> Iterator:
     """The MLflow run of this parameter set, closed as failed if the stage fails; the store's
-    errors become one clean paragraph."""
+    errors become one clean paragraph.
+
+    `uses_weights` (extract, finetune, evaluate): tag the run with the MD5 of a `model.weights`
+    file. The run is found by the params' hash, and the params hold only the file's path, so
+    without the tag a replaced file would log into the same run unseen; the tag matches the
+    md5 in the file's `.dvc` file and dvc.lock."""
     from transferline import tracking  # noqa: PLC0415
+    from transferline.files import md5_of  # noqa: PLC0415
 
     name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
     uri = tracking.tracking_uri()
     with tracking.store_errors(uri):
         run = tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+        if uses_weights and params.model.weights not in ("imagenet", "none"):
+            run.set_tags({WEIGHTS_MD5_TAG: md5_of(Path(params.model.weights))})
     try:
         with tracking.store_errors(uri):
             yield run
