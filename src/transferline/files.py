@@ -69,7 +69,7 @@ def read_json(path: Path) -> Any:
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
-    """MD5 of a file's bytes: what DVC 3 records for it (`dvc add`, dvc.lock), so the two match."""
+    """MD5 of a file's bytes: what DVC 3 records for a file (its `.dvc` file), so they match."""
     digest = hashlib.md5(usedforsecurity=False)
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

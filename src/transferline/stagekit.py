@@ -81,7 +81,7 @@ def mlflow_run(params: Params, uses_weights: bool = False) -> Iterator:
     `uses_weights` (extract, finetune, evaluate): tag the run with the MD5 of a `model.weights`
     file. The run is found by the params' hash, and the params hold only the file's path, so
     without the tag a replaced file would log into the same run unseen; the tag matches the
-    md5 in the file's `.dvc` file and dvc.lock."""
+    md5 in the file's `.dvc` file."""
     from transferline import tracking  # noqa: PLC0415
     from transferline.files import md5_of  # noqa: PLC0415
 
