@@ -312,6 +312,34 @@ def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
     np.testing.assert_allclose(x[2], 60, atol=2)
 
 
+def test_webp_photos_decode_like_pil_and_the_webp_tf_cannot_read_are_rejected(tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    alpha = np.dstack([rgb, rng.integers(1, 255, (12, 20, 1), dtype=np.uint8)])
+    Image.fromarray(rgb).save(tmp_path / "photo.webp", quality=80)  # lossy
+    Image.fromarray(rgb).save(tmp_path / "lossless.webp", lossless=True)
+    Image.fromarray(rgb).save(tmp_path / "named_wrong.jpg", "WEBP")  # the content decides
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "logo.webp", lossless=True)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
+    paths = [str(tmp_path / n) for n in ("photo.webp", "lossless.webp", "named_wrong.jpg")]
+    assert [dataset.check_image(p).reason for p in paths] == ["", "", ""]
+    logo, anim = (dataset.check_image(tmp_path / n) for n in ("logo.webp", "anim.webp"))
+    assert not logo.ok and logo.reason.startswith("WebP with transparency (unsupported")
+    assert not anim.ok and anim.reason.startswith("animated WebP (unsupported")
+    expected = []
+    for p in paths:  # PIL's pixels, then the pipeline's own resize
+        with Image.open(p) as img:
+            expected.append(tf.image.resize(np.asarray(img.convert("RGB")), (16, 16)).numpy())
+    (got,) = list(dataset.make_image_dataset(paths, None, 16, batch_size=3))
+    np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
+    with pytest.raises(tf.errors.InvalidArgumentError):  # why logo.webp is refused
+        tf.io.decode_image((tmp_path / "logo.webp").read_bytes(), channels=3)
+
+
 def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
     """Phones store pixels as the sensor read them plus an EXIF tag saying how to turn them;
     split records the tag and every loader turns the image as PIL's exif_transpose does."""

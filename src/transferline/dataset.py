@@ -38,9 +38,10 @@ SPLIT_DIR_NAMES = {
     "testing": "test",
 }
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
-# Formats both PIL (validation) and tf.io.decode_image (extract, fine-tune) read. MPO is a
-# camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF"}
+# Formats both PIL (validation) and TensorFlow (`load_image`: extract, fine-tune) read. MPO is
+# a camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
+# WebP: still images without alpha (`check_image` says why it refuses the others).
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
 ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
 Layout = Literal["auto", "class_folders", "presplit", "filename"]
@@ -277,6 +278,18 @@ def _exif_orientation(img) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
+# TensorFlow decodes a WebP to RGB only when it has no alpha (otherwise decode_image's
+# channels=3 fails), and its decoder corrupted memory on an animated one (TF 2.21). A tf.cond
+# in `load_image` for them cost every image 3 to 8% of decode speed (bench/extract.py's 300
+# files, decode only, two runs of 15 rounds), so they are refused here instead.
+_WEBP_REFUSED = {
+    "animated": "animated WebP (unsupported: TensorFlow's WebP decoder corrupts memory on some "
+    "animations); save its first frame as PNG or JPEG",
+    "alpha": "WebP with transparency (unsupported: TensorFlow decodes it only as RGBA); "
+    "convert it to PNG, or to a WebP without alpha",
+}
+
+
 def check_image(path: str | Path) -> Check:
     """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
@@ -295,6 +308,10 @@ def check_image(path: str | Path) -> Check:
                 supported = ", ".join(sorted(SUPPORTED_FORMATS))
                 reason = f"unsupported image format {fmt} (supported: {supported})"
                 return Check(False, reason, digest)
+            if fmt == "WEBP" and getattr(img, "is_animated", False):
+                return Check(False, _WEBP_REFUSED["animated"], digest)
+            if fmt == "WEBP" and img.mode != "RGB":
+                return Check(False, _WEBP_REFUSED["alpha"], digest)
             img.load()
             if img.width < 1 or img.height < 1:
                 return Check(False, "image has no pixels", digest)
