@@ -13,12 +13,27 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    read it by setting it, racing other threads that create files meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(target: Path, suffix: str = "") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent
     )
+    # mkstemp makes it 0600: the output would stay unreadable to the group and others (a
+    # shared GPU box, a web server showing the plots) where a plain open() honours the umask.
     os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())
     return Path(name)
 
 
@@ -52,6 +67,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700 (see _tmp_sibling)
         yield tmp
         _replace(tmp, target)
     finally:
