@@ -117,18 +117,48 @@ def test_compare_prints_runs_best_first(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(*next(iter(env.items())))
+        ids = {}
         for h, acc in (("resnet50", 0.81), ("vgg16", 0.93)):
             run = tracking.open_run("cmp", h, {"model.backbone": h}, f"{h}-run")
             run.log_metrics({"test.head.accuracy": acc})
             tracking.close_run(run)
+            ids[h] = run.run_id
         out = run_cli("compare", "--experiment", "cmp", env=env)
     assert out.returncode == 0, out.stderr
-    rows = [ln for ln in out.stdout.splitlines() if "-run" in ln]
-    assert [r.split()[0] for r in rows] == ["vgg16-run", "resnet50-run"]
+    rows = [ln.split() for ln in out.stdout.splitlines() if "-run" in ln]
+    # The ID first, as runs:/ID/model takes it; then the name the MLflow UI shows.
+    assert [r[:2] for r in rows] == [[ids["vgg16"], "vgg16-run"], [ids["resnet50"], "resnet50-run"]]
     assert "0.9300" in rows[0]
+    hint = f"transferline predict runs:/{ids['vgg16']}/model IMAGE"
+    assert out.stdout.splitlines()[-1].endswith(hint + "...")
+    # A run's name where its ID belongs is a common slip: the error names the ID.
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: the model fails first")
+    out = run_cli("predict", "runs:/vgg16-run/model", str(image), env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"'vgg16-run' is a run's name, and runs:/ takes its ID: runs:/{ids['vgg16']}/model" in (
+        out.stderr
+    )
     missing = run_cli("compare", "--experiment", "nope", env=env)
     assert missing.returncode == 1 and "no runs in experiment 'nope'" in missing.stderr
     assert "experiments with runs there: cmp (pick one with --experiment)" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("predict", "models/classifier", "x.jpg", "--batch-size", "0"), ("compare", "-n", "-3"),
+     ("compare", "--limit", "many")],
+    ids=["batch-size", "limit", "not-a-number"],
+)  # fmt: skip
+def test_counts_below_one_are_usage_errors(args):
+    # Not TensorFlow's "Batch size must be greater than zero" or MLflow's max_results traceback.
+    out = run_cli(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1].split(": error: argument ")[1] in (
+        "--batch-size: must be 1 or more, got 0",
+        "-n/--limit: must be 1 or more, got -3",
+        "-n/--limit: expected a whole number, got 'many'",
+    )
 
 
 def test_mlflow_commands_fail_at_once_with_one_paragraph(tmp_path):

@@ -42,6 +42,18 @@ _FALLBACK_IDENTITY = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and batch sizes: 0 or less is a usage error, not a traceback
+    from TensorFlow or MLflow later on."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _git_config(key: str) -> str:
     out = subprocess.run(
         ["git", "config", "--get", key], capture_output=True, text=True, check=False
@@ -251,10 +263,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    head = ["run", "dvc_exp", "backbone", "size", "head", "finetune", "head acc", "ft acc",
-            "ft macro-F1", "status"]  # fmt: skip
-    keys = ["run", "dvc_exp", "backbone", "size", "head", "finetune", *tracking.COMPARE_METRICS,
-            "status"]  # fmt: skip
+    # The run ID first: it is what runs:/ID/model takes (the name is what the UI shows).
+    head = ["run id", "run", "dvc_exp", "backbone", "size", "head", "finetune", "head acc",
+            "ft acc", "ft macro-F1", "status"]  # fmt: skip
+    keys = ["run_id", "run", "dvc_exp", "backbone", "size", "head", "finetune",
+            *tracking.COMPARE_METRICS, "status"]  # fmt: skip
     table = [head] + [
         ["-" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
          for k in keys]
@@ -264,6 +277,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"experiment {experiment!r}, best test accuracy first:")
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    best = rows[0]["run_id"] if rows[0]["best"] is not None else "RUN_ID"
+    print(f"predict with a run's model: transferline predict runs:/{best}/model IMAGE...")
     return 0
 
 
@@ -280,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list every supported backbone and its sizes")
     p.set_defaults(func=cmd_backbones)
     p = sub.add_parser("check", help="validate params.yaml without running anything")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="the file to check (params.yaml)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser(
         "quickstart",
@@ -308,15 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
     p.add_argument("--csv", action="store_true", help="CSV with every class's probability")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="images per batch (default 32)"
+    )
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser(
         "compare",
         help="the latest MLflow runs as a table, best test accuracy first",
     )
     p.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-n", "--limit", type=int, default=20, help="newest N runs (default 20)")
+    p.add_argument(
+        "--params", default="params.yaml", help="where --experiment's default is read from"
+    )
+    p.add_argument(
+        "-n", "--limit", type=positive_int, default=20, help="newest N runs (default 20)"
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -451,10 +451,33 @@ def load_pyfunc(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
+        named = _runs_named(uri)
+        if named:
+            raise ValueError(
+                f"{uri}: {uri.split('/')[1]!r} is a run's name, and runs:/ takes its ID: "
+                + " or ".join(f"runs:/{i}/{uri.split('/', 2)[2]}" for i in named)
+                + " (`transferline compare` lists both)."
+            ) from exc
         raise ValueError(
             f"{uri}: MLflow cannot load it ({_one_line(exc)}). Check the run ID or the model's "
             "name and version (`transferline compare` lists the runs; `mlflow ui` shows both)."
         ) from exc
+
+
+def _runs_named(uri: str, limit: int = 5) -> list[str]:
+    """IDs of the runs whose name is the ID part of runs:/NAME/..., where a name was given
+    for an ID (the UI and `transferline compare` show both); [] for any other URI."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    parts = uri.split("/", 2)
+    if parts[0] != "runs:" or len(parts) < 3 or not parts[1] or "'" in parts[1]:
+        return []
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    found = client.search_runs(
+        ids, filter_string=f"attributes.run_name = '{parts[1]}'", max_results=limit
+    )
+    return [r.info.run_id for r in found]
 
 
 def experiments_with_runs(root: Path | None = None, limit: int = 20) -> list[str]:
@@ -492,7 +515,8 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
         best = m.get("test.finetune.accuracy", m.get("test.head.accuracy"))
         rows.append(
             {
-                "run": r.info.run_name or r.info.run_id[:8],
+                "run_id": r.info.run_id,
+                "run": r.info.run_name or "",
                 "dvc_exp": t.get("dvc.exp_name", ""),
                 "backbone": p.get("model.backbone", ""),
                 "size": p.get("model.image_size", ""),
