@@ -171,3 +171,20 @@ def test_finetune_warmup_must_leave_epochs_and_c_grid_positive():
     raw["finetune"]["optimizer"] = "rmsprop"
     msg = error_for(raw)
     assert "`finetune.optimizer` = 'rmsprop'" in msg and "'adamw'" in msg
+
+
+@pytest.mark.parametrize(
+    "path,value,says",
+    [
+        ("seed", -1, "greater than or equal to 0"),  # NumPy refuses it, in the split stage
+        ("seed", 2**32, "less than or equal to 4294967295"),
+        ("finetune.unfreeze_from", "", "at least 1 character"),
+        ("mlflow.register_as", "", "at least 1 character"),  # was: silently not registered
+    ],
+)
+def test_values_that_failed_or_did_nothing_later_are_refused_up_front(path, value, says):
+    raw = base()
+    section, _, key = path.rpartition(".")
+    (raw[section] if section else raw)[key] = value
+    msg = error_for(raw)
+    assert f"`{path}` = {value!r}" in msg and says in msg

@@ -191,7 +191,8 @@ class FinetuneParams(_Strict):
     enabled: bool = True
     epochs: int = Field(default=10, ge=1)
     unfreeze_layers: int = Field(default=4, ge=0)
-    unfreeze_from: str | None = None  # a layer name; when set it wins over unfreeze_layers
+    # a layer name; when set it wins over unfreeze_layers
+    unfreeze_from: str | None = Field(default=None, min_length=1)
     learning_rate: float = Field(default=1e-5, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     schedule: Literal["constant", "cosine"] = "constant"
@@ -214,11 +215,12 @@ class FinetuneParams(_Strict):
 
 class MlflowParams(_Strict):
     experiment: str = Field(default="transferline", min_length=1)
-    register_as: str | None = None  # also register the logged model under this name
+    # also register the logged model under this name
+    register_as: str | None = Field(default=None, min_length=1)
 
 
 class Params(_Strict):
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)  # NumPy's seed range
     data: DataParams
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
