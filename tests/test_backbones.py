@@ -78,11 +78,18 @@ def test_weights_file_loads_and_mismatch_is_an_error(tmp_path):
 
 
 def test_offline_imagenet_names_the_options(monkeypatch):
-    def no_network(**kwargs):
-        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None")
+    url = (
+        "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    )
+
+    def no_network(**kwargs):  # Keras 3.15's words, offline
+        raise Exception(f"URL fetch failure on {url}: None -- [Errno -2] Name or service not known")
 
     monkeypatch.setattr(keras.applications, "MobileNetV2", no_network)
     with pytest.raises(WeightsError) as info:
         backbones.build_base(backbones.get("mobilenet_v2"), "imagenet", 32, "avg", seed=0)
     msg = str(info.value)
     assert "'none'" in msg and "path of a weights file" in msg and "models" in msg
+    # The file to fetch by hand, and from where, for an air-gapped machine.
+    assert f"put {url.rsplit('/', 1)[1]} (from {url}) into " in msg

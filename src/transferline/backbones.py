@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,10 +172,16 @@ def build_base(
                 )
                 / "models"
             )
+            url = re.search(r"https?://\S+?\.h5", str(exc))
+            wanted = (
+                f"{url.group(0).rsplit('/', 1)[1]} (from {url.group(0)})"
+                if url
+                else "the weights file Keras expects"
+            )
             raise WeightsError(
                 f"model.weights: could not download the ImageNet weights for "
                 f"{backbone.key} ({type(exc).__name__}: {exc}). This machine seems to be "
-                f"offline. Either put the weights file Keras expects into {cache} (copy it "
+                f"offline. Either put {wanted} into {cache} (copy it "
                 f"from a machine with internet), or set model.weights to 'none' (random "
                 f"initialisation) or to the path of a weights file saved from "
                 f"{backbone.constructor}(include_top=False)."
