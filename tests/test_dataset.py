@@ -122,6 +122,56 @@ def test_presplit_label_that_cannot_be_reconciled(tmp_path):
     with pytest.raises(DataError) as info:
         split(root)
     assert "train: ['cat', 'dog']" in str(info.value) and "test: ['cat', 'owl']" in str(info.value)
+    assert "test has no dog; train has no owl. Where names" in str(info.value)
+    assert "with data.label_map in params.yaml (several names may map to one)" in str(info.value)
+
+
+def test_a_given_split_with_one_class_folder_is_not_unwrapped_and_lost(tmp_path):
+    # valid/cat/ alone looked like a wrapper folder around valid/: its images were dropped
+    # without a word and val carved from train instead. Now it is that split's one class.
+    root = tmp_path / "Data"
+    for split_dir, names in [("train", ("cat", "dog")), ("valid", ("cat",)),
+                             ("test", ("cat", "dog"))]:  # fmt: skip
+        for name in names:
+            for i in range(6 if split_dir == "train" else 2):
+                seed = seed_of(split_dir, name, i)
+                make_image(root / split_dir / name / f"{i}.png", COLORS[name], seed=seed)
+    with pytest.raises(DataError, match=r"val: \['cat'\]\): val has no dog\."):
+        split(root)
+    # Wrappers inside a split folder are still unwrapped (valid/images/{cat,dog}/).
+    (root / "valid" / "images").mkdir()
+    (root / "valid" / "cat").rename(root / "valid" / "images" / "cat")
+    for i in range(2):
+        seed = seed_of("v", "dog", i)
+        make_image(root / "valid" / "images" / "dog" / f"{i}.png", COLORS["dog"], seed=seed)
+    result = split(root)
+    assert result.counts["val"] == {"cat": 2, "dog": 2}
+    assert all(p.startswith("valid/images/") for p, _ in result.manifests["val"])
+
+
+def test_presplit_names_that_differ_in_case_only_are_one_class(tmp_path):
+    root = tmp_path / "Data"
+    for split_dir, names in [("train", ("Cat", "dog")), ("valid", ("Cat", "dog")),
+                             ("test", ("cat", "DOG"))]:  # fmt: skip
+        for name in names:
+            for i in range(4 if split_dir == "train" else 2):
+                seed = seed_of(split_dir, name, i)
+                make_image(root / split_dir / name / f"{i}.png", COLORS[name.lower()], seed=seed)
+    result = split(root)
+    assert result.classes == ["Cat", "dog"]  # as train spells them
+    assert result.counts["test"] == {"Cat": 2, "dog": 2}
+    assert {lb for _, lb in result.manifests["test"]} == {"Cat", "dog"}
+
+    # Where one split has both spellings they are two classes (EMNIST's A and a): not joined.
+    letters = tmp_path / "letters"
+    for split_dir, names in [("train", "Aab"), ("test", "Ab"), ("valid", "Aab")]:
+        for name in names:
+            for i in range(2):
+                color = {"A": (200, 40, 40), "a": (40, 40, 200), "b": (40, 200, 40)}[name]
+                seed = seed_of("l", split_dir, name, i)
+                make_image(letters / split_dir / name / f"{i}.png", color, seed=seed)
+    with pytest.raises(DataError, match=r"test: \['A', 'b'\]; train: \['A', 'a', 'b'\]"):
+        split(letters)
 
 
 def test_presplit_without_val_carves_it_from_train(tmp_path):
@@ -286,8 +336,9 @@ def test_label_map_merges_and_reconciles(tmp_path):
     for c, name in (("cat", "cat"), ("dog", "doggo")):
         for i in range(2):
             make_image(pre / "test" / name / f"{i}.png", COLORS[c], seed=seed_of("t", c, i))
-    with pytest.raises(DataError, match="doggo"):
+    with pytest.raises(DataError, match="doggo") as info:
         split(pre)
+    assert "with data.label_map in params.yaml, e.g. {doggo: dog} (several" in str(info.value)
     assert split(pre, label_map={"doggo": "dog"}).classes == ["cat", "dog"]
 
 

@@ -7,6 +7,7 @@ imports TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import io
 import logging
@@ -87,15 +88,20 @@ def _files_under(folder: Path) -> list[Path]:
     return out
 
 
-def _unwrap(folder: Path) -> Path:
-    """Descend through wrapper folders (one visible subfolder and no files), e.g. PetImages/."""
+def _unwrap(folder: Path, classes_below: bool = False) -> Path:
+    """Descend through wrapper folders (one visible subfolder and no files), e.g. PetImages/.
+
+    `classes_below`: `folder` holds class folders (a given split's), so a lone subfolder that
+    holds files itself is its one class, not a wrapper (a test/ with only test/cat/ in it).
+    """
     while True:
         entries = _visible(folder.iterdir())
         dirs = [e for e in entries if e.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1:
-            folder = dirs[0]
-        else:
+        if len(dirs) != 1 or len(entries) != 1:
             return folder
+        if classes_below and any(not e.is_dir() for e in _visible(dirs[0].iterdir())):
+            return folder
+        folder = dirs[0]
 
 
 def _split_dirs(folder: Path) -> dict[str, Path]:
@@ -122,7 +128,7 @@ def label_from_filename(name: str) -> str | None:
 
 
 def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> list[Candidate]:
-    folder = _unwrap(folder)
+    folder = _unwrap(folder, classes_below=split is not None)
     out = []
     for class_dir in _visible(folder.iterdir()):
         if class_dir.is_dir():
@@ -156,10 +162,13 @@ def reconcile_labels(
 ) -> list[Candidate]:
     """Make class names agree across given splits.
 
-    Rule: a label that differs between splits is mapped to the shortest label of another split
+    Rules, for labels that differ between splits: names that differ in case only are one
+    class, spelt as in train (`test/bird` joins `train/Bird`), unless one split holds both
+    spellings as two classes; then a label is mapped to the shortest label of another split
     that is its prefix at a `.`/`_`/`-`/space boundary (chest CT:
     `adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib` -> `adenocarcinoma`). Explicit `label_map`
-    entries win. A label still present in one split but not another is an error.
+    entries win. A label still present in one split but not another is an error that
+    suggests the `data.label_map` entries to add.
     """
     cands = _relabel(cands, label_map)
     per_split: dict[str, set[str]] = defaultdict(set)
@@ -168,7 +177,8 @@ def reconcile_labels(
     if len({frozenset(s) for s in per_split.values()}) <= 1:
         return cands
     all_labels = set().union(*per_split.values())
-    mapping = {}
+    mapping = _case_joins(per_split)
+    all_labels -= set(mapping)
     for label in all_labels:
         prefixes = [
             other
@@ -177,19 +187,57 @@ def reconcile_labels(
         ]
         if prefixes:
             mapping[label] = min(prefixes, key=len)
+    mapping = {k: mapping.get(v, v) for k, v in mapping.items()}  # `bird_x` -> `Bird_x` -> `Bird`
     cands = [Candidate(c.path, mapping.get(c.label, c.label), c.split) for c in cands]
     per_split = defaultdict(set)
     for c in cands:
         per_split[c.split or "all"].add(c.label)
     if len({frozenset(s) for s in per_split.values()}) > 1:
         listing = "; ".join(f"{s}: {sorted(v)}" for s, v in sorted(per_split.items()))
+        every = set().union(*per_split.values())
+        lacks = "; ".join(
+            f"{s} has no {', '.join(sorted(every - v))}"
+            for s, v in sorted(per_split.items())
+            if every - v
+        )
+        hint = _label_map_hint(per_split)
         raise DataError(
-            f"the class folders differ between the given splits and no prefix rule joins them "
-            f"({listing}). Rename the folders so every split has the same classes."
+            f"the class folders differ between the given splits and no rule joins them "
+            f"({listing}): {lacks}. Where names in different splits mean one class, join them "
+            f"with data.label_map in params.yaml"
+            + (f", e.g. {{{hint}}}" if hint else "")
+            + " (several names may map to one); every split needs images of every class."
         )
     if mapping:
         log.info("reconciled labels across splits: %s", mapping)
     return cands
+
+
+def _case_joins(per_split: dict[str, set[str]]) -> dict[str, str]:
+    """Labels to respell so that names differing in case only are one class: the train
+    split's spelling, else the first split's by name. None where a split has two labels of
+    one case-folded name (EMNIST's `A` and `a` are two classes)."""
+    if any(len({lb.casefold() for lb in labels}) < len(labels) for labels in per_split.values()):
+        return {}
+    spelling: dict[str, str] = {}
+    for split in sorted(per_split, key=lambda s: (s != "train", s)):
+        for label in sorted(per_split[split]):
+            spelling.setdefault(label.casefold(), label)
+    all_labels = set().union(*per_split.values())
+    return {lb: spelling[lb.casefold()] for lb in all_labels if spelling[lb.casefold()] != lb}
+
+
+def _label_map_hint(per_split: dict[str, set[str]]) -> str:
+    """Example data.label_map entries for the error: each label that train (else the split
+    with the most classes) lacks, mapped to its most similar train label, where one is close."""
+    ref = "train" if "train" in per_split else max(per_split, key=lambda s: len(per_split[s]))
+    odd = sorted(set().union(*per_split.values()) - per_split[ref])
+    entries = []
+    for label in odd:
+        close = difflib.get_close_matches(label, sorted(per_split[ref]), n=1, cutoff=0.5)
+        if close:
+            entries.append(f"{label}: {close[0]}")
+    return ", ".join(entries[:3])
 
 
 def find_candidates(
