@@ -149,6 +149,55 @@ def test_a_given_split_with_one_class_folder_is_not_unwrapped_and_lost(tmp_path)
     assert all(p.startswith("valid/images/") for p, _ in result.manifests["val"])
 
 
+def make_files(root: Path, names: list[str]) -> None:
+    for name in names:
+        color = COLORS["dog" if "dog" in name else "cat"]
+        make_image(root / name, color, seed=seed_of(root.name, name))
+
+
+def test_files_beside_class_folders_are_reported_not_passed_over(tmp_path, caplog):
+    pets = tmp_path / "pets"
+    make_files(pets, [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(10)] + ["loose.png"])
+    result = split(pets)
+    assert result.rejected == [("loose.png", "no label: not inside a class folder")]
+    assert result.classes == ["cat", "dog"]
+
+    # A given test/ of unlabelled images (a competition's): rejected, said, test carved.
+    given = tmp_path / "given"
+    names = [f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(10)]
+    make_files(given, [*names, "train/stray.png", "test/1.png", "test/2.png"])
+    with caplog.at_level("WARNING", logger="transferline"):
+        result = split(given)
+    assert result.rejected == [
+        (p, "no label: not inside a class folder")
+        for p in ("test/1.png", "test/2.png", "train/stray.png")
+    ]
+    assert "the given test folder holds 2 files but no class folders" in caplog.text
+    assert result.counts["test"] == {"cat": 2, "dog": 2}  # carved from train
+    assert not any(p.startswith("test/") for p, _ in result.manifests["test"])
+
+
+def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(tmp_path):
+    labelled_by_name = [f"train/{c}.{i}.jpg" for c in ("cat", "dog") for i in range(10)]
+    # dogs-vs-cats: train/ (labels in file names) and test1/ (none): not classes train, test1.
+    comp = tmp_path / "comp"
+    make_files(comp, [*labelled_by_name, *(f"test1/{i}.jpg" for i in range(8))])
+    with pytest.raises(DataError) as info:
+        split(comp)
+    assert "the class folders test1, train look like the data set's splits" in str(info.value)
+    assert "data.subdir: train" in str(info.value)
+    assert split(comp, layout="class_folders").classes == ["test1", "train"]  # said explicitly
+    assert split(comp / "train").classes == ["cat", "dog"]  # what data.subdir: train reads
+    # With a test/ beside it, train/ without class folders cannot be a given split either.
+    comp2 = tmp_path / "comp2"
+    make_files(comp2, [*labelled_by_name, "test/1.jpg"])
+    with pytest.raises(DataError) as info:
+        split(comp2)
+    msg = str(info.value)
+    assert "train/ holds 20 files but no class folders" in msg
+    assert "20 of its file names start with a class" in msg and "data.subdir: train" in msg
+
+
 def test_presplit_names_that_differ_in_case_only_are_one_class(tmp_path):
     root = tmp_path / "Data"
     for split_dir, names in [("train", ("Cat", "dog")), ("valid", ("Cat", "dog")),

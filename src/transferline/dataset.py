@@ -128,14 +128,19 @@ def label_from_filename(name: str) -> str | None:
 
 
 def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> list[Candidate]:
+    """Files under each class folder, labelled by it; files beside the class folders get no
+    label (label ""), so that they are reported as rejected rather than passed over."""
     folder = _unwrap(folder, classes_below=split is not None)
     out = []
-    for class_dir in _visible(folder.iterdir()):
-        if class_dir.is_dir():
+    for entry in _visible(folder.iterdir()):
+        rel = entry.relative_to(rel_to).as_posix()
+        if entry.is_dir():
             out += [
-                Candidate(f.relative_to(rel_to).as_posix(), class_dir.name, split)
-                for f in _files_under(class_dir)
+                Candidate(f.relative_to(rel_to).as_posix(), entry.name, split)
+                for f in _files_under(entry)
             ]
+        else:
+            out.append(Candidate(rel, "", split))
     return out
 
 
@@ -173,7 +178,8 @@ def reconcile_labels(
     cands = _relabel(cands, label_map)
     per_split: dict[str, set[str]] = defaultdict(set)
     for c in cands:
-        per_split[c.split or "all"].add(c.label)
+        if c.label:  # files outside class folders are rejected later, not a class
+            per_split[c.split or "all"].add(c.label)
     if len({frozenset(s) for s in per_split.values()}) <= 1:
         return cands
     all_labels = set().union(*per_split.values())
@@ -191,7 +197,8 @@ def reconcile_labels(
     cands = [Candidate(c.path, mapping.get(c.label, c.label), c.split) for c in cands]
     per_split = defaultdict(set)
     for c in cands:
-        per_split[c.split or "all"].add(c.label)
+        if c.label:
+            per_split[c.split or "all"].add(c.label)
     if len({frozenset(s) for s in per_split.values()}) > 1:
         listing = "; ".join(f"{s}: {sorted(v)}" for s, v in sorted(per_split.items()))
         every = set().union(*per_split.values())
@@ -268,14 +275,58 @@ def find_candidates(
         cands = []
         for split, d in dirs.items():
             cands += _class_folder_candidates(d, rel_to, split)
+        if not any(c.label for c in cands if c.split == "train"):
+            raise DataError(_no_train_classes_message(dirs["train"], rel_to, cands))
         return chosen, reconcile_labels(cands, label_map)
     if chosen == "class_folders":
         cands = _class_folder_candidates(folder, rel_to, None)
+        if layout == "auto":
+            _refuse_split_names_as_classes(folder, rel_to, {c.label for c in cands if c.label})
     else:
         cands = _filename_candidates(folder, rel_to)
         if cands and not any(c.label for c in cands):
             raise DataError(_unlabelled_message(root, folder, len(cands)))
     return chosen, _relabel(cands, label_map)
+
+
+_SPLIT_LIKE = re.compile(r"(train|training|val|valid|validation|test|testing)[\W_]*\d*")
+
+
+def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str]) -> None:
+    """Class folders named like splits are a download's split folders taken for classes (a
+    Kaggle competition's train/ and test1/): a classifier of folders, with no error."""
+    odd = sorted(lb for lb in labels if _SPLIT_LIKE.fullmatch(lb.lower()))
+    if not odd:
+        return
+    at = folder.relative_to(rel_to).as_posix()
+    labelled = next((lb for lb in odd if lb.lower().startswith("train")), odd[0])
+    example = f"{'' if at == '.' else at + '/'}{labelled}"
+    raise DataError(
+        f"{folder.as_posix()}/: the class folders {', '.join(odd)} look like the data set's "
+        f"splits, not classes (as a Kaggle competition's train/ and test1/ are). Set "
+        f"data.subdir to the folder with the labelled images (e.g. data.subdir: {example}), "
+        f"or data.layout: class_folders if these really are class names."
+    )
+
+
+def _no_train_classes_message(train: Path, rel_to: Path, cands: list[Candidate]) -> str:
+    """A pre-split layout whose train/ has no class folders: most often a Kaggle competition,
+    with labels in train/'s file names (cat.0.jpg) and an unlabelled test/."""
+    loose = [c for c in cands if c.split == "train"]
+    named = sum(1 for c in loose if label_from_filename(Path(c.path).name))
+    subdir = train.relative_to(rel_to).as_posix()
+    splits = ", ".join(sorted(d.name for d in train.parent.iterdir() if d.is_dir()))
+    text = (
+        f"{train.as_posix()}/ holds {len(loose)} files but no class folders, so the split "
+        f"folders ({splits}) cannot be used as given splits."
+    )
+    if named:
+        return text + (
+            f" {named} of its file names start with a class (as cat.1.jpg does): set "
+            f"data.subdir: {subdir} to take the labels from the names (val and test are then "
+            f"carved from it; a competition's unlabelled test/ cannot be scored)."
+        )
+    return text + " Give each class its own folder under it (train/cat/, train/dog/)."
 
 
 def _unlabelled_message(root: Path, folder: Path, n: int) -> str:
@@ -478,11 +529,27 @@ def build_split(
     log.info("layout: %s, %d candidate files", chosen, len(cands))
     rejected: list[tuple[str, str]] = []
     labelled = []
+    no_label = (
+        "no label: the file name has no class prefix like cat.1.jpg"
+        if chosen == "filename"
+        else "no label: not inside a class folder"
+    )
     for c in cands:
         if c.label:
             labelled.append(c)
         else:
-            rejected.append((c.path, "no label: the file name has no class prefix like cat.1.jpg"))
+            rejected.append((c.path, no_label))
+    for s in ("val", "test"):
+        given = [c for c in cands if c.split == s]
+        if given and not any(c.label for c in given):
+            log.warning(
+                "the given %s folder holds %d files but no class folders (unlabelled, as a "
+                "competition's test set is): they are not used (rejected.csv), and %s is "
+                "carved from train",
+                s,
+                len(given),
+                s,
+            )
     checks = check_images([rel_to / c.path for c in labelled], workers)
     good: list[tuple[Candidate, str]] = []
     orientation: dict[str, int] = {}
