@@ -177,6 +177,20 @@ def test_files_beside_class_folders_are_reported_not_passed_over(tmp_path, caplo
     assert not any(p.startswith("test/") for p, _ in result.manifests["test"])
 
 
+def test_dev_is_the_val_split_and_folders_beside_the_splits_are_reported(tmp_path):
+    root = tmp_path / "d"
+    names = [f"{s}/{c}/{i}.png" for s in ("train", "dev", "test") for c in ("cat", "dog")
+             for i in range(4)]  # fmt: skip
+    make_files(root, [*names, "extra/cat/1.png", "notes.png"])
+    result = split(root)
+    assert result.layout == "presplit"
+    assert result.counts["val"] == {"cat": 4, "dog": 4}  # dev/, kept as given
+    assert all(p.startswith("dev/") for p, _ in result.manifests["val"])
+    why = "not in a split folder (dev, test, train are the splits here; data.subdir picks one"
+    assert [p for p, _ in result.rejected] == ["extra/cat/1.png", "notes.png"]
+    assert all(r.startswith(why) for _, r in result.rejected)
+
+
 def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(tmp_path):
     labelled_by_name = [f"train/{c}.{i}.jpg" for c in ("cat", "dog") for i in range(10)]
     # dogs-vs-cats: train/ (labels in file names) and test1/ (none): not classes train, test1.

@@ -17,7 +17,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -35,6 +35,7 @@ SPLIT_DIR_NAMES = {
     "val": "val",
     "valid": "val",
     "validation": "val",
+    "dev": "val",
     "test": "test",
     "testing": "test",
 }
@@ -55,8 +56,9 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Candidate:
     path: str  # relative to the raw root, posix
-    label: str
+    label: str  # "" when the file has none: it is rejected, with `why` as the reason if given
     split: str | None = None  # given by a pre-split layout
+    why: str = ""
 
 
 @dataclass
@@ -194,7 +196,7 @@ def reconcile_labels(
         if prefixes:
             mapping[label] = min(prefixes, key=len)
     mapping = {k: mapping.get(v, v) for k, v in mapping.items()}  # `bird_x` -> `Bird_x` -> `Bird`
-    cands = [Candidate(c.path, mapping.get(c.label, c.label), c.split) for c in cands]
+    cands = [replace(c, label=mapping.get(c.label, c.label)) for c in cands]
     per_split = defaultdict(set)
     for c in cands:
         if c.label:
@@ -275,6 +277,14 @@ def find_candidates(
         cands = []
         for split, d in dirs.items():
             cands += _class_folder_candidates(d, rel_to, split)
+        why = (
+            f"not in a split folder ({', '.join(sorted(d.name for d in dirs.values()))} are "
+            f"the splits here; data.subdir picks one folder to use)"
+        )
+        for entry in _visible(folder.iterdir()):
+            if entry not in dirs.values():
+                files = _files_under(entry) if entry.is_dir() else [entry]
+                cands += [Candidate(f.relative_to(rel_to).as_posix(), "", why=why) for f in files]
         if not any(c.label for c in cands if c.split == "train"):
             raise DataError(_no_train_classes_message(dirs["train"], rel_to, cands))
         return chosen, reconcile_labels(cands, label_map)
@@ -289,7 +299,7 @@ def find_candidates(
     return chosen, _relabel(cands, label_map)
 
 
-_SPLIT_LIKE = re.compile(r"(train|training|val|valid|validation|test|testing)[\W_]*\d*")
+_SPLIT_LIKE = re.compile(rf"({'|'.join(SPLIT_DIR_NAMES)})[\W_]*\d*")  # test1, train_2
 
 
 def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str]) -> None:
@@ -350,7 +360,7 @@ def _unlabelled_message(root: Path, folder: Path, n: int) -> str:
 def _relabel(cands: list[Candidate], label_map: dict[str, str] | None) -> list[Candidate]:
     if not label_map:
         return cands
-    return [Candidate(c.path, label_map.get(c.label, c.label), c.split) for c in cands]
+    return [replace(c, label=label_map.get(c.label, c.label)) for c in cands]
 
 
 # ---------------------------------------------------------------- validation
@@ -538,7 +548,7 @@ def build_split(
         if c.label:
             labelled.append(c)
         else:
-            rejected.append((c.path, no_label))
+            rejected.append((c.path, c.why or no_label))
     for s in ("val", "test"):
         given = [c for c in cands if c.split == s]
         if given and not any(c.label for c in given):
