@@ -186,9 +186,25 @@ def test_dev_is_the_val_split_and_folders_beside_the_splits_are_reported(tmp_pat
     assert result.layout == "presplit"
     assert result.counts["val"] == {"cat": 4, "dog": 4}  # dev/, kept as given
     assert all(p.startswith("dev/") for p, _ in result.manifests["val"])
-    why = "not in a split folder (dev, test, train are the splits here; data.subdir picks one"
-    assert [p for p, _ in result.rejected] == ["extra/cat/1.png", "notes.png"]
-    assert all(r.startswith(why) for _, r in result.rejected)
+    why = "not in a split folder (dev, test, train)"
+    assert result.rejected == [("extra/cat/1.png", why), ("notes.png", why)]
+
+
+def test_a_wrapper_folder_with_a_readme_beside_it_is_still_a_wrapper(tmp_path):
+    # Kaggle's microsoft-catsvsdogs-dataset: PetImages/{Cat,Dog}/ beside readme[1].txt and
+    # a .docx. They made PetImages the one class ("only one class was found").
+    root = tmp_path / "download"
+    make_files(root, [f"PetImages/{c}/{i}.jpg" for c in ("Cat", "dog") for i in range(6)])
+    (root / "readme[1].txt").write_text("Microsoft Research")
+    (root / "MSR-LA - 3467.docx").write_bytes(b"PK\x03\x04")
+    result = split(root)
+    assert result.layout == "class_folders" and result.classes == ["Cat", "dog"]
+    why = "outside PetImages/, the folder the images were found in"
+    assert result.rejected == [("MSR-LA - 3467.docx", why), ("readme[1].txt", why)]
+    # An image file beside it would be unlabelled data: then it is no wrapper (one class).
+    make_files(root, ["loose.jpg"])
+    with pytest.raises(DataError, match=r"only one class \('PetImages'"):
+        split(root)
 
 
 def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(tmp_path):

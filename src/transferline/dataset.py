@@ -39,6 +39,9 @@ SPLIT_DIR_NAMES = {
     "test": "test",
     "testing": "test",
 }
+# File names that look like images, for the few places that go by name: a wrapper folder
+# has none beside it; `transferline predict` expands folders to them.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 # Formats both PIL (validation) and TensorFlow (`load_image`: extract, fine-tune) read. MPO is
 # a camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
@@ -91,7 +94,8 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def _unwrap(folder: Path, classes_below: bool = False) -> Path:
-    """Descend through wrapper folders (one visible subfolder and no files), e.g. PetImages/.
+    """Descend through wrapper folders: one visible subfolder, and beside it no file named as
+    an image (a README or LICENSE does not count: Kaggle's PetImages/ comes with both).
 
     `classes_below`: `folder` holds class folders (a given split's), so a lone subfolder that
     holds files itself is its one class, not a wrapper (a test/ with only test/cat/ in it).
@@ -99,7 +103,7 @@ def _unwrap(folder: Path, classes_below: bool = False) -> Path:
     while True:
         entries = _visible(folder.iterdir())
         dirs = [e for e in entries if e.is_dir()]
-        if len(dirs) != 1 or len(entries) != 1:
+        if len(dirs) != 1 or any(e.suffix.lower() in IMAGE_SUFFIXES for e in entries):
             return folder
         if classes_below and any(not e.is_dir() for e in _visible(dirs[0].iterdir())):
             return folder
@@ -277,16 +281,9 @@ def find_candidates(
         cands = []
         for split, d in dirs.items():
             cands += _class_folder_candidates(d, rel_to, split)
-        why = (
-            f"not in a split folder ({', '.join(sorted(d.name for d in dirs.values()))} are "
-            f"the splits here; data.subdir picks one folder to use)"
-        )
-        for entry in _visible(folder.iterdir()):
-            if entry not in dirs.values():
-                files = _files_under(entry) if entry.is_dir() else [entry]
-                cands += [Candidate(f.relative_to(rel_to).as_posix(), "", why=why) for f in files]
         if not any(c.label for c in cands if c.split == "train"):
             raise DataError(_no_train_classes_message(dirs["train"], rel_to, cands))
+        cands += _passed_over(root, folder, rel_to, cands, list(dirs.values()))
         return chosen, reconcile_labels(cands, label_map)
     if chosen == "class_folders":
         cands = _class_folder_candidates(folder, rel_to, None)
@@ -296,7 +293,30 @@ def find_candidates(
         cands = _filename_candidates(folder, rel_to)
         if cands and not any(c.label for c in cands):
             raise DataError(_unlabelled_message(root, folder, len(cands)))
-    return chosen, _relabel(cands, label_map)
+    return chosen, _relabel(cands + _passed_over(root, folder, rel_to, cands), label_map)
+
+
+def _passed_over(
+    root: Path, folder: Path, rel_to: Path, cands: list[Candidate], split_dirs: Sequence[Path] = ()
+) -> list[Candidate]:
+    """Every visible file under `root` that the layout gave no place, as an unlabelled
+    candidate with the reason, so that rejected.csv lists it: files beside a wrapper folder
+    (a README beside PetImages/), beside the split folders, or beside class folders."""
+    seen = {c.path for c in cands}
+    names = ", ".join(sorted(d.name for d in split_dirs))
+    out = []
+    for f in _files_under(root):
+        rel = f.relative_to(rel_to).as_posix()
+        if rel in seen:
+            continue
+        if folder not in f.parents:
+            why = f"outside {folder.name}/, the folder the images were found in"
+        elif split_dirs and not any(d in f.parents for d in split_dirs):
+            why = f"not in a split folder ({names})"
+        else:
+            why = "not inside a class folder"
+        out.append(Candidate(rel, "", why=why))
+    return out
 
 
 _SPLIT_LIKE = re.compile(rf"({'|'.join(SPLIT_DIR_NAMES)})[\W_]*\d*")  # test1, train_2
