@@ -88,6 +88,27 @@ def test_filename_prefix_layout_like_the_competition(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        ("cat.0.jpg", "cat"),
+        ("dog_12.png", "dog"),
+        ("Cat 3.jpeg", "cat"),
+        # Oxford-IIIT Pet: the breed is all of the name before the number; the first word
+        # alone made english_setter and english_cocker_spaniel (and two american_*) one class.
+        ("english_setter_3.jpg", "english_setter"),
+        ("english_cocker_spaniel_10.jpg", "english_cocker_spaniel"),
+        ("Abyssinian_1.jpg", "abyssinian"),
+        ("covid19_12.png", "covid19"),
+        ("cat_fluffy.jpg", "cat"),  # no number: the first word
+        ("dog.123.cropped.jpg", "dog"),
+        ("1234.jpg", None),
+    ],
+)
+def test_label_from_a_file_name(name, label):
+    assert dataset.label_from_filename(name) == label
+
+
 def test_presplit_chest_ct_labels_reconciled(tmp_path):
     root = tmp_path / "Data"
     long = {"adeno": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "normal": "normal"}

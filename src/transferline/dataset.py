@@ -125,11 +125,15 @@ def _split_dirs(folder: Path) -> dict[str, Path]:
 
 
 _PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9-]*?)[._ -]")
+_NUMBERED = re.compile(r"([A-Za-z][A-Za-z0-9._ -]*?)(?:[._ -]+\d+)+")
 
 
 def label_from_filename(name: str) -> str | None:
-    """`cat.0.jpg` -> `cat`, `dog_12.png` -> `dog`; None when the name carries no label."""
-    m = _PREFIX.match(name)
+    """`cat.0.jpg` -> `cat`, `dog_12.png` -> `dog`, `english_setter_3.jpg` -> `english_setter`
+    (Oxford-IIIT Pet's names: the whole name before the number, or `english_setter` and
+    `english_cocker_spaniel` would be one class); without a number, the first word
+    (`cat_fluffy.jpg` -> `cat`). None when the name carries no label."""
+    m = _NUMBERED.fullmatch(Path(name).stem) or _PREFIX.match(name)
     return m.group(1).lower() if m else None
 
 
