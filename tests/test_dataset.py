@@ -165,9 +165,11 @@ def test_a_given_split_with_one_class_folder_is_not_unwrapped_and_lost(tmp_path)
     for i in range(2):
         seed = seed_of("v", "dog", i)
         make_image(root / "valid" / "images" / "dog" / f"{i}.png", COLORS["dog"], seed=seed)
+    (root / "valid" / "readme.txt").write_text("a README beside the wrapper")
     result = split(root)
     assert result.counts["val"] == {"cat": 2, "dog": 2}
     assert all(p.startswith("valid/images/") for p, _ in result.manifests["val"])
+    assert result.rejected == [("valid/readme.txt", "no label: not inside a class folder")]
 
 
 def make_files(root: Path, names: list[str]) -> None:
@@ -207,7 +209,7 @@ def test_dev_is_the_val_split_and_folders_beside_the_splits_are_reported(tmp_pat
     assert result.layout == "presplit"
     assert result.counts["val"] == {"cat": 4, "dog": 4}  # dev/, kept as given
     assert all(p.startswith("dev/") for p, _ in result.manifests["val"])
-    why = "not in a split folder (dev, test, train)"
+    why = "no label: not in a split folder (dev, test, train)"
     assert result.rejected == [("extra/cat/1.png", why), ("notes.png", why)]
 
 
@@ -220,7 +222,7 @@ def test_a_wrapper_folder_with_a_readme_beside_it_is_still_a_wrapper(tmp_path):
     (root / "MSR-LA - 3467.docx").write_bytes(b"PK\x03\x04")
     result = split(root)
     assert result.layout == "class_folders" and result.classes == ["Cat", "dog"]
-    why = "outside PetImages/, the folder the images were found in"
+    why = "no label: outside PetImages/, the folder the images were found in"
     assert result.rejected == [("MSR-LA - 3467.docx", why), ("readme[1].txt", why)]
     # An image file beside it would be unlabelled data: then it is no wrapper (one class).
     make_files(root, ["loose.jpg"])

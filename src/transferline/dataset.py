@@ -143,14 +143,13 @@ def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> l
     folder = _unwrap(folder, classes_below=split is not None)
     out = []
     for entry in _visible(folder.iterdir()):
-        rel = entry.relative_to(rel_to).as_posix()
         if entry.is_dir():
             out += [
                 Candidate(f.relative_to(rel_to).as_posix(), entry.name, split)
                 for f in _files_under(entry)
             ]
         else:
-            out.append(Candidate(rel, "", split))
+            out.append(Candidate(entry.relative_to(rel_to).as_posix(), "", split))
     return out
 
 
@@ -572,7 +571,7 @@ def build_split(
         if c.label:
             labelled.append(c)
         else:
-            rejected.append((c.path, c.why or no_label))
+            rejected.append((c.path, f"no label: {c.why}" if c.why else no_label))
     for s in ("val", "test"):
         given = [c for c in cands if c.split == s]
         if given and not any(c.label for c in given):
