@@ -232,23 +232,44 @@ def test_a_wrapper_folder_with_a_readme_beside_it_is_still_a_wrapper(tmp_path):
 
 def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(tmp_path):
     labelled_by_name = [f"train/{c}.{i}.jpg" for c in ("cat", "dog") for i in range(10)]
-    # dogs-vs-cats: train/ (labels in file names) and test1/ (none): not classes train, test1.
+    # dogs-vs-cats: train/ (labels in file names) and test1/ (none). They were two classes,
+    # train and test1, without a word.
     comp = tmp_path / "comp"
     make_files(comp, [*labelled_by_name, *(f"test1/{i}.jpg" for i in range(8))])
     with pytest.raises(DataError) as info:
         split(comp)
-    assert "the class folders test1, train look like the data set's splits" in str(info.value)
-    assert "data.subdir: train" in str(info.value)
-    assert split(comp, layout="class_folders").classes == ["test1", "train"]  # said explicitly
-    assert split(comp / "train").classes == ["cat", "dog"]  # what data.subdir: train reads
-    # With a test/ beside it, train/ without class folders cannot be a given split either.
-    comp2 = tmp_path / "comp2"
-    make_files(comp2, [*labelled_by_name, "test/1.jpg"])
-    with pytest.raises(DataError) as info:
-        split(comp2)
     msg = str(info.value)
     assert "train/ holds 20 files but no class folders" in msg
     assert "20 of its file names start with a class" in msg and "data.subdir: train" in msg
+    assert split(comp, layout="class_folders").classes == ["test1", "train"]  # said explicitly
+    assert split(comp / "train").classes == ["cat", "dog"]  # what data.subdir: train reads
+    # A split-named folder among class folders (no second split beside it): refused too.
+    other = tmp_path / "other"
+    make_files(other, [*labelled_by_name, *(f"submissions/{i}.jpg" for i in range(8))])
+    with pytest.raises(DataError) as info:
+        split(other)
+    assert "the class folders train look like the data set's splits" in str(info.value)
+    assert "data.subdir: train" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name,split_name",
+    [("train", "train"), ("Training", "train"), ("training_set", "train"), ("dev", "val"),
+     ("validation-data", "val"), ("Test_Images", "test"), ("test1", "test"), ("cats", None),
+     ("trainer", None), ("testcat", None)],
+)  # fmt: skip
+def test_split_folder_names(name, split_name):
+    assert dataset.split_of(name) == split_name
+
+
+def test_training_set_and_test_set_folders_are_given_splits(tmp_path):
+    # Kaggle's tongpython/cat-and-dog: training_set/training_set/cats/, test_set/test_set/...
+    root = tmp_path / "d"
+    make_files(root, [f"{s}/{s}/{c}/{i}.jpg" for s in ("training_set", "test_set")
+                      for c in ("cats", "dogs") for i in range(5)])  # fmt: skip
+    result = split(root)
+    assert result.layout == "presplit" and result.classes == ["cats", "dogs"]
+    assert result.counts["test"] == {"cats": 5, "dogs": 5}
 
 
 def test_presplit_names_that_differ_in_case_only_are_one_class(tmp_path):

@@ -110,10 +110,22 @@ def _unwrap(folder: Path, classes_below: bool = False) -> Path:
         folder = dirs[0]
 
 
+_SPLIT_NAME = re.compile(
+    rf"({'|'.join(SPLIT_DIR_NAMES)})(?:[\W_]*(?:set|data|images|imgs))?[\W_]*\d*"
+)
+
+
+def split_of(name: str) -> str | None:
+    """The split a folder name stands for, if any: `valid` -> val, and with the words data
+    sets add (`training_set`, `Test_Images`, a competition's `test1`)."""
+    m = _SPLIT_NAME.fullmatch(name.lower())
+    return SPLIT_DIR_NAMES[m.group(1)] if m else None
+
+
 def _split_dirs(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for d in _visible(folder.iterdir()):
-        name = SPLIT_DIR_NAMES.get(d.name.lower())
+        name = split_of(d.name)
         if d.is_dir() and name:
             if name in found:
                 raise DataError(
@@ -322,13 +334,10 @@ def _passed_over(
     return out
 
 
-_SPLIT_LIKE = re.compile(rf"({'|'.join(SPLIT_DIR_NAMES)})[\W_]*\d*")  # test1, train_2
-
-
 def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str]) -> None:
     """Class folders named like splits are a download's split folders taken for classes (a
     Kaggle competition's train/ and test1/): a classifier of folders, with no error."""
-    odd = sorted(lb for lb in labels if _SPLIT_LIKE.fullmatch(lb.lower()))
+    odd = sorted(lb for lb in labels if split_of(lb))
     if not odd:
         return
     at = folder.relative_to(rel_to).as_posix()
