@@ -255,7 +255,8 @@ def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(
 @pytest.mark.parametrize(
     "name,split_name",
     [("train", "train"), ("Training", "train"), ("training_set", "train"), ("dev", "val"),
-     ("validation-data", "val"), ("Test_Images", "test"), ("test1", "test"), ("cats", None),
+     ("validation-data", "val"), ("Test_Images", "test"), ("test1", "test"),
+     ("seg_train", "train"), ("seg_pred", None), ("cats", None),
      ("trainer", None), ("testcat", None)],
 )  # fmt: skip
 def test_split_folder_names(name, split_name):
@@ -270,6 +271,17 @@ def test_training_set_and_test_set_folders_are_given_splits(tmp_path):
     result = split(root)
     assert result.layout == "presplit" and result.classes == ["cats", "dogs"]
     assert result.counts["test"] == {"cats": 5, "dogs": 5}
+    # Intel image classification: seg_train/seg_train/<class>/, seg_test/..., and an
+    # unlabelled seg_pred/seg_pred/ that is listed as left out.
+    intel = tmp_path / "intel"
+    names = [f"{s}/{s}/{c}/{i}.jpg" for s in ("seg_train", "seg_test") for c in ("cat", "dog")
+             for i in range(5)]  # fmt: skip
+    make_files(intel, [*names, "seg_pred/seg_pred/1.jpg"])
+    result = split(intel)
+    assert result.layout == "presplit" and result.counts["test"] == {"cat": 5, "dog": 5}
+    assert result.rejected == [
+        ("seg_pred/seg_pred/1.jpg", "no label: not in a split folder (seg_test, seg_train)")
+    ]
 
 
 def test_presplit_names_that_differ_in_case_only_are_one_class(tmp_path):

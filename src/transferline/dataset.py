@@ -111,13 +111,13 @@ def _unwrap(folder: Path, classes_below: bool = False) -> Path:
 
 
 _SPLIT_NAME = re.compile(
-    rf"({'|'.join(SPLIT_DIR_NAMES)})(?:[\W_]*(?:set|data|images|imgs))?[\W_]*\d*"
+    rf"(?:.*[\W_])?({'|'.join(SPLIT_DIR_NAMES)})(?:[\W_]*(?:set|data|images|imgs))?[\W_]*\d*"
 )
 
 
 def split_of(name: str) -> str | None:
     """The split a folder name stands for, if any: `valid` -> val, and with the words data
-    sets add (`training_set`, `Test_Images`, a competition's `test1`)."""
+    sets add (`training_set`, `Test_Images`, Intel's `seg_train`, a competition's `test1`)."""
     m = _SPLIT_NAME.fullmatch(name.lower())
     return SPLIT_DIR_NAMES[m.group(1)] if m else None
 
