@@ -30,9 +30,9 @@ def _tmp_sibling(target: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent
     )
+    os.close(fd)
     # mkstemp makes it 0600: the output would stay unreadable to the group and others (a
     # shared GPU box, a web server showing the plots) where a plain open() honours the umask.
-    os.close(fd)
     Path(name).chmod(0o666 & ~_umask())
     return Path(name)
 

@@ -451,7 +451,9 @@ def load_pyfunc(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
-        named = _runs_named(uri)
+        named = []
+        with contextlib.suppress(Exception):  # only a hint: the error below stands without it
+            named = _runs_named(uri)
         if named:
             raise ValueError(
                 f"{uri}: {uri.split('/')[1]!r} is a run's name, and runs:/ takes its ID: "
