@@ -11,6 +11,7 @@ from transferline.params import Params
 
 def run(p: Params) -> None:
     subdir = p.data.subdir or sources.preset_subdir(p.data.dataset) or ""
+    csv = p.data.labels
     result = dataset.build_split(
         stagekit.RAW / subdir,
         layout=p.data.layout,
@@ -20,6 +21,9 @@ def run(p: Params) -> None:
         max_per_class=p.split.max_per_class,
         rel_to=stagekit.RAW,
         label_map=p.data.label_map,
+        labels=dataset.LabelsCsv(stagekit.RAW / csv.file, csv.image_column, csv.label_column)
+        if csv.file
+        else None,
     )
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)

@@ -603,3 +603,69 @@ def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
     (x,) = list(dataset.make_image_dataset([str(path)], None, 24, 1, orientations=[6]))
     x = x.numpy()[0]
     assert x[:, :6].mean() > 200 and x[:, -10:].mean() < 40  # left is white again
+
+
+def test_labels_from_a_csv_as_kaggle_competitions_ship_them(tmp_path, caplog):
+    # dog-breed-identification: labels.csv (id,breed) names train/<id>.jpg by id alone.
+    dl = tmp_path / "download"
+    ids = {f"{c}{i:03d}": c for c in ("cat", "dog") for i in range(10)}
+    make_files(dl / "train", [f"{i}.jpg" for i in ids] + ["unlisted.jpg"])
+    make_files(dl / "test", ["t1.jpg"])
+    rows = [f"{i},{c}_breed" for i, c in ids.items()] + ["gone001,cat_breed", "x,"]
+    (dl / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n", encoding="utf-8-sig")
+    with caplog.at_level("WARNING", logger="transferline"):
+        result = split(dl / "train", rel_to=dl, labels=dataset.LabelsCsv(dl / "labels.csv"))
+    assert result.layout == "csv" and result.classes == ["cat_breed", "dog_breed"]
+    assert sum(sum(c.values()) for c in result.counts.values()) == 20
+    assert all(p.startswith("train/") for s in result.manifests.values() for p, _ in s)
+    assert result.rejected == [("train/unlisted.jpg", "no label: not in labels.csv")]
+    assert "1 rows of labels.csv name no file under" in caplog.text and "'gone001'" in caplog.text
+
+    # aerial-cactus style: file names with extension, the class in a named column, extra
+    # columns before them; the download's other files (test/, the CSV itself) left out.
+    table = "\n".join(["source,id_code,score,diagnosis"]
+                      + [f"kaggle,{i}.jpg,0.5,{c}" for i, c in ids.items()])  # fmt: skip
+    (dl / "train.csv").write_text(table + "\n")
+    labels = dataset.LabelsCsv(dl / "train.csv", "id_code", "diagnosis")
+    result = split(dl, labels=labels, label_map={"cat": "feline"})
+    assert result.classes == ["dog", "feline"]
+    assert {p for p, _ in result.rejected} == {"labels.csv", "test/t1.jpg", "train/unlisted.jpg"}
+
+    # Paths relative to the download's top work as well.
+    (dl / "paths.csv").write_text(
+        "file,label\n" + "".join(f"train/{i}.jpg,{c}\n" for i, c in ids.items())
+    )
+    assert split(dl, labels=dataset.LabelsCsv(dl / "paths.csv")).classes == ["cat", "dog"]
+
+
+def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
+    dl = tmp_path / "download"
+    make_files(dl / "train", [f"{c}{i}.jpg" for c in ("cat", "dog") for i in range(6)])
+    (dl / "train.csv").write_text(
+        "id,label\n" + "".join(f"{c}{i},{c}\n" for c in ("cat", "dog") for i in range(6))
+    )
+
+    def error(labels, root=dl):
+        with pytest.raises(DataError) as info:
+            split(root, rel_to=dl, labels=labels)
+        return str(info.value)
+
+    assert "data.labels.file: labels.csv is not in the download" in error(
+        dataset.LabelsCsv(dl / "labels.csv")
+    ) and "CSV files there: train.csv" in error(dataset.LabelsCsv(dl / "labels.csv"))
+    msg = error(dataset.LabelsCsv(dl / "train.csv", label_column="lable"))
+    assert "has no column 'lable'. Did you mean 'label'? Its columns: id, label." in msg
+    (dl / "other.csv").write_text("id,label\nsomething_else,cat\n")
+    msg = error(dataset.LabelsCsv(dl / "other.csv"))
+    assert "none of the 1 rows of other.csv names a file under" in msg
+    assert "Set data.subdir to the images' folder" in msg
+    (dl / "one.csv").write_text("id\ncat1\n")
+    assert "needs a header row and at least two" in error(dataset.LabelsCsv(dl / "one.csv"))
+    # Two files with one id (train/cat1.jpg, extra/cat1.png): which one is meant is unknown.
+    make_files(dl / "extra", ["cat1.png"])
+    msg = error(dataset.LabelsCsv(dl / "train.csv"))
+    assert "names 'cat1', and 2 files match it" in msg and "Set data.subdir" in msg
+    # One image given two classes: rejected with both, the rest used.
+    (dl / "twice.csv").write_text((dl / "train.csv").read_text() + "cat0,dog\n")
+    result = split(dl / "train", rel_to=dl, labels=dataset.LabelsCsv(dl / "twice.csv"))
+    assert result.rejected == [("train/cat0.jpg", "two labels in twice.csv: cat, dog")]

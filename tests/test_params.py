@@ -188,3 +188,24 @@ def test_values_that_failed_or_did_nothing_later_are_refused_up_front(path, valu
     (raw[section] if section else raw)[key] = value
     msg = error_for(raw)
     assert f"`{path}` = {value!r}" in msg and says in msg
+
+
+def test_a_labels_csv_is_a_path_in_the_download_and_its_own_layout():
+    raw = base()
+    raw["data"]["labels"] = {"file": "train.csv", "label_column": "breed"}
+    p = parse_params(raw)
+    assert (p.data.labels.file, p.data.labels.image_column, p.data.labels.label_column) == (
+        "train.csv",
+        None,
+        "breed",
+    )
+    assert p.flat()["data.labels.file"] == "train.csv"
+    raw["data"]["layout"] = "class_folders"
+    assert "data.layout is class_folders" in error_for(raw)
+    raw["data"].update(layout="csv", labels={})
+    assert "data.layout is csv but data.labels.file is not set" in error_for(raw)
+    for bad in ("/data/train.csv", "../train.csv"):
+        raw["data"].update(layout="auto", labels={"file": bad})
+        assert "must be a path inside the download" in error_for(raw)
+    raw["data"]["labels"] = {"file": "t.csv", "colum": "x"}
+    assert "unknown key `data.labels.colum`" in error_for(raw)

@@ -49,11 +49,22 @@ SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
 ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
-Layout = Literal["auto", "class_folders", "presplit", "filename"]
+Layout = Literal["auto", "class_folders", "presplit", "filename", "csv"]
 
 
 class DataError(ValueError):
     """The data set cannot be split as asked; the message names the folder, class or count."""
+
+
+@dataclass(frozen=True)
+class LabelsCsv:
+    """A CSV that labels the images (`data.labels`): one row per image, with a column naming
+    it (a path, a file name, or a file name without its extension, as Kaggle's ids are) and
+    one holding its class; None picks the first and the second column."""
+
+    path: Path
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -273,8 +284,10 @@ def find_candidates(
     layout: Layout = "auto",
     rel_to: Path | None = None,
     label_map: dict[str, str] | None = None,
+    labels: LabelsCsv | None = None,
 ) -> tuple[str, list[Candidate]]:
-    """Label every visible file under `root` according to the layout (detected when auto).
+    """Label every visible file under `root` according to the layout (detected when auto;
+    `labels` given: the CSV's).
 
     Paths are relative to `rel_to` (default: `root`); `label_map` renames labels first (several
     names may map to one class).
@@ -284,6 +297,8 @@ def find_candidates(
         raise DataError(
             f"{root}: no such folder. Run the download stage first, or fix data.subdir."
         )
+    if labels is not None:
+        return "csv", _relabel(_csv_candidates(root, rel_to, labels), label_map)
     chosen = detect_layout(root) if layout == "auto" else layout
     folder = _unwrap(root)
     if chosen == "presplit":
@@ -311,6 +326,100 @@ def find_candidates(
     return chosen, _relabel(cands + _passed_over(root, folder, rel_to, cands), label_map)
 
 
+def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candidate]:
+    """Every visible file under `root`, labelled by the CSV's row that names it; the others
+    unlabelled, with the reason. A row may name its image by path (from `root` or from the
+    download's top), by file name, or by file name without its extension."""
+    import csv  # noqa: PLC0415
+
+    table = labels.path
+    shown = table.relative_to(rel_to).as_posix() if table.is_relative_to(rel_to) else str(table)
+    if not table.is_file():
+        found = sorted(f.relative_to(rel_to).as_posix() for f in rel_to.rglob("*.csv"))[:5]
+        raise DataError(
+            f"data.labels.file: {shown} is not in the download ({rel_to.as_posix()}/); CSV files "
+            f"there: {', '.join(found) or 'none'}. Give its path inside the download."
+        )
+    with table.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header, rows = (rows[0], rows[1:]) if rows else ([], [])
+    if len(header) < 2:
+        raise DataError(
+            f"data.labels.file: {shown} needs a header row and at least two comma-separated "
+            f"columns (the image and its class); its first row is {header!r}."
+        )
+    image = _column(header, labels.image_column, 0, "image_column", shown)
+    label = _column(header, labels.label_column, 1, "label_column", shown)
+
+    files = [f for f in _files_under(root) if f != table]
+    exact = {f.relative_to(root).as_posix(): f for f in files}
+    exact.update({f.relative_to(rel_to).as_posix(): f for f in files})
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    by_stem: dict[str, list[Path]] = defaultdict(list)  # Kaggle's ids: names without extension
+    for f in files:
+        by_name[f.name].append(f)
+        by_stem[f.stem].append(f)
+    given: dict[Path, set[str]] = defaultdict(set)
+    unmatched: list[str] = []
+    for row in rows:
+        if len(row) <= max(image, label) or not row[label].strip():
+            continue
+        name = row[image].strip().replace("\\", "/").removeprefix("./")
+        hit = [exact[name]] if name in exact else by_name.get(name) or by_stem.get(name, [])
+        if len(hit) > 1:
+            raise DataError(
+                f"data.labels.file: {shown} names {name!r}, and {len(hit)} files match it "
+                f"({', '.join(h.relative_to(rel_to).as_posix() for h in hit[:3])}). Set "
+                f"data.subdir to the folder of the labelled images, so that one does."
+            )
+        if hit:
+            given[hit[0]].add(row[label].strip())
+        else:
+            unmatched.append(name)
+    if not given:
+        raise DataError(
+            f"data.labels.file: none of the {len(rows)} rows of {shown} names a file under "
+            f"{root.as_posix()}/ (e.g. {unmatched[0]!r} in column {header[image]!r}). Set "
+            f"data.subdir to the images' folder, or data.labels.image_column to the column "
+            f"naming them (columns: {', '.join(header)})."
+            if unmatched
+            else f"data.labels.file: {shown} has no row with an image and a label."
+        )
+    if unmatched:
+        log.warning(
+            "%d rows of %s name no file under %s/ (e.g. %r): those images are missing",
+            len(unmatched),
+            shown,
+            root.as_posix(),
+            unmatched[0],
+        )
+    out = []
+    for f in files:
+        rel = f.relative_to(rel_to).as_posix()
+        found = sorted(given.get(f, ()))
+        if len(found) == 1:
+            out.append(Candidate(rel, found[0]))
+        elif found:
+            out.append(Candidate(rel, "", why=f"two labels in {shown}: {', '.join(found)}"))
+        else:
+            out.append(Candidate(rel, "", why=f"no label: not in {shown}"))
+    return out
+
+
+def _column(header: list[str], wanted: str | None, default: int, key: str, shown: str) -> int:
+    """Index of the column `wanted` (None: the `default`-th), or a clear error."""
+    if wanted is None:
+        return default
+    if wanted in header:
+        return header.index(wanted)
+    close = difflib.get_close_matches(wanted, header, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise DataError(
+        f"data.labels.{key}: {shown} has no column {wanted!r}.{hint} Its columns: "
+        f"{', '.join(header)}."
+    )
+
+
 def _passed_over(
     root: Path, folder: Path, rel_to: Path, cands: list[Candidate], split_dirs: Sequence[Path] = ()
 ) -> list[Candidate]:
@@ -325,11 +434,11 @@ def _passed_over(
         if rel in seen:
             continue
         if folder not in f.parents:
-            why = f"outside {folder.name}/, the folder the images were found in"
+            why = f"no label: outside {folder.name}/, the folder the images were found in"
         elif split_dirs and not any(d in f.parents for d in split_dirs):
-            why = f"not in a split folder ({names})"
+            why = f"no label: not in a split folder ({names})"
         else:
-            why = "not inside a class folder"
+            why = "no label: not inside a class folder"
         out.append(Candidate(rel, "", why=why))
     return out
 
@@ -560,6 +669,7 @@ def build_split(
     max_per_class: int | None,
     rel_to: Path | None = None,
     label_map: dict[str, str] | None = None,
+    labels: LabelsCsv | None = None,
     workers: int | None = None,
 ) -> SplitResult:
     """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
@@ -567,7 +677,7 @@ def build_split(
     Manifest paths are relative to `rel_to` (default: `root`).
     """
     rel_to = rel_to or root
-    chosen, cands = find_candidates(root, layout, rel_to, label_map)
+    chosen, cands = find_candidates(root, layout, rel_to, label_map, labels)
     log.info("layout: %s, %d candidate files", chosen, len(cands))
     rejected: list[tuple[str, str]] = []
     labelled = []
@@ -580,7 +690,7 @@ def build_split(
         if c.label:
             labelled.append(c)
         else:
-            rejected.append((c.path, f"no label: {c.why}" if c.why else no_label))
+            rejected.append((c.path, c.why or no_label))
     for s in ("val", "test"):
         given = [c for c in cands if c.split == s]
         if given and not any(c.label for c in given):

@@ -38,12 +38,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LabelsParams(_Strict):
+    """A CSV in the download that labels the images (a Kaggle competition's train.csv)."""
+
+    file: str | None = Field(default=None, min_length=1)  # path inside the download
+    image_column: str | None = Field(default=None, min_length=1)  # null: the first column
+    label_column: str | None = Field(default=None, min_length=1)  # null: the second column
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str | None) -> str | None:
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(
+                "must be a path inside the download (data/raw), e.g. labels.csv or "
+                "Data/train.csv; the download stage copies your data set there first"
+            )
+        return v
+
+
 class DataParams(_Strict):
     dataset: str = Field(description="preset name or a source (kaggle://, https://, path)")
-    layout: Literal["auto", "class_folders", "presplit", "filename"] = "auto"
+    layout: Literal["auto", "class_folders", "presplit", "filename", "csv"] = "auto"
     subdir: str | None = None
     label_map: dict[str, str] = Field(default_factory=dict)
+    labels: LabelsParams = LabelsParams()
     sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _csv_layout(self) -> DataParams:
+        if self.layout == "csv" and self.labels.file is None:
+            raise ValueError(
+                "data.layout is csv but data.labels.file is not set; name the CSV that labels "
+                "the images (e.g. data.labels.file: train.csv), or use data.layout: auto"
+            )
+        if self.labels.file is not None and self.layout not in ("auto", "csv"):
+            raise ValueError(
+                f"data.labels.file labels the images, but data.layout is {self.layout}; set "
+                f"data.layout: auto (or csv), or remove data.labels.file"
+            )
+        return self
 
     @field_validator("sha256")
     @classmethod
