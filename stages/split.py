@@ -11,7 +11,7 @@ from transferline.params import Params
 
 def run(p: Params) -> None:
     subdir = p.data.subdir or sources.preset_subdir(p.data.dataset) or ""
-    csv = p.data.labels
+    table = p.data.labels  # a CSV labelling the images, if any
     result = dataset.build_split(
         stagekit.RAW / subdir,
         layout=p.data.layout,
@@ -21,8 +21,8 @@ def run(p: Params) -> None:
         max_per_class=p.split.max_per_class,
         rel_to=stagekit.RAW,
         label_map=p.data.label_map,
-        labels=dataset.LabelsCsv(stagekit.RAW / csv.file, csv.image_column, csv.label_column)
-        if csv.file
+        labels=dataset.LabelsCsv(stagekit.RAW / table.file, table.image_column, table.label_column)
+        if table.file
         else None,
     )
     with atomic_dir(stagekit.SPLITS) as tmp:

@@ -1,17 +1,22 @@
 import csv
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from transferline import dataset
 from transferline.dataset import Candidate, DataError
 
 from conftest import (
     COLORS,
+    REPO,
     add_broken_files,
     make_class_folders,
     make_image,
@@ -669,3 +674,24 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     (dl / "twice.csv").write_text((dl / "train.csv").read_text() + "cat0,dog\n")
     result = split(dl / "train", rel_to=dl, labels=dataset.LabelsCsv(dl / "twice.csv"))
     assert result.rejected == [("train/cat0.jpg", "two labels in twice.csv: cat, dog")]
+
+
+def test_the_split_stage_reads_data_labels(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    ids = {f"{c}{i:02d}": c for c in ("husky", "pug") for i in range(10)}
+    make_files(raw / "train", [f"{i}.jpg" for i in ids])
+    (raw / "labels.csv").write_text("id,breed\n" + "".join(f"{i},{c}\n" for i, c in ids.items()))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(dataset="digits", subdir="train", labels={"file": "labels.csv"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "split.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    split_json = json.loads((tmp_path / "metrics" / "split.json").read_text())
+    assert split_json["layout"] == "csv" and split_json["rejected"] == 0
+    assert set(split_json["counts"]["train"]) == {"husky", "pug"}
+    rows = (tmp_path / "data" / "splits" / "train.csv").read_text().splitlines()
+    assert rows[0] == "path,label" and all(r.startswith("train/") for r in rows[1:])
