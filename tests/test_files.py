@@ -95,3 +95,10 @@ def test_csv_rows_header_and_empty(tmp_path):
     assert (tmp_path / "a.csv").read_text().splitlines() == ["path,label", "x.jpg,cat"]
     files.write_csv(tmp_path / "b.csv", [], header=["path", "reason"])
     assert (tmp_path / "b.csv").read_text().splitlines() == ["path,reason"]
+
+
+def test_repo_root_seen_from_a_dvc_temp_experiment(tmp_path):
+    inner = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    inner.mkdir(parents=True)
+    assert files.repo_root(inner) == (tmp_path / "repo").resolve()
+    assert files.repo_root(tmp_path) == tmp_path.resolve()

@@ -69,6 +69,21 @@ def test_tar_with_parent_path_refused(tmp_path):
         sources.download(str(bad), dest)
 
 
+def test_a_relative_path_starts_at_the_repository_root_also_in_a_dvc_temp_copy(
+    tmp_path, monkeypatch
+):
+    repo = tmp_path / "repo"
+    make_class_folders(repo / "my_images", per_class=2)
+    before = snapshot(repo / "my_images")
+    for cwd in (repo, repo / ".dvc" / "tmp" / "exps" / "tmp4f2a"):  # workspace, --temp copy
+        cwd.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(cwd)
+        dest = tmp_path / f"raw-{cwd.name}"
+        dest.mkdir()
+        sources.download("my_images", dest)
+        assert snapshot(dest) == before
+
+
 def test_missing_local_path_explains_the_options(tmp_path):
     with pytest.raises(SourceError) as info:
         sources.download(str(tmp_path / "nowhere"), tmp_path)

@@ -12,13 +12,6 @@ from transferline import tracking
 mlflow = pytest.importorskip("mlflow")
 
 
-def test_repo_root_seen_from_a_dvc_temp_experiment(tmp_path):
-    inner = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
-    inner.mkdir(parents=True)
-    assert tracking.repo_root(inner) == (tmp_path / "repo").resolve()
-    assert tracking.repo_root(tmp_path) == tmp_path.resolve()
-
-
 def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -13,6 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
+def repo_root(start: Path | None = None) -> Path:
+    """The user's repository root, also from inside `dvc exp run --temp/--queue` copies.
+
+    DVC runs those in <repo>/.dvc/tmp/exps/..., so the part before `.dvc` is the real root:
+    every experiment lands in the same MLflow store, and a relative data.dataset path means
+    the same folder as in the workspace.
+    """
+    start = (start or Path.cwd()).resolve()
+    parts = start.parts
+    for i in range(len(parts) - 2):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
+            return Path(*parts[:i])
+    return start
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (os.umask can only
     read it by setting it, racing other threads that create files meanwhile)."""

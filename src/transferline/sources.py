@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from transferline.files import repo_root
+
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -342,4 +344,7 @@ def download(
     elif source.startswith("https://"):
         download_https(source, dest, sha256)
     else:
-        copy_local(Path(source.removeprefix("file://")).expanduser(), dest)
+        path = Path(source.removeprefix("file://")).expanduser()
+        # From the repository root, as the README says, also in a `dvc exp run --temp/--queue`
+        # copy (.dvc/tmp/exps/...), where the folder would not be found, or be another one.
+        copy_local(path if path.is_absolute() else repo_root() / path, dest)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from transferline.errors import StageError
+from transferline.files import repo_root
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """The user's repository root, also from inside `dvc exp run --temp/--queue` copies.
-
-    DVC runs those in <repo>/.dvc/tmp/exps/..., so the part before `.dvc` is the real root and
-    every experiment lands in the same store.
-    """
-    start = (start or Path.cwd()).resolve()
-    parts = start.parts
-    for i in range(len(parts) - 2):
-        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
-            return Path(*parts[:i])
-    return start
 
 
 def tracking_uri(root: Path | None = None) -> str:
