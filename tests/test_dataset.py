@@ -695,3 +695,23 @@ def test_the_split_stage_reads_data_labels(tmp_path):
     assert set(split_json["counts"]["train"]) == {"husky", "pug"}
     rows = (tmp_path / "data" / "splits" / "train.csv").read_text().splitlines()
     assert rows[0] == "path,label" and all(r.startswith("train/") for r in rows[1:])
+
+
+def test_one_hot_label_columns_as_plant_pathology_ships_them(tmp_path):
+    dl = tmp_path / "download"
+    ids = [f"Train_{i}" for i in range(12)]
+    make_files(dl / "images", [f"{i}.jpg" for i in ids])
+    rows = ["image_id,healthy,multiple_diseases,rust"]
+    rows += [
+        f"{i},{int(n % 3 == 0)},{int(n % 3 == 1)},{int(n % 3 == 2)}" for n, i in enumerate(ids)
+    ]
+    rows[1] = "Train_0,1,0,1"  # two set: no single class
+    (dl / "train.csv").write_text("\n".join(rows) + "\n")
+    cols = ["healthy", "multiple_diseases", "rust"]
+    result = split(dl / "images", rel_to=dl, labels=dataset.LabelsCsv(dl / "train.csv", None, cols))
+    assert result.classes == cols
+    assert result.rejected == [
+        ("images/Train_0.jpg", "2 of the columns healthy, multiple_diseases, rust set in "
+         "train.csv, not one")
+    ]  # fmt: skip
+    assert sum(sum(c.values()) for c in result.counts.values()) == 11

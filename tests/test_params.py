@@ -209,3 +209,18 @@ def test_a_labels_csv_is_a_path_in_the_download_and_its_own_layout():
         assert "must be a path inside the download" in error_for(raw)
     raw["data"]["labels"] = {"file": "t.csv", "colum": "x"}
     assert "unknown key `data.labels.colum`" in error_for(raw)
+
+
+def test_one_hot_label_columns_are_a_list_of_two_or_more():
+    raw = base()
+    raw["data"]["labels"] = {"file": "train.csv", "label_column": ["healthy", "rust", "scab"]}
+    assert parse_params(raw).data.labels.label_column == ["healthy", "rust", "scab"]
+    cases = [
+        (["rust"], "names the one-hot columns of the classes, at least two"),
+        (["rust", "rust"], "each once"),
+        ("", "must name the CSV's column"),
+    ]
+    for bad, says in cases:
+        raw["data"]["labels"]["label_column"] = bad
+        msg = error_for(raw)
+        assert f"`data.labels.label_column` = {bad!r}" in msg and says in msg

@@ -64,7 +64,9 @@ class LabelsCsv:
 
     path: Path
     image_column: str | None = None
-    label_column: str | None = None
+    # one column holding the class, or one-hot columns named after the classes (plant-
+    # pathology's healthy,multiple_diseases,rust,scab: the class is the one set to 1)
+    label_column: str | Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,19 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             f"columns (the image and its class); its first row is {header!r}."
         )
     image = _column(header, labels.image_column, 0, "image_column", shown)
-    label = _column(header, labels.label_column, 1, "label_column", shown)
+    if labels.label_column is None or isinstance(labels.label_column, str):
+        label = _column(header, labels.label_column, 1, "label_column", shown)
+        needed = max(image, label)
+
+        def label_of(row: list[str]) -> str:
+            return row[label].strip()
+    else:  # one-hot: the class is the one column set
+        hot = [_column(header, c, 1, "label_column", shown) for c in labels.label_column]
+        needed = max(image, *hot)
+
+        def label_of(row: list[str]) -> str:
+            on = [header[i] for i in hot if row[i].strip().lower() in ("1", "1.0", "true")]
+            return on[0] if len(on) == 1 else f"\0{len(on)}"  # \0: no single class
 
     files = [f for f in _files_under(root) if f != table]
     exact = {f.relative_to(root).as_posix(): f for f in files}
@@ -362,7 +376,7 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
     given: dict[Path, set[str]] = defaultdict(set)
     unmatched: list[str] = []
     for row in rows:
-        if len(row) <= max(image, label) or not row[label].strip():
+        if len(row) <= needed or not label_of(row):
             continue
         name = row[image].strip().replace("\\", "/").removeprefix("./")
         hit = [exact[name]] if name in exact else by_name.get(name) or by_stem.get(name, [])
@@ -373,7 +387,7 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
                 f"data.subdir to the folder of the labelled images, so that one does."
             )
         if hit:
-            given[hit[0]].add(row[label].strip())
+            given[hit[0]].add(label_of(row))
         else:
             unmatched.append(name)
     if not given:
@@ -397,7 +411,11 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
     for f in files:
         rel = f.relative_to(rel_to).as_posix()
         found = sorted(given.get(f, ()))
-        if len(found) == 1:
+        if len(found) == 1 and found[0].startswith("\0"):
+            columns = ", ".join(labels.label_column or ())
+            why = f"{found[0][1:]} of the columns {columns} set in {shown}, not one"
+            out.append(Candidate(rel, "", why=why))
+        elif len(found) == 1:
             out.append(Candidate(rel, found[0]))
         elif found:
             out.append(Candidate(rel, "", why=f"two labels in {shown}: {', '.join(found)}"))

@@ -43,7 +43,8 @@ class LabelsParams(_Strict):
 
     file: str | None = Field(default=None, min_length=1)  # path inside the download
     image_column: str | None = Field(default=None, min_length=1)  # null: the first column
-    label_column: str | None = Field(default=None, min_length=1)  # null: the second column
+    # null: the second column; a list: one-hot columns named after the classes
+    label_column: str | list[str] | None = None
 
     @field_validator("file")
     @classmethod
@@ -52,6 +53,18 @@ class LabelsParams(_Strict):
             raise ValueError(
                 "must be a path inside the download (data/raw), e.g. labels.csv or "
                 "Data/train.csv; the download stage copies your data set there first"
+            )
+        return v
+
+    @field_validator("label_column")
+    @classmethod
+    def _one_hot(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v == "":
+            raise ValueError("must name the CSV's column holding the class (null: the second)")
+        if isinstance(v, list) and (len(set(v)) < 2 or not all(v)):
+            raise ValueError(
+                "as a list names the one-hot columns of the classes, at least two and each "
+                "once, e.g. [healthy, rust, scab]; or give the one column holding the class"
             )
         return v
 
