@@ -355,15 +355,19 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         label = _column(header, labels.label_column, 1, "label_column", shown)
         needed = max(image, label)
 
-        def label_of(row: list[str]) -> str:
-            return row[label].strip()
+        def label_of(row: list[str]) -> tuple[str, str]:
+            """(the class, "") or ("", why the row gives none); ("", "") for an empty cell."""
+            return row[label].strip(), ""
     else:  # one-hot: the class is the one column set
         hot = [_column(header, c, 1, "label_column", shown) for c in labels.label_column]
         needed = max(image, *hot)
+        columns = ", ".join(header[i] for i in hot)
 
-        def label_of(row: list[str]) -> str:
+        def label_of(row: list[str]) -> tuple[str, str]:
             on = [header[i] for i in hot if row[i].strip().lower() in ("1", "1.0", "true")]
-            return on[0] if len(on) == 1 else f"\0{len(on)}"  # \0: no single class
+            if len(on) == 1:
+                return on[0], ""
+            return "", f"{len(on)} of the columns {columns} set in {shown}, not one"
 
     files = [f for f in _files_under(root) if f != table]
     exact = {f.relative_to(root).as_posix(): f for f in files}
@@ -374,9 +378,13 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         by_name[f.name].append(f)
         by_stem[f.stem].append(f)
     given: dict[Path, set[str]] = defaultdict(set)
+    refused: dict[Path, str] = {}  # rows that name the image but give it no single class
     unmatched: list[str] = []
     for row in rows:
-        if len(row) <= needed or not label_of(row):
+        if len(row) <= needed:
+            continue
+        cls, why = label_of(row)
+        if not cls and not why:
             continue
         name = row[image].strip().replace("\\", "/").removeprefix("./")
         hit = [exact[name]] if name in exact else by_name.get(name) or by_stem.get(name, [])
@@ -386,8 +394,10 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
                 f"({', '.join(h.relative_to(rel_to).as_posix() for h in hit[:3])}). Set "
                 f"data.subdir to the folder of the labelled images, so that one does."
             )
-        if hit:
-            given[hit[0]].add(label_of(row))
+        if hit and cls:
+            given[hit[0]].add(cls)
+        elif hit:
+            refused[hit[0]] = why
         else:
             unmatched.append(name)
     if not given:
@@ -411,14 +421,12 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
     for f in files:
         rel = f.relative_to(rel_to).as_posix()
         found = sorted(given.get(f, ()))
-        if len(found) == 1 and found[0].startswith("\0"):
-            columns = ", ".join(labels.label_column or ())
-            why = f"{found[0][1:]} of the columns {columns} set in {shown}, not one"
-            out.append(Candidate(rel, "", why=why))
-        elif len(found) == 1:
+        if len(found) == 1:
             out.append(Candidate(rel, found[0]))
         elif found:
             out.append(Candidate(rel, "", why=f"two labels in {shown}: {', '.join(found)}"))
+        elif f in refused:
+            out.append(Candidate(rel, "", why=refused[f]))
         else:
             out.append(Candidate(rel, "", why=f"no label: not in {shown}"))
     return out
