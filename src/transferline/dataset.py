@@ -163,18 +163,15 @@ def label_from_filename(name: str) -> str | None:
 
 
 def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> list[Candidate]:
-    """Files under each class folder, labelled by it; files beside the class folders get no
-    label (label ""), so that they are reported as rejected rather than passed over."""
+    """Files under each class folder, labelled by it (files beside them: `_passed_over`)."""
     folder = _unwrap(folder, classes_below=split is not None)
     out = []
-    for entry in _visible(folder.iterdir()):
-        if entry.is_dir():
+    for class_dir in _visible(folder.iterdir()):
+        if class_dir.is_dir():
             out += [
-                Candidate(f.relative_to(rel_to).as_posix(), entry.name, split)
-                for f in _files_under(entry)
+                Candidate(f.relative_to(rel_to).as_posix(), class_dir.name, split)
+                for f in _files_under(class_dir)
             ]
-        else:
-            out.append(Candidate(entry.relative_to(rel_to).as_posix(), "", split))
     return out
 
 
@@ -314,8 +311,8 @@ def find_candidates(
         for split, d in dirs.items():
             cands += _class_folder_candidates(d, rel_to, split)
         if not any(c.label for c in cands if c.split == "train"):
-            raise DataError(_no_train_classes_message(dirs["train"], rel_to, cands))
-        cands += _passed_over(root, folder, rel_to, cands, list(dirs.values()))
+            raise DataError(_no_train_classes_message(dirs["train"], rel_to))
+        cands += _passed_over(root, folder, rel_to, cands, dirs)
         return chosen, reconcile_labels(cands, label_map)
     if chosen == "class_folders":
         cands = _class_folder_candidates(folder, rel_to, None)
@@ -447,25 +444,32 @@ def _column(header: list[str], wanted: str | None, default: int, key: str, shown
 
 
 def _passed_over(
-    root: Path, folder: Path, rel_to: Path, cands: list[Candidate], split_dirs: Sequence[Path] = ()
+    root: Path,
+    folder: Path,
+    rel_to: Path,
+    cands: list[Candidate],
+    split_dirs: dict[str, Path] | None = None,
 ) -> list[Candidate]:
     """Every visible file under `root` that the layout gave no place, as an unlabelled
     candidate with the reason, so that rejected.csv lists it: files beside a wrapper folder
-    (a README beside PetImages/), beside the split folders, or beside class folders."""
+    (a README beside PetImages/), beside the split folders, or beside class folders (in a
+    given split's folder: with that split, so that an unlabelled test/ can be told)."""
     seen = {c.path for c in cands}
-    names = ", ".join(sorted(d.name for d in split_dirs))
+    split_dirs = split_dirs or {}
+    names = ", ".join(sorted(d.name for d in split_dirs.values()))
     out = []
     for f in _files_under(root):
         rel = f.relative_to(rel_to).as_posix()
         if rel in seen:
             continue
+        split = next((s for s, d in split_dirs.items() if d in f.parents), None)
         if folder not in f.parents:
             why = f"no label: outside {folder.name}/, the folder the images were found in"
-        elif split_dirs and not any(d in f.parents for d in split_dirs):
+        elif split_dirs and split is None:
             why = f"no label: not in a split folder ({names})"
         else:
             why = "no label: not inside a class folder"
-        out.append(Candidate(rel, "", why=why))
+        out.append(Candidate(rel, "", split, why))
     return out
 
 
@@ -486,11 +490,11 @@ def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str])
     )
 
 
-def _no_train_classes_message(train: Path, rel_to: Path, cands: list[Candidate]) -> str:
+def _no_train_classes_message(train: Path, rel_to: Path) -> str:
     """A pre-split layout whose train/ has no class folders: most often a Kaggle competition,
     with labels in train/'s file names (cat.0.jpg) and an unlabelled test/."""
-    loose = [c for c in cands if c.split == "train"]
-    named = sum(1 for c in loose if label_from_filename(Path(c.path).name))
+    loose = _files_under(train)
+    named = sum(1 for f in loose if label_from_filename(f.name))
     subdir = train.relative_to(rel_to).as_posix()
     splits = ", ".join(sorted(d.name for d in train.parent.iterdir() if d.is_dir()))
     text = (
@@ -707,11 +711,8 @@ def build_split(
     log.info("layout: %s, %d candidate files", chosen, len(cands))
     rejected: list[tuple[str, str]] = []
     labelled = []
-    no_label = (
-        "no label: the file name has no class prefix like cat.1.jpg"
-        if chosen == "filename"
-        else "no label: not inside a class folder"
-    )
+    # Only the filename layout leaves a file unlabelled without saying why (`Candidate.why`).
+    no_label = "no label: the file name has no class prefix like cat.1.jpg"
     for c in cands:
         if c.label:
             labelled.append(c)
