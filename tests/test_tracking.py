@@ -110,6 +110,38 @@ def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     assert exp.artifact_location == (Path(tmp_path).resolve() / "mlartifacts").as_uri()
 
 
+def test_class_names_mlflow_refuses_are_logged_with_underscores(tmp_path, monkeypatch):
+    # PlantVillage's class folders: MLflow refuses '(' and ',' in metric and param names.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = {"data.label_map.Corn_(maize)___healthy": "corn", "model.backbone": "vgg16"}
+    run = tracking.open_run("exp", "hash-p", params, "plants")
+    run.log_metrics(
+        {
+            "per_class.Corn_(maize)___healthy.f1": 0.9,
+            "per_class.Pepper,_bell___healthy.f1": 0.8,
+            "per_class.Pepper__bell___healthy.f1": 0.7,  # what the comma's '_' would give
+            "per_class.a/b:c.f1": 0.6,
+        },
+        prefix="test.",
+    )
+    tracking.close_run(run)
+    data = (
+        mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path)).get_run(run.run_id).data
+    )
+    assert data.params == {
+        "data.label_map.Corn__maize____healthy": "corn",
+        "model.backbone": "vgg16",
+    }
+    metrics = {k.removeprefix("test.per_class."): v for k, v in data.metrics.items()}
+    assert metrics.pop("Corn__maize____healthy.f1") == 0.9
+    assert metrics.pop("Pepper__bell___healthy.f1") == 0.7  # a valid name is kept as it is
+    assert metrics.pop("a_b_c.f1") == 0.6
+    # the renamed one that would overwrite it gets a hash of its own name
+    ((comma, value),) = metrics.items()
+    assert comma.startswith("Pepper__bell___healthy.f1_") and value == 0.8
+
+
 def test_split_manifests_are_the_runs_mlflow_datasets(tmp_path, monkeypatch):
     import json
 

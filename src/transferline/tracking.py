@@ -6,7 +6,9 @@ stages of one `dvc repro` / `dvc exp run` land in one run; evaluate logs the com
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -34,6 +36,36 @@ ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
+# MLflow refuses a metric or param name holding any other character, and class names become
+# such names (`test.head.per_class.CLASS.f1`, `data.label_map.CLASS`): PlantVillage's
+# `Corn_(maize)___healthy` and `Pepper,_bell___healthy` failed the split stage. Also not ':'
+# (refused on Windows servers) or '/' ('a//b' is refused as a path that is not unique).
+_NOT_IN_A_NAME = re.compile(r"[^\w.\- ]")
+
+
+def mlflow_names(keys: Iterable[str]) -> dict[str, str]:
+    """Each key -> a name MLflow accepts: other characters become '_'. A renamed key that
+    would share its name with another key gets a short hash of itself, so no value
+    overwrites another's."""
+    keys = list(dict.fromkeys(keys))
+    names = {k: _NOT_IN_A_NAME.sub("_", k) for k in keys}
+    renamed = [k for k in keys if names[k] != k]
+    taken = collections.Counter(names.values())
+    for k in renamed:
+        if taken[names[k]] > 1:
+            names[k] += "_" + hashlib.blake2b(k.encode(), digest_size=3).hexdigest()
+    if renamed and not _RENAMED_REPORTED:  # once per process: stages log several batches
+        _RENAMED_REPORTED.append(renamed[0])
+        log.info(
+            "MLflow names hold only letters, digits, '_', '-', '.' and spaces; the others "
+            "are logged as '_' (e.g. %r as %r)",
+            renamed[0],
+            names[renamed[0]],
+        )
+    return names
+
+
+_RENAMED_REPORTED: list[str] = []
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -188,11 +220,13 @@ class Run:
         from mlflow.entities import Metric  # noqa: PLC0415
 
         now = int(time.time() * 1000)
-        batch = [
-            Metric(f"{prefix}{k}", float(v), now, step)
+        numbers = {
+            f"{prefix}{k}": float(v)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        }
+        names = mlflow_names(numbers)
+        batch = [Metric(names[k], v, now, step) for k, v in numbers.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
@@ -216,7 +250,6 @@ class Run:
         changes when the files change under the same names. Logging the same one again (as
         evaluate does after split) adds nothing."""
         import csv  # noqa: PLC0415
-        import hashlib  # noqa: PLC0415
         import io  # noqa: PLC0415
         import json  # noqa: PLC0415
 
@@ -294,7 +327,8 @@ def open_run(
     else:
         tags = {HASH_TAG: params_hash, "mlflow.runName": run_name}
         run_id = client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
-        params = [Param(k, str(v)) for k, v in flat_params.items()]
+        names = mlflow_names(flat_params)
+        params = [Param(names[k], str(v)) for k, v in flat_params.items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i : i + 100])
         log.info("MLflow: new run %s (%s) in %s", run_name, run_id, uri)
