@@ -257,6 +257,52 @@ def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(
     assert "data.subdir: train" in str(info.value)
 
 
+def test_a_data_sets_parts_or_versions_are_not_taken_for_classes(tmp_path):
+    # Stanford Dogs: images/Images/<breed>/ beside annotations/Annotation/<breed>/ (XML files
+    # without an extension). It was "one class ('images')"; with a mask folder beside it, it
+    # would have been an images-vs-masks classifier.
+    dogs = tmp_path / "dogs"
+    breeds = ("n02085620-Chihuahua", "n02086240-Shih-Tzu")
+    make_files(dogs, [f"images/Images/{b}/{b[:9]}_{i}.jpg" for b in breeds for i in range(6)])
+    for b in breeds:
+        (dogs / "annotations" / "Annotation" / b).mkdir(parents=True)
+        (dogs / "annotations" / "Annotation" / b / f"{b[:9]}_0").write_text("<annotation/>")
+    with pytest.raises(DataError) as info:
+        split(dogs)
+    msg = str(info.value)
+    assert "the class folders annotations, images look like the parts of the data set" in msg
+    assert "data.subdir: images)" in msg
+    assert split(dogs / "images").classes == list(breeds)  # what data.subdir: images reads
+    with pytest.raises(DataError, match=r"only one class \('images'"):  # said explicitly
+        split(dogs, layout="class_folders")
+    # PlantVillage: color/, grayscale/, segmented/, each with the same disease folders. It
+    # was a 3-class color-vs-grayscale-vs-segmented classifier, without a word.
+    plants = tmp_path / "plants"
+    diseases = ("Corn_(maize)___healthy", "Pepper,_bell___healthy", "Tomato___healthy")
+    make_files(
+        plants,
+        [f"pv/{v}/{d}/{i}.jpg" for v in ("color", "grayscale") for d in diseases for i in range(5)],
+    )
+    with pytest.raises(DataError) as info:
+        split(plants)
+    msg = str(info.value)
+    assert "each of the folders color, grayscale holds the same 3 folders" in msg
+    assert "data.subdir: pv/color)" in msg
+    assert split(plants / "pv" / "color").classes == sorted(diseases)
+    assert split(plants, layout="class_folders").classes == ["color", "grayscale"]
+    # Class folders that share only split-named folders are classes (the labels are right),
+    # as are classes with subfolders of their own.
+    ok = tmp_path / "ok"
+    make_files(
+        ok,
+        [f"{c}/{s}/{i}.jpg" for c in ("cat", "dog") for s in ("train", "test") for i in range(5)],
+    )
+    make_files(
+        ok, [f"{c}/{c}_{s}/{i}.jpg" for c in ("cat", "dog") for s in ("a", "b") for i in range(3)]
+    )
+    assert split(ok).classes == ["cat", "dog"]
+
+
 @pytest.mark.parametrize(
     "name,split_name",
     [("train", "train"), ("Training", "train"), ("training_set", "train"), ("dev", "val"),

@@ -317,7 +317,10 @@ def find_candidates(
     if chosen == "class_folders":
         cands = _class_folder_candidates(folder, rel_to, None)
         if layout == "auto":
-            _refuse_split_names_as_classes(folder, rel_to, {c.label for c in cands if c.label})
+            labelled = {c.label for c in cands if c.label}
+            _refuse_split_names_as_classes(folder, rel_to, labelled)
+            _refuse_part_names_as_classes(folder, rel_to, labelled)
+            _refuse_shared_subfolders(folder, rel_to)
     else:
         cands = _filename_candidates(folder, rel_to)
         if cands and not any(c.label for c in cands):
@@ -479,14 +482,70 @@ def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str])
     odd = sorted(lb for lb in labels if split_of(lb))
     if not odd:
         return
-    at = folder.relative_to(rel_to).as_posix()
     labelled = next((lb for lb in odd if lb.lower().startswith("train")), odd[0])
-    example = f"{'' if at == '.' else at + '/'}{labelled}"
+    example = _subdir_example(folder, rel_to, labelled)
     raise DataError(
         f"{folder.as_posix()}/: the class folders {', '.join(odd)} look like the data set's "
         f"splits, not classes (as a Kaggle competition's train/ and test1/ are). Set "
         f"data.subdir to the folder with the labelled images (e.g. data.subdir: {example}), "
         f"or data.layout: class_folders if these really are class names."
+    )
+
+
+# Folder names of a data set's parts, not of classes: a detection or segmentation set's
+# images/ beside annotations/ or masks/ (Stanford Dogs, Oxford-IIIT Pet, face-mask sets),
+# Pascal VOC's JPEGImages/ beside Annotations/ and ImageSets/.
+_PART_NAMES = {
+    "images", "image", "imgs", "jpegimages", "annotations", "annotation", "labels", "masks",
+    "trimaps", "xmls", "imagesets", "segmentationclass", "segmentationobject", "metadata",
+}  # fmt: skip
+
+
+def _subdir_example(folder: Path, rel_to: Path, name: str) -> str:
+    at = folder.relative_to(rel_to).as_posix()
+    return name if at == "." else f"{at}/{name}"
+
+
+def _refuse_part_names_as_classes(folder: Path, rel_to: Path, labels: set[str]) -> None:
+    """Class folders named like a data set's parts (images/ beside annotations/): taken as
+    classes, they train an images-vs-annotations classifier, with no error."""
+    parts = sorted(lb for lb in labels if lb.lower() in _PART_NAMES)
+    if not parts or len(labels) < 2:
+        return
+    images = next((p for p in parts if p.lower() in ("images", "image", "imgs", "jpegimages")), "")
+    example = f" (e.g. data.subdir: {_subdir_example(folder, rel_to, images)})" if images else ""
+    raise DataError(
+        f"{folder.as_posix()}/: the class folders {', '.join(sorted(labels))} look like the "
+        f"parts of the data set (images beside their annotations or masks), not classes. Set "
+        f"data.subdir to the folder of the labelled images{example}, with data.labels.file if "
+        f"a CSV gives their classes; or data.layout: class_folders if these really are class "
+        f"names."
+    )
+
+
+def _refuse_shared_subfolders(folder: Path, rel_to: Path) -> None:
+    """Class folders that each hold the same subfolders are versions of the data set with the
+    classes inside (PlantVillage's color/, grayscale/ and segmented/, each with the 38 disease
+    folders): taken as classes, they train a color-vs-grayscale classifier, with no error.
+    Shared split names (cat/train/, dog/train/) are left alone: the labels are right."""
+    subs = [
+        {d.name for d in _visible(c.iterdir()) if d.is_dir()}
+        for c in _visible(folder.iterdir())
+        if c.is_dir()
+    ]
+    if len(subs) < 2 or not all(subs):
+        return
+    shared = sorted(n for n in set.intersection(*subs) if not split_of(n))
+    if len(shared) < 2:
+        return
+    outer = [c.name for c in _visible(folder.iterdir()) if c.is_dir()]
+    shown = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+    raise DataError(
+        f"{folder.as_posix()}/: each of the folders {', '.join(outer)} holds the same "
+        f"{len(shared)} folders ({shown}), so they look like versions or parts of the data "
+        f"set with the classes inside them, not classes. Set data.subdir to the one to use "
+        f"(e.g. data.subdir: {_subdir_example(folder, rel_to, outer[0])}), or data.layout: "
+        f"class_folders if {', '.join(outer)} really are the classes."
     )
 
 
