@@ -253,7 +253,7 @@ def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(
     make_files(other, [*labelled_by_name, *(f"submissions/{i}.jpg" for i in range(8))])
     with pytest.raises(DataError) as info:
         split(other)
-    assert "the class folders train look like the data set's splits" in str(info.value)
+    assert "the class folder train looks like the data set's splits" in str(info.value)
     assert "data.subdir: train" in str(info.value)
 
 
@@ -301,6 +301,24 @@ def test_a_data_sets_parts_or_versions_are_not_taken_for_classes(tmp_path):
         ok, [f"{c}/{c}_{s}/{i}.jpg" for c in ("cat", "dog") for s in ("a", "b") for i in range(3)]
     )
     assert split(ok).classes == ["cat", "dog"]
+    # Flowers Recognition: flowers/ held daisy/, rose/ and flowers/, a copy of both.
+    flowers = tmp_path / "flowers"
+    make_files(flowers, [f"{c}/{i}.jpg" for c in ("daisy", "rose") for i in range(5)])
+    make_files(flowers, [f"flowers/{c}/{i}.jpg" for c in ("daisy", "rose") for i in range(5)])
+    with pytest.raises(DataError) as info:
+        split(flowers)
+    msg = str(info.value)
+    assert "the class folder flowers/ holds folders named like the classes beside it" in msg
+    assert "data.subdir: flowers)" in msg
+    # New Plant Diseases: the labelled data's folder beside an unlabelled test/ folder
+    npd = tmp_path / "npd"
+    make_files(
+        npd, [f"Data(Augmented)/train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(5)]
+    )
+    make_files(npd, [f"test/test/{i}.jpg" for i in range(3)])
+    with pytest.raises(DataError, match=r"e\.g\. data\.subdir: Data\(Augmented\)\)"):
+        split(npd)
+    assert split(npd / "Data(Augmented)").classes == ["cat", "dog"]
 
 
 @pytest.mark.parametrize(

@@ -482,13 +482,17 @@ def _refuse_split_names_as_classes(folder: Path, rel_to: Path, labels: set[str])
     odd = sorted(lb for lb in labels if split_of(lb))
     if not odd:
         return
-    labelled = next((lb for lb in odd if lb.lower().startswith("train")), odd[0])
-    example = _subdir_example(folder, rel_to, labelled)
+    # The labelled images: in train/, else in the other folder beside the split-named one (a
+    # download's data folder beside its unlabelled test/)
+    others = sorted(labels - set(odd))
+    trains = [lb for lb in odd if lb.lower().startswith("train")]
+    example = _subdir_example(folder, rel_to, (trains or others or odd)[0])
     raise DataError(
-        f"{folder.as_posix()}/: the class folders {', '.join(odd)} look like the data set's "
-        f"splits, not classes (as a Kaggle competition's train/ and test1/ are). Set "
-        f"data.subdir to the folder with the labelled images (e.g. data.subdir: {example}), "
-        f"or data.layout: class_folders if these really are class names."
+        f"{folder.as_posix()}/: the class folder{'s' * (len(odd) > 1)} {', '.join(odd)} "
+        f"look{'s' * (len(odd) == 1)} like the data set's splits, not classes (as a Kaggle "
+        f"competition's train/ and test1/ are). Set data.subdir to the folder with the "
+        f"labelled images (e.g. data.subdir: {example}), or data.layout: class_folders if "
+        f"these really are class names."
     )
 
 
@@ -527,18 +531,30 @@ def _refuse_shared_subfolders(folder: Path, rel_to: Path) -> None:
     """Class folders that each hold the same subfolders are versions of the data set with the
     classes inside (PlantVillage's color/, grayscale/ and segmented/, each with the 38 disease
     folders): taken as classes, they train a color-vs-grayscale classifier, with no error.
-    Shared split names (cat/train/, dog/train/) are left alone: the labels are right."""
-    subs = [
-        {d.name for d in _visible(c.iterdir()) if d.is_dir()}
+    Shared split names (cat/train/, dog/train/) are left alone: the labels are right. A
+    class folder that holds folders named like the classes beside it is refused too: a copy of
+    the data set (Flowers Recognition's flowers/flowers/)."""
+    subs = {
+        c.name: {d.name for d in _visible(c.iterdir()) if d.is_dir()}
         for c in _visible(folder.iterdir())
         if c.is_dir()
-    ]
-    if len(subs) < 2 or not all(subs):
+    }
+    for name, inner in subs.items():
+        copied = sorted(inner & set(subs) - {name})
+        if len(copied) >= 2:
+            raise DataError(
+                f"{folder.as_posix()}/: the class folder {name}/ holds folders named like the "
+                f"classes beside it ({', '.join(copied[:3])}{', ...' * (len(copied) > 3)}), so "
+                f"it looks like a copy of the data set, not a class. Set data.subdir to the "
+                f"copy to use (e.g. data.subdir: {_subdir_example(folder, rel_to, name)}), or "
+                f"data.layout: class_folders if {name} really is a class."
+            )
+    if len(subs) < 2 or not all(subs.values()):
         return
-    shared = sorted(n for n in set.intersection(*subs) if not split_of(n))
+    shared = sorted(n for n in set.intersection(*subs.values()) if not split_of(n))
     if len(shared) < 2:
         return
-    outer = [c.name for c in _visible(folder.iterdir()) if c.is_dir()]
+    outer = list(subs)
     shown = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
     raise DataError(
         f"{folder.as_posix()}/: each of the folders {', '.join(outer)} holds the same "
