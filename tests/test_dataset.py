@@ -447,6 +447,23 @@ def test_single_class_and_empty_are_errors(tmp_path):
         dataset.split_candidates([], 0.1, 0.1, 0, None)
 
 
+def test_when_too_few_images_are_left_the_error_says_why_the_others_were_refused(tmp_path):
+    # The stage stops before writing rejected.csv, so the error itself says what it would hold.
+    root = tmp_path / "d"
+    make_files(root, [f"cat/{i}.png" for i in range(10)])
+    for i in range(8):  # e.g. DICOM files, as medical sets ship
+        (root / "dog" / f"{i}.dcm").parent.mkdir(parents=True, exist_ok=True)
+        (root / "dog" / f"{i}.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(64))
+    (root / "dog" / "8.png").write_bytes(b"")
+    with pytest.raises(DataError) as info:
+        split(root)
+    msg = str(info.value)
+    assert msg.startswith("only one class ('cat', 10 images) was found")
+    assert "Of the 19 files found, 9 were refused: 8 not an image (e.g. dog/0.dcm: not an " in msg
+    assert "; 1 empty file (e.g. dog/8.png: empty file (0 bytes))." in msg
+    assert "rejected.csv" not in msg
+
+
 def test_a_lone_class_folder_is_named_not_reported_as_no_images(tmp_path):
     raw = tmp_path / "raw"
     for i in range(3):

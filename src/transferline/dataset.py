@@ -728,10 +728,7 @@ def split_candidates(
     for c in cands:
         by_class[c.label].append(c)
     if not by_class:
-        raise DataError(
-            "no usable images were found. Check data.dataset / data.subdir, and rejected.csv for "
-            "files that were refused."
-        )
+        raise DataError("no usable images were found. Check data.dataset and data.subdir.")
     if len(by_class) < 2:
         ((only, items),) = by_class.items()
         raise DataError(
@@ -762,6 +759,17 @@ def split_candidates(
         out["val"] += given["val"] or pool[n_test : n_test + n_val]
         out["train"] += pool[n_test + n_val :]
     return out
+
+
+def _refused_summary(rejected: list[tuple[str, str]], found: int) -> str:
+    """The refused files by reason, most common first, with an example of each."""
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path, reason in sorted(rejected):
+        groups[re.split(r":| \(", reason, maxsplit=1)[0]].append((path, reason))
+    ranked = sorted(groups.items(), key=lambda g: -len(g[1]))
+    parts = [f"{len(g)} {kind} (e.g. {g[0][0]}: {g[0][1][:150]})" for kind, g in ranked[:3]]
+    more = f"; {len(ranked) - 3} other reasons" if len(ranked) > 3 else ""
+    return f"Of the {found} files found, {len(rejected)} were refused: {'; '.join(parts)}{more}."
 
 
 def build_split(
@@ -837,7 +845,12 @@ def build_split(
             continue
         given = next((c for c in copies if c.split in ("test", "val")), copies[0])
         kept.append(given)
-    split = split_candidates(kept, val, test, seed, max_per_class)
+    try:
+        split = split_candidates(kept, val, test, seed, max_per_class)
+    except DataError as exc:  # no rejected.csv is written then: say what it would hold
+        if not rejected:
+            raise
+        raise DataError(f"{exc} {_refused_summary(rejected, len(cands))}") from None
     classes = sorted({c.label for c in kept})
     manifests = {s: sorted((c.path, c.label) for c in split[s]) for s in SPLITS}
     counts = {s: dict(sorted(Counter(lbl for _, lbl in manifests[s]).items())) for s in SPLITS}
