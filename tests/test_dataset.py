@@ -745,6 +745,13 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     msg = error(dataset.LabelsCsv(dl / "other.csv"))
     assert "none of the 1 rows of other.csv names a file under" in msg
     assert "Set data.subdir to the images' folder" in msg
+    # HAM10000's metadata: lesion_id first, then the image's id; the error names the column.
+    (dl / "meta.csv").write_text(
+        "lesion_id,image_id,dx\n"
+        + "".join(f"HAM{i},{c}{i},{c}\n" for c in ("cat", "dog") for i in range(6))
+    )
+    msg = error(dataset.LabelsCsv(dl / "meta.csv"))
+    assert "(e.g. 'HAM0' in column 'lesion_id'). Set data.labels.image_column: image_id (12 " in msg
     (dl / "one.csv").write_text("id\ncat1\n")
     assert "needs a header row and at least two" in error(dataset.LabelsCsv(dl / "one.csv"))
     # Two files with one id (train/cat1.jpg, extra/cat1.png): which one is meant is unknown.

@@ -386,7 +386,7 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         cls, why = label_of(row)
         if not cls and not why:
             continue
-        name = row[image].strip().replace("\\", "/").removeprefix("./")
+        name = _clean(row[image])
         hit = [exact[name]] if name in exact else by_name.get(name) or by_stem.get(name, [])
         if len(hit) > 1:
             raise DataError(
@@ -400,15 +400,27 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             refused[hit[0]] = why
         else:
             unmatched.append(name)
-    if not given:
+    if not given and unmatched:
+        # Another column may name them (HAM10000's metadata: lesion_id first, image_id second)
+        known = exact.keys() | by_name.keys() | by_stem.keys()
+        hits = {
+            col: sum(1 for row in rows if len(row) > i and _clean(row[i]) in known)
+            for i, col in enumerate(header)
+            if i != image
+        }
+        best = max(hits, key=hits.get, default=None)
+        fix = (
+            f"Set data.labels.image_column: {best} ({hits[best]} of its rows name a file)"
+            if best and hits[best]
+            else f"Set data.subdir to the images' folder, or data.labels.image_column to the "
+            f"column naming them (columns: {', '.join(header)})"
+        )
         raise DataError(
             f"data.labels.file: none of the {len(rows)} rows of {shown} names a file under "
-            f"{root.as_posix()}/ (e.g. {unmatched[0]!r} in column {header[image]!r}). Set "
-            f"data.subdir to the images' folder, or data.labels.image_column to the column "
-            f"naming them (columns: {', '.join(header)})."
-            if unmatched
-            else f"data.labels.file: {shown} has no row with an image and a label."
+            f"{root.as_posix()}/ (e.g. {unmatched[0]!r} in column {header[image]!r}). {fix}."
         )
+    if not given:
+        raise DataError(f"data.labels.file: {shown} has no row with an image and a label.")
     if unmatched:
         log.warning(
             "%d rows of %s name no file under %s/ (e.g. %r): those images are missing",
@@ -430,6 +442,11 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         else:
             out.append(Candidate(rel, "", why=f"no label: not in {shown}"))
     return out
+
+
+def _clean(cell: str) -> str:
+    """A CSV cell naming an image, as a path inside the download."""
+    return cell.strip().replace("\\", "/").removeprefix("./")
 
 
 def _column(header: list[str], wanted: str | None, default: int, key: str, shown: str) -> int:
