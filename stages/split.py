@@ -21,7 +21,9 @@ def run(p: Params) -> None:
         max_per_class=p.split.max_per_class,
         rel_to=stagekit.RAW,
         label_map=p.data.label_map,
-        labels=dataset.LabelsCsv(stagekit.RAW / table.file, table.image_column, table.label_column)
+        labels=dataset.LabelsCsv(
+            stagekit.RAW / table.file, table.image_column, table.label_column, table.group_column
+        )
         if table.file
         else None,
     )

@@ -764,13 +764,52 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     assert result.rejected == [("train/cat0.jpg", "two labels in twice.csv: cat, dog")]
 
 
+def test_a_groups_images_all_go_to_one_split(tmp_path):
+    # HAM10000-like: several images per lesion; lesion_id first, image_id, then the class.
+    dl = tmp_path / "download"
+    rows = []  # (lesion, image id, class)
+    for c in ("nv", "mel"):
+        for g in range(12):
+            for k in range(1 + g % 3):  # 1 to 3 images per lesion
+                rows.append((f"L_{c}{g}", f"ISIC_{c}{g:02d}{k}", c))
+    for _, name, c in rows:
+        color = COLORS["cat" if c == "nv" else "dog"]
+        make_image(dl / "part_1" / f"{name}.jpg", color, seed=seed_of(name))
+    lesion_of = {f"part_1/{name}.jpg": lesion for lesion, name, _ in rows}
+
+    def table(name: str, group) -> dataset.LabelsCsv:
+        lines = [f"{group(lesion, c)},{image},{c}" for lesion, image, c in rows]
+        (dl / name).write_text("lesion_id,image_id,dx\n" + "\n".join(lines) + "\n")
+        return dataset.LabelsCsv(dl / name, "image_id", "dx", group_column="lesion_id")
+
+    labels = table("meta.csv", lambda lesion, c: lesion)
+    result = split(dl, labels=labels, val=0.25, test=0.25)
+    groups = [{lesion_of[p] for p, _ in result.manifests[s]} for s in ("train", "val", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert all(set(n) == {"mel", "nv"} for n in result.counts.values())  # stratified
+    assert sum(sum(n.values()) for n in result.counts.values()) == len(rows)
+    assert split(dl, labels=labels, val=0.25, test=0.25).manifests == result.manifests
+    # Without groups the same images split by image: here lesions land in two splits.
+    plain = split(dl, labels=dataset.LabelsCsv(dl / "meta.csv", "image_id", "dx"))
+    seen = [{lesion_of[p] for p, _ in plain.manifests[s]} for s in ("train", "val", "test")]
+    assert seen[0] & (seen[1] | seen[2])
+    # Too few groups of a class to reach every split: an error naming the class and the fix.
+    few = table("few.csv", lambda lesion, c: "one" if c == "mel" else lesion)
+    with pytest.raises(DataError, match=r"class 'mel' has images in 1 groups \(data\.labels"):
+        split(dl, labels=few, val=0.25, test=0.25)
+
+
 def test_the_split_stage_reads_data_labels(tmp_path):
     raw = tmp_path / "data" / "raw"
     ids = {f"{c}{i:02d}": c for c in ("husky", "pug") for i in range(10)}
     make_files(raw / "train", [f"{i}.jpg" for i in ids])
-    (raw / "labels.csv").write_text("id,breed\n" + "".join(f"{i},{c}\n" for i, c in ids.items()))
+    owner = {i: f"{i[:-1]}{int(i[-1]) // 2}" for i in ids}  # two dogs each: they share a split
+    table = "".join(f"{i},{c},{owner[i]}\n" for i, c in ids.items())
+    (raw / "labels.csv").write_text("id,breed,owner\n" + table)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(dataset="digits", subdir="train", labels={"file": "labels.csv"})
+    labels = {"file": "labels.csv", "group_column": "owner"}
+    params["data"].update(dataset="digits", subdir="train", labels=labels)
+    params["split"].update(val=0.25, test=0.25)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     out = subprocess.run(
@@ -783,6 +822,13 @@ def test_the_split_stage_reads_data_labels(tmp_path):
     assert set(split_json["counts"]["train"]) == {"husky", "pug"}
     rows = (tmp_path / "data" / "splits" / "train.csv").read_text().splitlines()
     assert rows[0] == "path,label" and all(r.startswith("train/") for r in rows[1:])
+    owners = {
+        s: {owner[Path(r.split(",")[0]).stem] for r in lines.splitlines()[1:]}
+        for s in ("train", "val", "test")
+        for lines in [(tmp_path / "data" / "splits" / f"{s}.csv").read_text()]
+    }
+    assert not (owners["train"] & owners["val"] or owners["train"] & owners["test"])
+    assert not owners["val"] & owners["test"]
 
 
 def test_one_hot_label_columns_as_plant_pathology_ships_them(tmp_path):

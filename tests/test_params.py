@@ -209,6 +209,11 @@ def test_a_labels_csv_is_a_path_in_the_download_and_its_own_layout():
         assert "must be a path inside the download" in error_for(raw)
     raw["data"]["labels"] = {"file": "t.csv", "colum": "x"}
     assert "unknown key `data.labels.colum`" in error_for(raw)
+    # A column without the CSV would be ignored in silence.
+    raw["data"]["labels"] = {"group_column": "patient_id"}
+    assert "data.labels.group_column is set but data.labels.file is not" in error_for(raw)
+    raw["data"]["labels"] = {"file": "t.csv", "group_column": "patient_id"}
+    assert parse_params(raw).data.labels.group_column == "patient_id"
 
 
 def test_one_hot_label_columns_are_a_list_of_two_or_more():

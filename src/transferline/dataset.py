@@ -67,6 +67,8 @@ class LabelsCsv:
     # one column holding the class, or one-hot columns named after the classes (plant-
     # pathology's healthy,multiple_diseases,rust,scab: the class is the one set to 1)
     label_column: str | Sequence[str] | None = None
+    # a column naming each image's group (a patient, a lesion): a group's images share a split
+    group_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Candidate:
     label: str  # "" when the file has none: it is rejected, with `why` as the reason if given
     split: str | None = None  # given by a pre-split layout
     why: str = ""
+    group: str = ""  # images of one group (a patient) go to one split; "": a group of its own
 
 
 @dataclass
@@ -351,6 +354,11 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             f"columns (the image and its class); its first row is {header!r}."
         )
     image = _column(header, labels.image_column, 0, "image_column", shown)
+    group = (
+        None
+        if labels.group_column is None
+        else _column(header, labels.group_column, 0, "group_column", shown)
+    )
     if labels.label_column is None or isinstance(labels.label_column, str):
         label = _column(header, labels.label_column, 1, "label_column", shown)
         needed = max(image, label)
@@ -378,6 +386,7 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         by_name[f.name].append(f)
         by_stem[f.stem].append(f)
     given: dict[Path, set[str]] = defaultdict(set)
+    group_of: dict[Path, str] = {}
     refused: dict[Path, str] = {}  # rows that name the image but give it no single class
     unmatched: list[str] = []
     for row in rows:
@@ -396,6 +405,8 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             )
         if hit and cls:
             given[hit[0]].add(cls)
+            if group is not None and len(row) > group and row[group].strip():
+                group_of.setdefault(hit[0], row[group].strip())
         elif hit:
             refused[hit[0]] = why
         else:
@@ -434,7 +445,7 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
         rel = f.relative_to(rel_to).as_posix()
         found = sorted(given.get(f, ()))
         if len(found) == 1:
-            out.append(Candidate(rel, found[0]))
+            out.append(Candidate(rel, found[0], group=group_of.get(f, "")))
         elif found:
             out.append(Candidate(rel, "", why=f"two labels in {shown}: {', '.join(found)}"))
         elif f in refused:
@@ -752,6 +763,8 @@ def split_candidates(
             f"only one class ({only!r}, {len(items)} images) was found; classification needs at "
             f"least two class folders (or file-name prefixes)."
         )
+    if any(c.group for c in cands):
+        return _split_by_group(by_class, val, test, seed, max_per_class)
     out: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
     for label in sorted(by_class):
         items = by_class[label]
@@ -787,6 +800,63 @@ def _refused_summary(rejected: list[tuple[str, str]], found: int) -> str:
     parts = [f"{len(g)} {kind} (e.g. {g[0][0]}: {g[0][1][:150]})" for kind, g in ranked[:3]]
     more = f"; {len(ranked) - 3} other reasons" if len(ranked) > 3 else ""
     return f"Of the {found} files found, {len(rejected)} were refused: {'; '.join(parts)}{more}."
+
+
+def _split_by_group(
+    by_class: dict[str, list[Candidate]],
+    val: float,
+    test: float,
+    seed: int,
+    max_per_class: int | None,
+) -> dict[str, list[Candidate]]:
+    """Whole groups to one split, stratified by class as far as whole groups allow. A
+    patient's (or a lesion's) images in train and test would score the model on what it has
+    seen, as HAM10000's several images per lesion do."""
+    pool = []
+    for label in sorted(by_class):
+        pool += _seeded_order(by_class[label], seed, label)[:max_per_class]
+    pool.sort(key=lambda c: c.path)
+    test_part, rest = _carve_groups(pool, test, seed, "test")
+    val_part, train = _carve_groups(rest, val / (1 - test), seed, "val")
+    out = {"train": train, "val": val_part, "test": test_part}
+    for label in sorted(by_class):
+        empty = [s for s in SPLITS if not any(c.label == label for c in out[s])]
+        if empty:
+            groups = len({c.group or c.path for c in pool if c.label == label})
+            raise DataError(
+                f"class {label!r} has images in {groups} groups (data.labels.group_column), "
+                f"and with whole groups kept together the {' and '.join(empty)} split gets "
+                f"none of them. Add images of more groups, raise split.val/split.test, or drop "
+                f"the class."
+            )
+    log.info(
+        "split by group: %s groups in train, val, test",
+        ", ".join(str(len({c.group or c.path for c in out[s]})) for s in SPLITS),
+    )
+    return out
+
+
+def _carve_groups(
+    items: list[Candidate], fraction: float, seed: int, name: str
+) -> tuple[list[Candidate], list[Candidate]]:
+    """About `fraction` of the items, in whole groups, stratified by class: one fold of
+    scikit-learn's StratifiedGroupKFold with round(1 / fraction) folds."""
+    from sklearn.model_selection import StratifiedGroupKFold  # noqa: PLC0415
+
+    groups = [c.group or c.path for c in items]
+    folds = max(2, round(1 / fraction))
+    if len(set(groups)) < folds:
+        raise DataError(
+            f"the images are in {len(set(groups))} groups (data.labels.group_column), too few "
+            f"to carve {name} ({fraction:.0%} of them) from whole groups. Add images of more "
+            f"groups, or raise split.{name}."
+        )
+    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a class in fewer groups than folds: checked by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        _, picked = next(cv.split(np.zeros(len(items)), [c.label for c in items], groups))
+    chosen = set(picked.tolist())
+    return [items[i] for i in sorted(chosen)], [c for i, c in enumerate(items) if i not in chosen]
 
 
 def build_split(

@@ -45,6 +45,18 @@ class LabelsParams(_Strict):
     image_column: str | None = Field(default=None, min_length=1)  # null: the first column
     # null: the second column; a list: one-hot columns named after the classes
     label_column: str | list[str] | None = None
+    # the images of one group (a patient, a lesion) go to one split; null: each its own
+    group_column: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _columns_need_a_file(self) -> LabelsParams:
+        given = [k for k in ("image_column", "label_column", "group_column") if getattr(self, k)]
+        if given and self.file is None:
+            raise ValueError(
+                f"data.labels.{given[0]} is set but data.labels.file is not; name the CSV "
+                f"that labels the images (e.g. data.labels.file: train.csv)"
+            )
+        return self
 
     @field_validator("file")
     @classmethod
