@@ -27,6 +27,25 @@ def test_metrics_on_known_predictions(tmp_path):
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:4] == b"\x89PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_figures_stay_bounded_with_many_classes(tmp_path):
+    # CUB-200: the confusion figure grew with the class count (10,200 px square, 3.6 GB).
+    for n, side in ((3, 400), (20, 1200), (200, 2400)):
+        cm = np.arange(n * n).reshape(n, n) % 7
+        evaluation.confusion_png(tmp_path / "cm.png", cm, [f"c{i}" for i in range(n)], "t")
+        assert png_size(tmp_path / "cm.png") == (side, side)
+    y = np.arange(12).repeat(2)
+    probs = np.random.default_rng(0).dirichlet(np.ones(12), len(y))
+    rows, auc = evaluation.roc_table(y, probs, [f"c{i}" for i in range(12)])
+    evaluation.roc_png(tmp_path / "roc.png", rows, auc, "t")  # the macro average's legend
+    assert png_size(tmp_path / "roc.png") == (500, 500)
+
+
 def test_roc_table_and_auc_on_known_scores():
     y = np.array([0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
