@@ -30,14 +30,17 @@ def run(p: Params) -> None:
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)
     write_json(stagekit.METRICS / "split.json", metrics)
+    totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
     stagekit.log.info(
         "split: %s; rejected %d, duplicates %d",
-        metrics["counts"],
+        # per class up to 10 classes (not three dicts of 120 dog breeds on one line)
+        metrics["counts"]
+        if len(result.classes) <= 10
+        else f"{len(result.classes)} classes, {totals}",
         metrics["rejected"],
         metrics["duplicates"],
     )
     with stagekit.mlflow_run(p) as run:
-        totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
         run.log_metrics(
             {**totals, **{k: metrics[k] for k in ("rejected", "duplicates", "exif_turned")}},
             prefix="split.",
