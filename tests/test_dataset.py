@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from transferline import dataset
-from transferline.dataset import Candidate, DataError
+from transferline.dataset import SPLITS, Candidate, DataError
 
 from conftest import (
     COLORS,
@@ -795,8 +795,35 @@ def test_a_groups_images_all_go_to_one_split(tmp_path):
     assert seen[0] & (seen[1] | seen[2])
     # Too few groups of a class to reach every split: an error naming the class and the fix.
     few = table("few.csv", lambda lesion, c: "one" if c == "mel" else lesion)
-    with pytest.raises(DataError, match=r"class 'mel' has images in 1 groups \(data\.labels"):
+    with pytest.raises(DataError, match=r"class 'mel' has images in 1 groups, and with each"):
         split(dl, labels=few, val=0.25, test=0.25)
+
+
+def test_groups_from_a_pattern_in_the_path_with_a_given_test_split(tmp_path, caplog):
+    # Chest X-ray pneumonia: train/ and test/ given, a patient's images named person12_*.
+    root = tmp_path / "chest_xray"
+    names = []
+    for c in ("NORMAL", "PNEUMONIA"):
+        for person in range(12):
+            names += [f"train/{c}/person{person}{c[0]}_{k}.jpeg" for k in range(1 + person % 3)]
+        names += [f"test/{c}/person{90 + i}{c[0]}_0.jpeg" for i in range(3)]
+    names.append("test/NORMAL/person0N_9.jpeg")  # the data set's own split leaks one patient
+    make_files(root, names)
+    with caplog.at_level("WARNING", logger="transferline"):
+        result = split(root, val=0.25, group_pattern=r"person\d+[NP]")
+    person = {s: {Path(p).name.split("_")[0] for p, _ in result.manifests[s]} for s in SPLITS}
+    assert not person["train"] & person["val"]  # val carved from train by whole patients
+    assert len(result.manifests["test"]) == 7  # the given test/ kept as it is
+    assert "1 groups (e.g. 'person0N') have images in the given test folder and in another" in (
+        caplog.text
+    )
+    assert all(set(n) == {"NORMAL", "PNEUMONIA"} for n in result.counts.values())
+    with pytest.raises(DataError, match=r"split.group_pattern 'patient\\d\+' is found in none"):
+        split(root, group_pattern=r"patient\d+")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transferline"):
+        split(root, val=0.25, group_pattern=r"person\d+N")
+    assert "'person\\d+N' is not found in 27 of 55 image paths" in caplog.text
 
 
 def test_the_split_stage_reads_data_labels(tmp_path):

@@ -214,6 +214,13 @@ def test_a_labels_csv_is_a_path_in_the_download_and_its_own_layout():
     assert "data.labels.group_column is set but data.labels.file is not" in error_for(raw)
     raw["data"]["labels"] = {"file": "t.csv", "group_column": "patient_id"}
     assert parse_params(raw).data.labels.group_column == "patient_id"
+    raw["split"] = {"group_pattern": "person\\d+"}
+    assert "split.group_pattern and data.labels.group_column both say" in error_for(raw)
+    raw["data"]["labels"] = {}
+    assert parse_params(raw).split.group_pattern == "person\\d+"
+    raw["split"] = {"group_pattern": "person(\\d+"}
+    assert "`split.group_pattern` = 'person(\\\\d+'" in error_for(raw)
+    assert "is not a regular expression (missing ), unterminated subpattern" in error_for(raw)
 
 
 def test_one_hot_label_columns_are_a_list_of_two_or_more():

@@ -791,6 +791,36 @@ def split_candidates(
     return out
 
 
+def _groups_from_paths(cands: list[Candidate], pattern: str) -> list[Candidate]:
+    """Each image's group from its path (chest X-rays' person1_bacteria_1.jpeg with
+    'person\\d+'): the pattern's first group, else its whole match."""
+    rx = re.compile(pattern)
+    out, missed = [], []
+    for c in cands:
+        m = rx.search(c.path)
+        if m:
+            out.append(replace(c, group=m.group(1) if rx.groups else m.group(0)))
+        else:
+            out.append(c)
+            missed.append(c.path)
+    if cands and len(missed) == len(cands):
+        raise DataError(
+            f"split.group_pattern '{pattern}' is found in none of the {len(cands)} image paths "
+            f"(e.g. {cands[0].path!r}, searched as a regular expression). Fix the pattern, or "
+            f"set it to null."
+        )
+    if missed:
+        log.warning(
+            "split.group_pattern '%s' is not found in %d of %d image paths (e.g. %r): each of "
+            "them is a group of its own",
+            pattern,
+            len(missed),
+            len(cands),
+            missed[0],
+        )
+    return out
+
+
 def _refused_summary(rejected: list[tuple[str, str]], found: int) -> str:
     """The refused files by reason, most common first, with an example of each."""
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -811,29 +841,51 @@ def _split_by_group(
 ) -> dict[str, list[Candidate]]:
     """Whole groups to one split, stratified by class as far as whole groups allow. A
     patient's (or a lesion's) images in train and test would score the model on what it has
-    seen, as HAM10000's several images per lesion do."""
-    pool = []
-    for label in sorted(by_class):
-        pool += _seeded_order(by_class[label], seed, label)[:max_per_class]
-    pool.sort(key=lambda c: c.path)
-    test_part, rest = _carve_groups(pool, test, seed, "test")
-    val_part, train = _carve_groups(rest, val / (1 - test), seed, "val")
+    seen, as HAM10000's several images per lesion do. Given val/test folders are kept."""
+
+    def capped(split_names: tuple[str | None, ...], salt: str) -> list[Candidate]:
+        out = []
+        for label in sorted(by_class):
+            items = [c for c in by_class[label] if c.split in split_names]
+            out += _seeded_order(items, seed, label + salt)[:max_per_class]
+        return sorted(out, key=lambda c: c.path)
+
+    pool = capped((None, "train"), "")
+    given = {s: capped((s,), s) for s in ("val", "test")}
+    test_part, rest = (
+        (given["test"], pool) if given["test"] else _carve_groups(pool, test, seed, "test")
+    )
+    fraction = val if given["test"] else val / (1 - test)
+    val_part, train = (
+        (given["val"], rest) if given["val"] else _carve_groups(rest, fraction, seed, "val")
+    )
     out = {"train": train, "val": val_part, "test": test_part}
     for label in sorted(by_class):
         empty = [s for s in SPLITS if not any(c.label == label for c in out[s])]
         if empty:
-            groups = len({c.group or c.path for c in pool if c.label == label})
+            groups = len({_group(c) for c in pool if c.label == label})
             raise DataError(
-                f"class {label!r} has images in {groups} groups (data.labels.group_column), "
-                f"and with whole groups kept together the {' and '.join(empty)} split gets "
-                f"none of them. Add images of more groups, raise split.val/split.test, or drop "
-                f"the class."
+                f"class {label!r} has images in {groups} groups, and with each group's "
+                f"images kept in one split the {' and '.join(empty)} split gets none of them. "
+                f"Add images of more groups, raise split.val/split.test, or drop the class."
             )
-    log.info(
-        "split by group: %s groups in train, val, test",
-        ", ".join(str(len({c.group or c.path for c in out[s]})) for s in SPLITS),
-    )
+    groups = {s: {_group(c) for c in out[s]} for s in SPLITS}
+    for s in ("val", "test"):
+        others = set().union(*(groups[o] for o in SPLITS if o != s))
+        if given[s] and (shared := groups[s] & others):
+            log.warning(
+                "%d groups (e.g. %r) have images in the given %s folder and in another split: "
+                "the data set's own split puts them on both sides",
+                len(shared),
+                sorted(shared)[0],
+                s,
+            )
+    log.info("split by group: %s groups in train, val, test", [len(groups[s]) for s in SPLITS])
     return out
+
+
+def _group(c: Candidate) -> str:
+    return c.group or c.path  # no group: a group of its own
 
 
 def _carve_groups(
@@ -843,11 +895,11 @@ def _carve_groups(
     scikit-learn's StratifiedGroupKFold with round(1 / fraction) folds."""
     from sklearn.model_selection import StratifiedGroupKFold  # noqa: PLC0415
 
-    groups = [c.group or c.path for c in items]
+    groups = [_group(c) for c in items]
     folds = max(2, round(1 / fraction))
     if len(set(groups)) < folds:
         raise DataError(
-            f"the images are in {len(set(groups))} groups (data.labels.group_column), too few "
+            f"the images are in {len(set(groups))} groups, too few "
             f"to carve {name} ({fraction:.0%} of them) from whole groups. Add images of more "
             f"groups, or raise split.{name}."
         )
@@ -870,11 +922,13 @@ def build_split(
     rel_to: Path | None = None,
     label_map: dict[str, str] | None = None,
     labels: LabelsCsv | None = None,
+    group_pattern: str | None = None,
     workers: int | None = None,
 ) -> SplitResult:
     """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
 
-    Manifest paths are relative to `rel_to` (default: `root`).
+    Manifest paths are relative to `rel_to` (default: `root`). `group_pattern`: a regex whose
+    match in an image's path (its first group, else the whole match) is the image's group.
     """
     rel_to = rel_to or root
     chosen, cands = find_candidates(root, layout, rel_to, label_map, labels)
@@ -888,6 +942,8 @@ def build_split(
             labelled.append(c)
         else:
             rejected.append((c.path, c.why or no_label))
+    if group_pattern:
+        labelled = _groups_from_paths(labelled, group_pattern)
     for s in ("val", "test"):
         given = [c for c in cands if c.split == s]
         if given and not any(c.label for c in given):

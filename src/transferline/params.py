@@ -132,6 +132,20 @@ class SplitParams(_Strict):
     val: float = 0.1
     test: float = 0.1
     max_per_class: int | None = Field(default=None, ge=1)
+    # a regex searched in each image's path: images whose matches agree share a split
+    group_pattern: str | None = Field(default=None, min_length=1)
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(
+                    f"is not a regular expression ({exc}); e.g. 'person\\d+' or '(patient_\\d+)/'"
+                ) from exc
+        return v
 
     @field_validator("val", "test")
     @classmethod
@@ -286,6 +300,15 @@ class Params(_Strict):
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _one_source_of_groups(self) -> Params:
+        if self.split.group_pattern and self.data.labels.group_column:
+            raise ValueError(
+                "split.group_pattern and data.labels.group_column both say which images "
+                "share a split; keep one"
+            )
+        return self
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
