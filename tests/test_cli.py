@@ -61,6 +61,12 @@ def test_quickstart_dry_run_prints_the_dvc_command():
 def test_quickstart_validates_overrides_before_running():
     out = run_cli("quickstart", "--dry-run", "-S", "split.val=2")
     assert out.returncode == 2 and "split.val" in out.stderr
+    # As DVC reads them: `off` is a string (YAML 1.2), `++` adds keys to a mapping.
+    ok = ["model.mixed_precision=off", "++data.label_map={no: healthy}"]
+    out = run_cli("quickstart", "--dry-run", *(a for o in ok for a in ("-S", o)))
+    assert out.returncode == 0, out.stderr
+    out = run_cli("quickstart", "--dry-run", "-S", "++data.label_map={no: [healthy]}")
+    assert out.returncode == 2 and "data.label_map.no" in out.stderr
 
 
 def test_experiment_env_fills_a_missing_git_identity_only(tmp_path, monkeypatch):

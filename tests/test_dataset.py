@@ -559,7 +559,10 @@ def test_label_map_merges_and_reconciles(tmp_path):
             make_image(pre / "test" / name / f"{i}.png", COLORS[c], seed=seed_of("t", c, i))
     with pytest.raises(DataError, match="doggo") as info:
         split(pre)
-    assert "with data.label_map in params.yaml, e.g. {doggo: dog} (several" in str(info.value)
+    assert (
+        "with data.label_map in params.yaml, e.g. {doggo: dog}, or with dvc exp run -S "
+        "'++data.label_map={doggo: dog}' (several" in str(info.value)
+    )
     assert split(pre, label_map={"doggo": "dog"}).classes == ["cat", "dog"]
 
 

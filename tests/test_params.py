@@ -96,6 +96,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(bad)
 
 
+def test_params_as_dvc_exp_run_set_param_writes_them(tmp_path):
+    # `dvc exp run -S` writes YAML 1.2: `mixed_precision: off` unquoted. PyYAML's YAML 1.1
+    # read that as False and refused it; a class named no was False too. The function is the
+    # one DVC's -S calls (DVC is pinned by the lock).
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(
+        str(params),
+        ["model.mixed_precision=off", "++data.label_map={no: healthy, yes: tumor, 0: zero}"],
+    )
+    assert "mixed_precision: off" in params.read_text()
+    p = load_params(params)
+    assert p.model.mixed_precision == "off"
+    assert p.data.label_map == {"no": "healthy", "yes": "tumor", "0": "zero"}
+    params.write_text(params.read_text().replace("no: healthy", "true: healthy"))
+    with pytest.raises(ParamsError, match="reads an unquoted true or false as the boolean True"):
+        load_params(params)
+
+
 def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path, monkeypatch):
     """dvc.yaml makes weights/ a dependency of the stages that load a base: a file elsewhere
     could change without DVC re-running them."""

@@ -95,18 +95,19 @@ def quickstart_command(name: str | None, overrides: dict[str, str]) -> list[str]
 
 
 def apply_overrides(raw: dict, overrides: dict[str, str]) -> dict:
-    """`raw` params with dotted-key overrides applied, values parsed as YAML (as DVC does)."""
+    """`raw` params with dotted-key overrides applied, values parsed as YAML (as DVC does;
+    Hydra's `+`/`++` prefixes, which let DVC add keys to a mapping, are not part of the key)."""
     import copy  # noqa: PLC0415
 
-    import yaml  # noqa: PLC0415
+    from transferline.params import load_yaml  # noqa: PLC0415
 
     out = copy.deepcopy(raw)
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.lstrip("+").split(".")
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = load_yaml(value)
     return out
 
 

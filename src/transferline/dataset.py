@@ -246,7 +246,11 @@ def reconcile_labels(
             f"the class folders differ between the given splits and no rule joins them "
             f"({listing}): {lacks}. Where names in different splits mean one class, join them "
             f"with data.label_map in params.yaml"
-            + (f", e.g. {{{hint}}}" if hint else "")
+            + (
+                f", e.g. {{{hint}}}, or with dvc exp run -S '++data.label_map={{{hint}}}'"
+                if hint
+                else ""
+            )
             + " (several names may map to one); every split needs images of every class."
         )
     if mapping:

@@ -89,6 +89,26 @@ class DataParams(_Strict):
     labels: LabelsParams = LabelsParams()
     sha256: str | None = None
 
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _class_names(cls, v: Any) -> Any:
+        """Class names as YAML reads them unquoted: numbers (Cassava's labels 0..4) are the
+        names they spell; true and false, booleans, name nothing."""
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, value in v.items():
+            for item in (key, value):
+                if isinstance(item, bool):
+                    raise ValueError(
+                        f"YAML reads an unquoted true or false as the boolean {item}, not a "
+                        f"class name; quote it (e.g. 'true': real)"
+                    )
+            out[str(key) if isinstance(key, int | float) else key] = (
+                str(value) if isinstance(value, int | float) else value
+            )
+        return out
+
     @model_validator(mode="after")
     def _csv_layout(self) -> DataParams:
         if self.layout == "csv" and self.labels.file is None:
@@ -376,11 +396,32 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (true/false only), as DVC reads and writes params.yaml.
+    PyYAML's YAML 1.1 reads an unquoted yes/no/on/off as a boolean: `dvc exp run -S
+    model.mixed_precision=off` writes `mixed_precision: off`, which was then False and refused;
+    a brain-MRI set's `no` class was False in data.label_map."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as DVC does (YAML 1.2's booleans)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader
+
+
 def read_raw(path: str | Path = "params.yaml") -> dict:
     """The YAML of a params file, a mapping not yet validated (overrides apply to it)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(
             f"{path}: not found. Run the stage from the repository root, where params.yaml is."
