@@ -229,10 +229,17 @@ def test_a_wrapper_folder_with_a_readme_beside_it_is_still_a_wrapper(tmp_path):
     assert result.layout == "class_folders" and result.classes == ["Cat", "dog"]
     why = "no label: outside PetImages/, the folder the images were found in"
     assert result.rejected == [("MSR-LA - 3467.docx", why), ("readme[1].txt", why)]
-    # An image file beside it would be unlabelled data: then it is no wrapper (one class).
+    # An image file beside it would be unlabelled data: then it is no wrapper, but the one
+    # class folder holding class folders names the data.subdir to set.
     make_files(root, ["loose.jpg"])
-    with pytest.raises(DataError, match=r"only one class \('PetImages'"):
+    with pytest.raises(DataError) as info:
         split(root)
+    msg = str(info.value)
+    assert "the only class folder, PetImages/, holds the folders Cat, dog: it looks like" in msg
+    assert (
+        "beside it (MSR-LA - 3467.docx, loose.jpg, readme[1].txt). Set data.subdir: "
+        "PetImages." in msg
+    )
 
 
 def test_a_competitions_split_folders_are_not_taken_for_classes_or_given_splits(tmp_path):

@@ -328,6 +328,7 @@ def find_candidates(
             _refuse_split_names_as_classes(folder, rel_to, labelled)
             _refuse_part_names_as_classes(folder, rel_to, labelled)
             _refuse_shared_subfolders(folder, rel_to)
+            _refuse_a_lone_wrapper(folder, rel_to, labelled)
     else:
         cands = _filename_candidates(folder, rel_to)
         if cands and not any(c.label for c in cands):
@@ -594,6 +595,24 @@ def _refuse_shared_subfolders(folder: Path, rel_to: Path) -> None:
         f"set with the classes inside them, not classes. Set data.subdir to the one to use "
         f"(e.g. data.subdir: {_subdir_example(folder, rel_to, outer[0])}), or data.layout: "
         f"class_folders if {', '.join(outer)} really are the classes."
+    )
+
+
+def _refuse_a_lone_wrapper(folder: Path, rel_to: Path, labels: set[str]) -> None:
+    """One class folder that holds class folders of its own is a wrapper that an image file
+    beside it kept from being unwrapped (PetImages/ beside a sample.jpg): one class, else."""
+    if len(labels) != 1:
+        return
+    (only,) = labels
+    inner = [d.name for d in _visible((folder / only).iterdir()) if d.is_dir()]
+    if len(inner) < 2:
+        return
+    beside = [f.name for f in _visible(folder.iterdir()) if f.is_file()]
+    raise DataError(
+        f"{folder.as_posix()}/: the only class folder, {only}/, holds the folders "
+        f"{', '.join(inner[:3])}{', ...' * (len(inner) > 3)}: it looks like a wrapper folder, "
+        f"taken for a class because of the files beside it ({', '.join(beside[:3])}). Set "
+        f"data.subdir: {_subdir_example(folder, rel_to, only)}."
     )
 
 
