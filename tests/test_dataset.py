@@ -767,7 +767,13 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     # Two files with one id (train/cat1.jpg, extra/cat1.png): which one is meant is unknown.
     make_files(dl / "extra", ["cat1.png"])
     msg = error(dataset.LabelsCsv(dl / "train.csv"))
-    assert "names 'cat1', and 2 files match it" in msg and "Set data.subdir" in msg
+    assert "names 'cat1', and 2 different files match it" in msg and "Set data.subdir" in msg
+    # A copy of the folder (same names, same bytes): every copy labelled, one kept.
+    shutil.rmtree(dl / "extra")
+    shutil.copytree(dl / "train", dl / "Train_copy")
+    result = split(dl, labels=dataset.LabelsCsv(dl / "train.csv"))
+    assert result.duplicates == 12 and sum(sum(c.values()) for c in result.counts.values()) == 12
+    shutil.rmtree(dl / "Train_copy")
     # One image given two classes: rejected with both, the rest used.
     (dl / "twice.csv").write_text((dl / "train.csv").read_text() + "cat0,dog\n")
     result = split(dl / "train", rel_to=dl, labels=dataset.LabelsCsv(dl / "twice.csv"))

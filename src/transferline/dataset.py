@@ -402,19 +402,23 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             continue
         name = _clean(row[image])
         hit = [exact[name]] if name in exact else by_name.get(name) or by_stem.get(name, [])
-        if len(hit) > 1:
+        # Files of one size under one name are taken for copies (a download holding a folder
+        # twice): all labelled, and validation keeps one of identical files. Files of other
+        # sizes are other images, and which one the row means is unknown.
+        if len(hit) > 1 and len({h.stat().st_size for h in hit}) > 1:
             raise DataError(
-                f"data.labels.file: {shown} names {name!r}, and {len(hit)} files match it "
-                f"({', '.join(h.relative_to(rel_to).as_posix() for h in hit[:3])}). Set "
-                f"data.subdir to the folder of the labelled images, so that one does."
+                f"data.labels.file: {shown} names {name!r}, and {len(hit)} different files "
+                f"match it ({', '.join(h.relative_to(rel_to).as_posix() for h in hit[:3])}). "
+                f"Set data.subdir to the folder of the labelled images, so that one does."
             )
-        if hit and cls:
-            given[hit[0]].add(cls)
-            if group is not None and len(row) > group and row[group].strip():
-                group_of.setdefault(hit[0], row[group].strip())
-        elif hit:
-            refused[hit[0]] = why
-        else:
+        for h in hit:
+            if cls:
+                given[h].add(cls)
+                if group is not None and len(row) > group and row[group].strip():
+                    group_of.setdefault(h, row[group].strip())
+            else:
+                refused[h] = why
+        if not hit:
             unmatched.append(name)
     if not given and unmatched:
         # Another column may name them (HAM10000's metadata: lesion_id first, image_id second)
