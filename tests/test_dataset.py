@@ -317,6 +317,22 @@ def test_a_data_sets_parts_or_versions_are_not_taken_for_classes(tmp_path):
     msg = str(info.value)
     assert "the class folder flowers/ holds folders named like the classes beside it" in msg
     assert "data.subdir: flowers)" in msg
+    # Blood cells: two versions of the data set side by side, one of them pre-split deep
+    # inside. They were a dataset-master-vs-dataset2-master classifier, without a word.
+    blood = tmp_path / "blood"
+    cells = ("EOSINOPHIL", "LYMPHOCYTE")
+    inner = "dataset2-master/dataset2-master/images"
+    make_files(
+        blood,
+        [f"{inner}/{s}/{c}/{i}.jpg" for s in ("TRAIN", "TEST") for c in cells for i in range(5)],
+    )
+    make_files(blood, [f"dataset-master/dataset-master/JPEGImages/{i}.jpg" for i in range(5)])
+    with pytest.raises(DataError) as info:
+        split(blood)
+    msg = str(info.value)
+    assert f"the class folder dataset2-master/ holds a data set of its own ({inner}/TRAIN/" in msg
+    assert f"(e.g. data.subdir: {inner})" in msg
+    assert split(blood / inner).classes == list(cells)
     # New Plant Diseases: the labelled data's folder beside an unlabelled test/ folder
     npd = tmp_path / "npd"
     make_files(

@@ -329,6 +329,7 @@ def find_candidates(
             _refuse_part_names_as_classes(folder, rel_to, labelled)
             _refuse_shared_subfolders(folder, rel_to)
             _refuse_a_lone_wrapper(folder, rel_to, labelled)
+            _refuse_nested_data_sets(folder, rel_to)
     else:
         cands = _filename_candidates(folder, rel_to)
         if cands and not any(c.label for c in cands):
@@ -618,6 +619,28 @@ def _refuse_a_lone_wrapper(folder: Path, rel_to: Path, labels: set[str]) -> None
         f"taken for a class because of the files beside it ({', '.join(beside[:3])}). Set "
         f"data.subdir: {_subdir_example(folder, rel_to, only)}."
     )
+
+
+def _refuse_nested_data_sets(folder: Path, rel_to: Path) -> None:
+    """A class folder with a train folder of class folders somewhere inside holds a data set
+    of its own (an archive of two versions: blood-cells' dataset2-master/.../images/TRAIN/
+    with the four cell types, beside dataset-master/): taken as classes, the versions train a
+    classifier of folders, with no error."""
+    for class_dir in _visible(folder.iterdir()):
+        if not class_dir.is_dir():
+            continue
+        for dirpath, dirnames, _ in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            here = Path(dirpath)
+            if here != class_dir and split_of(here.name) == "train" and len(dirnames) >= 2:
+                data_set = here.parent.relative_to(rel_to).as_posix()
+                raise DataError(
+                    f"{folder.as_posix()}/: the class folder {class_dir.name}/ holds a data set "
+                    f"of its own ({here.relative_to(rel_to).as_posix()}/ with the folders "
+                    f"{', '.join(dirnames[:3])}{', ...' * (len(dirnames) > 3)}), so it is not a "
+                    f"class. Set data.subdir to the data set to use (e.g. data.subdir: "
+                    f"{data_set})."
+                )
 
 
 def _no_train_classes_message(train: Path, rel_to: Path) -> str:
