@@ -119,7 +119,7 @@ def add_broken_files(folder: Path) -> dict[str, str]:
     good.unlink()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (folder / "notes.txt").write_text("not an image")
-    make_image(folder / "scan.tiff", (5, 5, 5), fmt="TIFF")
+    make_image(folder / "scan.ppm", (5, 5, 5), fmt="PPM")
     (folder / ".DS_Store").write_bytes(b"\0\1")
     (folder / "Thumbs.db").write_bytes(b"\0\1")
     (folder / "__MACOSX").mkdir()
@@ -128,7 +128,7 @@ def add_broken_files(folder: Path) -> dict[str, str]:
         "empty.jpg": "empty file",
         "truncated.jpg": "corrupt or truncated",
         "notes.txt": "not an image",
-        "scan.tiff": "unsupported image format TIFF",
+        "scan.ppm": "unsupported image format PPM",
     }
 
 

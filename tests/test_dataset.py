@@ -610,7 +610,7 @@ def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
     np.testing.assert_allclose(x[2], 60, atol=2)
 
 
-def test_webp_photos_decode_like_pil_and_the_webp_tf_cannot_read_are_rejected(tmp_path):
+def test_webp_photos_decode_like_pil_and_pil_decodes_the_webp_tf_cannot(tmp_path):
     import tensorflow as tf
     from PIL import Image
 
@@ -621,21 +621,53 @@ def test_webp_photos_decode_like_pil_and_the_webp_tf_cannot_read_are_rejected(tm
     Image.fromarray(rgb).save(tmp_path / "lossless.webp", lossless=True)
     Image.fromarray(rgb).save(tmp_path / "named_wrong.jpg", "WEBP")  # the content decides
     Image.fromarray(alpha, "RGBA").save(tmp_path / "logo.webp", lossless=True)
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "logo_lossy.webp", quality=90)
     frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
-    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
-    paths = [str(tmp_path / n) for n in ("photo.webp", "lossless.webp", "named_wrong.jpg")]
-    assert [dataset.check_image(p).reason for p in paths] == ["", "", ""]
-    logo, anim = (dataset.check_image(tmp_path / n) for n in ("logo.webp", "anim.webp"))
-    assert not logo.ok and logo.reason.startswith("WebP with transparency (unsupported")
-    assert not anim.ok and anim.reason.startswith("animated WebP (unsupported")
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    names = ["photo.webp", "lossless.webp", "named_wrong.jpg", "logo.webp", "logo_lossy.webp"]
+    paths = [str(tmp_path / n) for n in [*names, "anim.webp"]]
+    assert [dataset.check_image(p).reason for p in paths] == [""] * 6
+    heads = [dataset.needs_pil(Path(p).read_bytes()[:32]) for p in paths]
+    assert heads == [False, False, False, True, True, True]
+    with pytest.raises(tf.errors.InvalidArgumentError):  # why PIL decodes logo.webp
+        tf.io.decode_image((tmp_path / "logo.webp").read_bytes(), channels=3)
     expected = []
-    for p in paths:  # PIL's pixels, then the pipeline's own resize
+    for p in paths:  # PIL's pixels (alpha dropped, the first frame), the pipeline's resize
         with Image.open(p) as img:
             expected.append(tf.image.resize(np.asarray(img.convert("RGB")), (16, 16)).numpy())
-    (got,) = list(dataset.make_image_dataset(paths, None, 16, batch_size=3))
+    (got,) = list(dataset.make_image_dataset(paths, None, 16, batch_size=6))
     np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
-    with pytest.raises(tf.errors.InvalidArgumentError):  # why logo.webp is refused
-        tf.io.decode_image((tmp_path / "logo.webp").read_bytes(), channels=3)
+    np.testing.assert_array_equal(got.numpy()[5], got.numpy()[1])  # anim: its first frame
+
+
+def test_tiff_decodes_as_the_same_pixels_in_png_do(tmp_path):
+    # TensorFlow reads no TIFF (PCam / histopathologic-cancer-detection ships 220,025 .tif).
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    gray16 = rng.integers(0, 65535, (12, 20), dtype=np.uint16)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+    Image.fromarray(rgb).save(tmp_path / "lzw.tiff", compression="tiff_lzw")
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    Image.fromarray(gray16).save(tmp_path / "gray16.tif")
+    Image.fromarray(rgb).save(tmp_path / "turned.tif", tiffinfo={dataset.EXIF_ORIENTATION: 3})
+    Image.fromarray(gray16.astype(np.float32)).save(tmp_path / "float.tif")
+    names = ["rgb.png", "rgb.tif", "lzw.tiff", "gray16.png", "gray16.tif", "turned.tif"]
+    checks = [dataset.check_image(tmp_path / n) for n in names]
+    assert [c.reason for c in checks] == [""] * 6
+    assert checks[5].orientation == 1  # PIL turns a TIFF by its own tag while decoding it
+    float_tiff = dataset.check_image(tmp_path / "float.tif")
+    assert not float_tiff.ok and float_tiff.reason.startswith("32-bit float TIFF")
+    paths = [str(tmp_path / n) for n in names]
+    turns = [c.orientation for c in checks]
+    (got,) = list(dataset.make_image_dataset(paths, None, 16, batch_size=6, orientations=turns))
+    got = got.numpy()
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[2], got[0])
+    np.testing.assert_allclose(got[4], got[3], atol=1)  # 16 bits cut to 8 as TensorFlow does
+    np.testing.assert_array_equal(got[5], got[0][::-1, ::-1])  # orientation 3: half a turn
 
 
 def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):

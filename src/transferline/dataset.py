@@ -43,10 +43,11 @@ SPLIT_DIR_NAMES = {
 # has none beside it; `transferline predict` expands folders to them.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
-# Formats both PIL (validation) and TensorFlow (`load_image`: extract, fine-tune) read. MPO is
-# a camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
-# WebP: still images without alpha (`check_image` says why it refuses the others).
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}
+# Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
+# picks out (TIFF; WebP with transparency or animation), which PIL decodes. MPO is a camera's
+# JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
+HEAD_BYTES = 32  # what `needs_pil` reads of a file
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
 ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
 Layout = Literal["auto", "class_folders", "presplit", "filename", "csv"]
@@ -711,16 +712,40 @@ def _exif_orientation(img) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
-# TensorFlow decodes a WebP to RGB only when it has no alpha (otherwise decode_image's
-# channels=3 fails), and its decoder corrupted memory on an animated one (TF 2.21). A tf.cond
-# in `load_image` for them cost every image 3 to 8% of decode speed (bench/extract.py's 300
-# files, decode only, two runs of 15 rounds), so they are refused here instead.
-_WEBP_REFUSED = {
-    "animated": "animated WebP (unsupported: TensorFlow's WebP decoder corrupts memory on some "
-    "animations); save its first frame as PNG or JPEG",
-    "alpha": "WebP with transparency (unsupported: TensorFlow decodes it only as RGBA); "
-    "convert it to PNG, or to a WebP without alpha",
-}
+def needs_pil(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first HEAD_BYTES) is decoded by PIL rather
+    than TensorFlow: TIFF, which TensorFlow does not read, and WebP with transparency or
+    animation (TensorFlow decodes the first only as RGBA, and its decoder corrupted memory on
+    an animated one, TF 2.21). Decided from the header, the same way at validation and at
+    loading."""
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return True
+    if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 25:
+        return False
+    if head[12:16] == b"VP8X":  # extended: flags byte, alpha 0x10, animation 0x02
+        return bool(head[20] & 0x12)
+    if head[12:16] == b"VP8L":  # lossless: after the 0x2f signature, 14 + 14 bits of size,
+        return bool(int.from_bytes(head[21:25], "little") >> 28 & 1)  # then the alpha bit
+    return False
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def pil_rgb(path: bytes | str) -> np.ndarray:
+    """What `load_image` gets from TensorFlow's decoders, for a file `needs_pil` picks out:
+    the first frame or page, as RGB uint8, alpha dropped, 16 bits cut to 8 as TensorFlow cuts
+    a 16-bit PNG (the high byte)."""
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(path.decode() if isinstance(path, bytes) else path) as img:
+        img.seek(0)
+        if img.mode.startswith("I;16"):
+            gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        return np.asarray(img.convert("RGB"))
 
 
 def check_image(path: str | Path) -> Check:
@@ -741,10 +766,13 @@ def check_image(path: str | Path) -> Check:
                 supported = ", ".join(sorted(SUPPORTED_FORMATS))
                 reason = f"unsupported image format {fmt} (supported: {supported})"
                 return Check(False, reason, digest)
-            if fmt == "WEBP" and getattr(img, "is_animated", False):
-                return Check(False, _WEBP_REFUSED["animated"], digest)
-            if fmt == "WEBP" and img.mode != "RGB":
-                return Check(False, _WEBP_REFUSED["alpha"], digest)
+            if img.mode in ("I", "F") and needs_pil(data[:HEAD_BYTES]):
+                return Check(
+                    False,
+                    f"32-bit {'float' if img.mode == 'F' else 'integer'} {fmt} (no fixed way to "
+                    f"8-bit colour); save it as 8- or 16-bit",
+                    digest,
+                )
             img.load()
             if img.width < 1 or img.height < 1:
                 return Check(False, "image has no pixels", digest)
@@ -1108,12 +1136,26 @@ _ORIENTATION_STEPS = {
 }
 
 
-def load_image(path: tf.Tensor, image_size: int, orientation: tf.Tensor | None = None) -> tf.Tensor:
+def load_image(
+    path: tf.Tensor,
+    image_size: int,
+    orientation: tf.Tensor | None = None,
+    pil: tf.Tensor | None = None,
+) -> tf.Tensor:
     """Decode any supported file to RGB float32 0..255 at image_size x image_size, turned
-    upright by its EXIF `orientation` (1..8) when one is given."""
+    upright by its EXIF `orientation` (1..8) when one is given; with `pil` true, by PIL
+    (`pil_rgb`), for the files `needs_pil` picks out."""
     import tensorflow as tf  # noqa: PLC0415
 
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    def decode_tf() -> tf.Tensor:
+        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+    def decode_pil() -> tf.Tensor:
+        img = tf.numpy_function(pil_rgb, [path], tf.uint8, stateful=False)
+        img.set_shape((None, None, 3))
+        return img
+
+    img = decode_tf() if pil is None else tf.cond(pil, decode_pil, decode_tf)
     # Bilinear without antialiasing, as keras.utils.image_dataset_from_directory does: 25%
     # faster on CPU (bench/extract.py), and what ImageNet-trained bases usually see.
     img = tf.image.resize(img, (image_size, image_size))
@@ -1153,7 +1195,9 @@ def make_image_dataset(
     training=True here and never saved with the model). `drop_remainder` leaves out the short
     last batch (see `finetune.epoch_plan`). `orientations` (EXIF, 1..8 per path, from
     `split_arrays` or `check_images`) turns camera images upright; a set with none to turn
-    keeps the plain decode.
+    keeps the plain decode, as does a set with no file for PIL to decode (`needs_pil`: read
+    from each file's header here; a tf.cond on every image cost 3 to 8% of decode speed,
+    `bench/extract.py`'s 300 files, decode only).
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
     batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
@@ -1164,19 +1208,20 @@ def make_image_dataset(
     import tensorflow as tf  # noqa: PLC0415
 
     parallel = usable_cpus()
-    turn = orientations is not None and any(o != 1 for o in orientations)
-    if turn:
+    files: dict[str, object] = {"path": list(paths)}
+    if orientations is not None and any(o != 1 for o in orientations):
         if len(orientations) != len(paths):
             raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
-        o = np.asarray(orientations, dtype=np.int32)
-        ds = tf.data.Dataset.from_tensor_slices({"path": list(paths), "orientation": o})
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(list(paths))
+        files["orientation"] = np.asarray(orientations, dtype=np.int32)
+    pil = np.asarray([needs_pil(_head(p)) for p in paths], dtype=bool)
+    if pil.any():
+        files["pil"] = pil
+    ds = tf.data.Dataset.from_tensor_slices(files if len(files) > 1 else list(paths))
 
-    def load(file) -> tf.Tensor:  # file: a path, or {"path", "orientation"}
-        if turn:
-            return load_image(file["path"], image_size, file["orientation"])
-        return load_image(file, image_size)
+    def load(file) -> tf.Tensor:  # file: a path, or {"path", "orientation"?, "pil"?}
+        if not isinstance(file, dict):
+            return load_image(file, image_size)
+        return load_image(file["path"], image_size, file.get("orientation"), file.get("pil"))
 
     if labels is not None:
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
