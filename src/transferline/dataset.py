@@ -41,7 +41,7 @@ SPLIT_DIR_NAMES = {
 }
 # File names that look like images, for the few places that go by name: a wrapper folder
 # has none beside it; `transferline predict` expands folders to them.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 # Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
 # picks out (TIFF; WebP with transparency or animation), which PIL decodes. MPO is a camera's
