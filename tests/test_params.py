@@ -201,6 +201,7 @@ def test_finetune_warmup_must_leave_epochs_and_c_grid_positive():
         ("seed", 2**32, "less than or equal to 4294967295"),
         ("finetune.unfreeze_from", "", "at least 1 character"),
         ("mlflow.register_as", "", "at least 1 character"),  # was: silently not registered
+        ("mlflow.register_as", "team/pets", "cannot hold '/' or ':'"),  # MLflow, in evaluate
     ],
 )
 def test_values_that_failed_or_did_nothing_later_are_refused_up_front(path, value, says):

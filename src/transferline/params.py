@@ -310,6 +310,17 @@ class MlflowParams(_Strict):
     # also register the logged model under this name
     register_as: str | None = Field(default=None, min_length=1)
 
+    @field_validator("register_as")
+    @classmethod
+    def _registry_name(cls, v: str | None) -> str | None:
+        # MLflow refuses them, and only when evaluate registers, after all the work
+        if v is not None and ("/" in v or ":" in v):
+            raise ValueError(
+                "a registered model's name cannot hold '/' or ':' (models:/NAME/VERSION "
+                "would not parse); use e.g. team-pets"
+            )
+        return v
+
 
 class Params(_Strict):
     seed: int = Field(default=42, ge=0, le=2**32 - 1)  # NumPy's seed range
