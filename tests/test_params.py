@@ -202,6 +202,8 @@ def test_finetune_warmup_must_leave_epochs_and_c_grid_positive():
         ("finetune.unfreeze_from", "", "at least 1 character"),
         ("mlflow.register_as", "", "at least 1 character"),  # was: silently not registered
         ("mlflow.register_as", "team/pets", "cannot hold '/' or ':'"),  # MLflow, in evaluate
+        ("data.subdir", "../elsewhere", "inside the download"),  # files DVC does not track
+        ("data.subdir", "/home/me/images", "inside the download"),
     ],
 )
 def test_values_that_failed_or_did_nothing_later_are_refused_up_front(path, value, says):

@@ -89,6 +89,17 @@ class DataParams(_Strict):
     labels: LabelsParams = LabelsParams()
     sha256: str | None = None
 
+    @field_validator("subdir")
+    @classmethod
+    def _in_download(cls, v: str | None) -> str | None:
+        # split reads data/raw/SUBDIR: outside data/raw, files DVC does not track
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(
+                "must be a folder inside the download (data/raw), e.g. train or Data; to use "
+                "a folder elsewhere, set data.dataset to it"
+            )
+        return v
+
     @field_validator("label_map", mode="before")
     @classmethod
     def _class_names(cls, v: Any) -> Any:
