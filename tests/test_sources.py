@@ -28,6 +28,19 @@ def test_local_folder_copied_and_left_untouched(tmp_path, class_folders):
     assert snapshot(class_folders) == before
 
 
+def test_a_folder_holding_the_download_itself_is_refused(tmp_path):
+    # data.dataset: data (the repository's data/ folder) copied data/raw's temporary folder
+    # into itself, and an earlier data/raw into the new one.
+    make_class_folders(tmp_path / "data" / "imgs", per_class=2)
+    dest = tmp_path / "data" / ".raw.tmp"
+    dest.mkdir()
+    with pytest.raises(SourceError, match="would be copied into itself"):
+        sources.download(str(tmp_path / "data"), dest)
+    assert list(dest.iterdir()) == []
+    sources.download(str(tmp_path / "data" / "imgs"), dest)  # the images' own folder: fine
+    assert sorted(p.name for p in dest.iterdir()) == ["cat", "dog"]
+
+
 def test_local_zip_extracted_with_nested_zip(tmp_path):
     src = make_class_folders(tmp_path / "src", per_class=2)
     inner = io.BytesIO()

@@ -294,6 +294,12 @@ def download_https(url: str, dest: Path, sha256: str | None = None) -> None:
 
 def copy_local(path: Path, dest: Path) -> None:
     """Copy a local folder (or unpack a local archive) into `dest`; the original is untouched."""
+    if path.is_dir() and dest.resolve().is_relative_to(path.resolve()):
+        raise SourceError(
+            f"data.dataset: {path} holds the download's own folder ({dest.parent}), so it "
+            f"would be copied into itself. Point data.dataset at the folder of the images "
+            f"(e.g. a folder beside data/raw, such as data/my_images)."
+        )
     if path.is_dir():
         shutil.copytree(path, dest, dirs_exist_ok=True, symlinks=False)
     elif path.is_file() and (is_archive(path) or zipfile.is_zipfile(path)):
