@@ -38,6 +38,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _inside_download(path: str) -> bool:
+    """A relative path that stays inside the folder it is taken from (data/raw)."""
+    return not Path(path).is_absolute() and ".." not in Path(path).parts
+
+
 class LabelsParams(_Strict):
     """A CSV in the download that labels the images (a Kaggle competition's train.csv)."""
 
@@ -61,7 +66,7 @@ class LabelsParams(_Strict):
     @field_validator("file")
     @classmethod
     def _inside(cls, v: str | None) -> str | None:
-        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+        if v is not None and not _inside_download(v):
             raise ValueError(
                 "must be a path inside the download (data/raw), e.g. labels.csv or "
                 "Data/train.csv; the download stage copies your data set there first"
@@ -93,7 +98,7 @@ class DataParams(_Strict):
     @classmethod
     def _in_download(cls, v: str | None) -> str | None:
         # split reads data/raw/SUBDIR: outside data/raw, files DVC does not track
-        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+        if v is not None and not _inside_download(v):
             raise ValueError(
                 "must be a folder inside the download (data/raw), e.g. train or Data; to use "
                 "a folder elsewhere, set data.dataset to it"
