@@ -1,4 +1,4 @@
-"""Benchmark the decoders behind `dataset.make_image_dataset` (not a test).
+"""Benchmark the decoders behind `images.make_image_dataset` (not a test).
 
 The same generated pixels saved four ways, then `make_image_dataset` alone (decode, resize,
 batch; no model) over each set:
@@ -48,9 +48,9 @@ def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
 
 
 def images_per_second(paths: list[str], size: int) -> float:
-    from transferline import dataset
+    from transferline import images
 
-    ds = dataset.make_image_dataset(paths, None, size, 32)
+    ds = images.make_image_dataset(paths, None, size, 32)
     t = time.perf_counter()
     n = sum(int(batch.shape[0]) for batch in ds)
     return n / (time.perf_counter() - t)
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160, help="the model's input size")
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    from transferline import dataset
+    from transferline import images
 
     with tempfile.TemporaryDirectory() as tmp:
         sets = make_sets(Path(tmp), args.n, args.px)
@@ -75,7 +75,7 @@ def main() -> None:
             for name, paths in sets.items():
                 runs[name].append(images_per_second(paths, args.size))
             t = time.perf_counter()
-            [dataset.needs_pil(dataset._head(p)) for p in sets["png"]]
+            [images.needs_pil(images._head(p)) for p in sets["png"]]
             heads.append((time.perf_counter() - t) / len(sets["png"]))
     print(f"{args.n} files of {args.px}x{args.px * 3 // 4} px -> {args.size} px, decode only:")
     for name, values in runs.items():

@@ -69,15 +69,17 @@ def run_ours(
     """The extract stage's path; `forward` is traced once, as the stage does for its splits."""
     import tensorflow as tf
 
-    from transferline import dataset, features
+    from transferline import features, images
 
-    images = dataset.make_image_dataset(paths, None, size, batch)
+    batches = images.make_image_dataset(paths, None, size, batch)
     if autotune:
         options = tf.data.Options()
         options.autotune.enabled = True
-        images = images.with_options(options)
+        batches = batches.with_options(options)
     t = time.perf_counter()
-    features.extract_to_npy(model, images, len(paths), out, "float32", desc="ours", forward=forward)
+    features.extract_to_npy(
+        model, batches, len(paths), out, "float32", desc="ours", forward=forward
+    )
     return time.perf_counter() - t
 
 
@@ -109,7 +111,7 @@ def time_path(args: argparse.Namespace) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from transferline import backbones, dataset
+    from transferline import backbones, images
     from transferline.features import compiled_forward
 
     root = Path(args.root)
@@ -121,7 +123,7 @@ def time_path(args: argparse.Namespace) -> None:
         model = build(args.backbone, args.size, fold=name != "a_plain")
         forward = compiled_forward(model, xla=name == "b_xla")
     if name in ("a_ceiling", "a_plain"):  # the base on tensors already in memory
-        x = np.concatenate(list(dataset.make_image_dataset(paths, None, args.size, args.batch)))
+        x = np.concatenate(list(images.make_image_dataset(paths, None, args.size, args.batch)))
         batches = [tf.constant(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
 
         def once() -> float:

@@ -1,6 +1,6 @@
 """Benchmark what turning camera images upright (EXIF orientation) costs the decode (not a test).
 
-On the same generated files, times `dataset.make_image_dataset` alone (decode, resize, turn,
+On the same generated files, times `images.make_image_dataset` alone (decode, resize, turn,
 batch; no model) for three records from the split stage:
   none: no image to turn (the plain decode, what every set without tagged images gets);
   some: 1 image in 10 to turn (orientation 6, a phone held upright);
@@ -41,9 +41,9 @@ def make_files(root: Path, n: int, px: int) -> list[str]:
 
 
 def images_per_second(paths: list[str], size: int, orientations: list[int] | None) -> float:
-    from transferline import dataset
+    from transferline import images
 
-    ds = dataset.make_image_dataset(paths, None, size, 32, orientations=orientations)
+    ds = images.make_image_dataset(paths, None, size, 32, orientations=orientations)
     t = time.perf_counter()
     n = sum(int(batch.shape[0]) for batch in ds)
     return n / (time.perf_counter() - t)

@@ -18,7 +18,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject.toml): one worker per usable core, at most 4. Each worker imports
     TensorFlow and the end-to-end tests start DVC stages of their own: the cap bounds their
     memory on a big machine."""
-    from transferline.dataset import usable_cpus
+    from transferline.images import usable_cpus
 
     return max(1, min(4, usable_cpus()))
 

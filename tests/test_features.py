@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from transferline import backbones, dataset, features
+from transferline import backbones, dataset, features, images
 from transferline.models import build_feature_extractor
 
 from conftest import make_class_folders
@@ -16,13 +16,13 @@ def extractor():
 
 def test_streams_features_equal_to_predict(tmp_path, extractor, class_folders):
     paths = sorted(str(p) for p in class_folders.rglob("*.png"))
-    images = dataset.make_image_dataset(paths, None, 32, batch_size=3)
+    batches = images.make_image_dataset(paths, None, 32, batch_size=3)
     out = tmp_path / "out" / "f.npy"
     out.parent.mkdir()
-    timing = features.extract_to_npy(extractor, images, len(paths), out, "float32")
+    timing = features.extract_to_npy(extractor, batches, len(paths), out, "float32")
     got = np.load(out)
     assert got.shape == (20, 1280) and got.dtype == np.float32
-    expected = extractor.predict(np.concatenate(list(images)), verbose=0)
+    expected = extractor.predict(np.concatenate(list(batches)), verbose=0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert timing["images_per_second"] > 0
     assert [p.name for p in out.parent.iterdir()] == ["f.npy"]  # no temporary file left
@@ -32,10 +32,10 @@ def test_xla_forward_gives_the_same_features(tmp_path, extractor, class_folders)
     """extract.xla: the XLA-compiled base writes the plain path's features (to rounding),
     uneven last batch included (20 images in batches of 8)."""
     paths = sorted(str(p) for p in class_folders.rglob("*.png"))
-    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
+    batches = images.make_image_dataset(paths, None, 32, batch_size=8)
     forward = features.compiled_forward(extractor, xla=True)
-    features.extract_to_npy(extractor, images, len(paths), tmp_path / "x.npy", forward=forward)
-    features.extract_to_npy(extractor, images, len(paths), tmp_path / "p.npy")
+    features.extract_to_npy(extractor, batches, len(paths), tmp_path / "x.npy", forward=forward)
+    features.extract_to_npy(extractor, batches, len(paths), tmp_path / "p.npy")
     xla, plain = np.load(tmp_path / "x.npy"), np.load(tmp_path / "p.npy")
     assert xla.shape == (20, 1280)
     np.testing.assert_allclose(xla, plain, rtol=1e-4, atol=1e-4)
@@ -43,9 +43,9 @@ def test_xla_forward_gives_the_same_features(tmp_path, extractor, class_folders)
 
 def test_float16_halves_the_file(tmp_path, extractor, class_folders):
     paths = sorted(str(p) for p in class_folders.rglob("*.png"))
-    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
-    features.extract_to_npy(extractor, images, len(paths), tmp_path / "a.npy", "float32")
-    features.extract_to_npy(extractor, images, len(paths), tmp_path / "b.npy", "float16")
+    batches = images.make_image_dataset(paths, None, 32, batch_size=8)
+    features.extract_to_npy(extractor, batches, len(paths), tmp_path / "a.npy", "float32")
+    features.extract_to_npy(extractor, batches, len(paths), tmp_path / "b.npy", "float16")
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert b.dtype == np.float16
     assert b.nbytes * 2 == a.nbytes
@@ -54,11 +54,11 @@ def test_float16_halves_the_file(tmp_path, extractor, class_folders):
 
 def test_count_mismatch_leaves_no_output(tmp_path, extractor, class_folders):
     paths = sorted(str(p) for p in class_folders.rglob("*.png"))
-    images = dataset.make_image_dataset(paths, None, 32, batch_size=8)
+    batches = images.make_image_dataset(paths, None, 32, batch_size=8)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(RuntimeError, match="expected 21 images"):
-        features.extract_to_npy(extractor, images, 21, out / "c.npy")
+        features.extract_to_npy(extractor, batches, 21, out / "c.npy")
     assert list(out.iterdir()) == []
 
 

@@ -2,8 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from transferline import backbones, dataset, finetune, heads
+from transferline import backbones, finetune, heads
 from transferline.errors import StageError
+from transferline.images import make_image_dataset
 from transferline.models import base_of, build_feature_extractor
 
 from conftest import make_class_folders
@@ -54,7 +55,7 @@ def test_combined_model_starts_at_the_logreg_head(tmp_path):
     paths = sorted(str(p) for p in root.rglob("*.png"))
     y = np.array([0 if "/cat/" in p else 1 for p in paths])
     ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=3)
-    x_img = np.concatenate(list(dataset.make_image_dataset(paths, None, 32, 8)))
+    x_img = np.concatenate(list(make_image_dataset(paths, None, 32, 8)))
     feats = ext.predict(x_img, verbose=0)
     clf = heads.train_logreg(feats, y, C=1.0, max_iter=2000, class_weight=None, seed=0)
     heads.save_logreg(tmp_path, clf, ["cat", "dog"], {})

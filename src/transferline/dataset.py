@@ -1,34 +1,30 @@
-"""Layouts, validation, de-duplication and the stratified split; the tf.data image loader.
+"""Layouts, labels, validation, de-duplication and the stratified split: what the split stage
+makes of a download. Reading the images (checking and decoding them) is `images.py`'s.
 
-Everything here up to `make_image_dataset` is pure Python (PIL, NumPy): the split stage never
-imports TensorFlow.
+Pure Python (PIL, NumPy, scikit-learn): the split stage never imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
-import io
 import logging
 import os
 import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import tensorflow as tf
+from transferline.errors import DataError
+from transferline.images import ORIENTATION_FILE, SPLITS, check_images
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SPLIT_DIR_NAMES = {
     "train": "train",
     "training": "train",
@@ -43,18 +39,7 @@ SPLIT_DIR_NAMES = {
 # has none beside it; `transferline predict` expands folders to them.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
-# Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
-# picks out (TIFF; WebP with transparency or animation), which PIL decodes. MPO is a camera's
-# JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
-HEAD_BYTES = 32  # what `needs_pil` reads of a file
-EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
-ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
 Layout = Literal["auto", "class_folders", "presplit", "filename", "csv"]
-
-
-class DataError(ValueError):
-    """The data set cannot be split as asked; the message names the folder, class or count."""
 
 
 @dataclass(frozen=True)
@@ -688,133 +673,6 @@ def _relabel(cands: list[Candidate], label_map: dict[str, str] | None) -> list[C
     return [replace(c, label=label_map.get(c.label, c.label)) for c in cands]
 
 
-# ---------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class Check:
-    ok: bool
-    reason: str
-    digest: str
-    # EXIF orientation 1..8 (1: as stored, or no tag); 0: a tag with no valid value
-    orientation: int = 1
-
-
-def _exif_orientation(img) -> int:
-    """The EXIF orientation of an opened PIL image, as PIL's `ImageOps.exif_transpose` reads
-    it; 0 for a tag that holds no valid value (then the pixels are used as stored)."""
-    with warnings.catch_warnings():  # a corrupt EXIF block: PIL warns and reads no tag
-        warnings.simplefilter("ignore")
-        try:
-            value = img.getexif().get(EXIF_ORIENTATION, 1)
-        except Exception:  # metadata only: unreadable EXIF must not cost a usable image
-            return 0
-    return value if isinstance(value, int) and 1 <= value <= 8 else 0
-
-
-def needs_pil(head: bytes) -> bool:
-    """Whether a file starting with `head` (its first HEAD_BYTES) is decoded by PIL rather
-    than TensorFlow: TIFF, which TensorFlow does not read, and WebP with transparency or
-    animation (TensorFlow decodes the first only as RGBA, and its decoder corrupted memory on
-    an animated one, TF 2.21). Decided from the header, the same way at validation and at
-    loading."""
-    if head[:4] in (b"II*\0", b"MM\0*"):
-        return True
-    if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 25:
-        return False
-    if head[12:16] == b"VP8X":  # extended: flags byte, alpha 0x10, animation 0x02
-        return bool(head[20] & 0x12)
-    if head[12:16] == b"VP8L":  # lossless: after the 0x2f signature, 14 + 14 bits of size,
-        return bool(int.from_bytes(head[21:25], "little") >> 28 & 1)  # then the alpha bit
-    return False
-
-
-def _head(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(HEAD_BYTES)
-
-
-def pil_rgb(path: bytes | str) -> np.ndarray:
-    """What `load_image` gets from TensorFlow's decoders, for a file `needs_pil` picks out:
-    the first frame or page, as RGB uint8, alpha dropped, 16 bits cut to 8 as TensorFlow cuts
-    a 16-bit PNG (the high byte)."""
-    from PIL import Image  # noqa: PLC0415
-
-    with Image.open(path.decode() if isinstance(path, bytes) else path) as img:
-        img.seek(0)
-        if img.mode.startswith("I;16"):
-            gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
-            return np.repeat(gray[..., None], 3, axis=2)
-        return np.asarray(img.convert("RGB"))
-
-
-def check_image(path: str | Path) -> Check:
-    """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return Check(False, f"unreadable: {exc.strerror or exc}", "")
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if not data:
-        return Check(False, "empty file (0 bytes)", digest)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            if fmt not in SUPPORTED_FORMATS:
-                supported = ", ".join(sorted(SUPPORTED_FORMATS))
-                reason = f"unsupported image format {fmt} (supported: {supported})"
-                return Check(False, reason, digest)
-            if img.mode in ("I", "F") and needs_pil(data[:HEAD_BYTES]):
-                return Check(
-                    False,
-                    f"32-bit {'float' if img.mode == 'F' else 'integer'} {fmt} (no fixed way to "
-                    f"8-bit colour); save it as 8- or 16-bit",
-                    digest,
-                )
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return Check(False, "image has no pixels", digest)
-            orientation = _exif_orientation(img)
-    except UnidentifiedImageError:
-        return Check(False, "not an image (unrecognised file format)", digest)
-    except (OSError, ValueError, SyntaxError) as exc:
-        return Check(False, f"corrupt or truncated image: {exc}", digest)
-    return Check(True, "", digest, orientation)
-
-
-def check_images(
-    paths: Sequence[Path], workers: int | None = None, threads: bool = False
-) -> list[Check]:
-    """`check_image` over all cores, with a progress bar; results in input order.
-
-    Each worker holds one file at a time, so memory does not grow with the data set. Worker
-    processes by default; `threads` for a process that must not fork (TensorFlow loaded, as
-    in predict): PIL and the hash release the GIL while they work, so threads still spread
-    most of it over the cores (1.7x on 2 cores against one worker).
-    """
-    from tqdm import tqdm  # noqa: PLC0415
-
-    workers = workers or usable_cpus()
-    out: list[Check] = []
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(
-            tqdm(total=len(paths), unit="img", desc="validate", disable=len(paths) < 1000)
-        )
-        if workers == 1 or len(paths) < 64:
-            results: Iterable[Check] = map(check_image, paths)
-        else:
-            executor = ThreadPoolExecutor if threads else ProcessPoolExecutor
-            pool = stack.enter_context(executor(max_workers=workers))
-            chunk = max(16, min(256, len(paths) // (workers * 8)))
-            results = pool.map(check_image, paths, chunksize=chunk)
-        for check in results:
-            out.append(check)
-            bar.update()
-    return out
-
-
 # ---------------------------------------------------------------- split
 
 
@@ -1110,191 +968,3 @@ def write_split(result: SplitResult, folder: Path) -> dict:
         "layout": result.layout,
         "exif_turned": len(result.orientations),
     }
-
-
-# ---------------------------------------------------------------- tf.data
-
-
-def read_manifest(path: Path) -> list[tuple[str, str]]:
-    import csv  # noqa: PLC0415
-
-    with Path(path).open(newline="") as f:
-        return [(r["path"], r["label"]) for r in csv.DictReader(f)]
-
-
-# EXIF orientation -> (transpose, flip left-right, flip top-bottom), applied in that order:
-# the same pixels as PIL's ImageOps.exif_transpose (tests/test_dataset.py).
-_ORIENTATION_STEPS = {
-    1: (0, 0, 0),
-    2: (0, 1, 0),
-    3: (0, 1, 1),
-    4: (0, 0, 1),
-    5: (1, 0, 0),
-    6: (1, 1, 0),
-    7: (1, 1, 1),
-    8: (1, 0, 1),
-}
-
-
-def load_image(
-    path: tf.Tensor,
-    image_size: int,
-    orientation: tf.Tensor | None = None,
-    pil: tf.Tensor | None = None,
-) -> tf.Tensor:
-    """Decode any supported file to RGB float32 0..255 at image_size x image_size, turned
-    upright by its EXIF `orientation` (1..8) when one is given; with `pil` true, by PIL
-    (`pil_rgb`), for the files `needs_pil` picks out."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    def decode_tf() -> tf.Tensor:
-        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-
-    def decode_pil() -> tf.Tensor:
-        img = tf.numpy_function(pil_rgb, [path], tf.uint8, stateful=False)
-        img.set_shape((None, None, 3))
-        return img
-
-    img = decode_tf() if pil is None else tf.cond(pil, decode_pil, decode_tf)
-    # Bilinear without antialiasing, as keras.utils.image_dataset_from_directory does: 25%
-    # faster on CPU (bench/extract.py), and what ImageNet-trained bases usually see.
-    img = tf.image.resize(img, (image_size, image_size))
-    img = tf.ensure_shape(img, (image_size, image_size, 3))
-    if orientation is not None:
-        # Turned after the resize, on fewer pixels: resizing to a square works per axis, so
-        # the order gives the same numbers. tf.switch_case runs only the turn an image needs
-        # (tf.where over every turn made all decoding about 3x slower); what is left costs
-        # small files some decode speed, camera-sized ones none (bench/orientation.py).
-        def turn(transpose: int, flip_lr: int, flip_ud: int):
-            def branch() -> tf.Tensor:
-                out = tf.transpose(img, (1, 0, 2)) if transpose else img
-                out = tf.reverse(out, [1]) if flip_lr else out
-                return tf.reverse(out, [0]) if flip_ud else out
-
-            return branch
-
-        branches = [turn(*_ORIENTATION_STEPS[o]) for o in range(1, 9)]
-        img = tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
-    return img
-
-
-def make_image_dataset(
-    paths: Sequence[str],
-    labels: Sequence[int] | None,
-    image_size: int,
-    batch_size: int,
-    *,
-    shuffle_seed: int | None = None,
-    augment=None,
-    drop_remainder: bool = False,
-    orientations: Sequence[int] | None = None,
-) -> tf.data.Dataset:
-    """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
-
-    `augment` is a Keras layer applied to training batches only (it is called with
-    training=True here and never saved with the model). `drop_remainder` leaves out the short
-    last batch (see `finetune.epoch_plan`). `orientations` (EXIF, 1..8 per path, from
-    `split_arrays` or `check_images`) turns camera images upright; a set with none to turn
-    keeps the plain decode, as does a set with no file for PIL to decode (`needs_pil`: read
-    from each file's header here; a tf.cond on every image cost 3 to 8% of decode speed,
-    `bench/extract.py`'s 300 files, decode only).
-
-    tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
-    batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
-    project's 2-core machine, a stall paid by every extract split and every epoch; turning it
-    off took the extract path from 0.78 to 0.94 of the forward-only ceiling
-    (`bench/extract.py --repeats 15 --paths a_ceiling,b_ours,b_autotune`).
-    """
-    import tensorflow as tf  # noqa: PLC0415
-
-    parallel = usable_cpus()
-    files: dict[str, object] = {"path": list(paths)}
-    if orientations is not None and any(o != 1 for o in orientations):
-        if len(orientations) != len(paths):
-            raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
-        files["orientation"] = np.asarray(orientations, dtype=np.int32)
-    pil = np.asarray([needs_pil(_head(p)) for p in paths], dtype=bool)
-    if pil.any():
-        files["pil"] = pil
-    ds = tf.data.Dataset.from_tensor_slices(files if len(files) > 1 else list(paths))
-
-    def load(file) -> tf.Tensor:  # file: a path, or {"path", "orientation"?, "pil"?}
-        if not isinstance(file, dict):
-            return load_image(file, image_size)
-        return load_image(file["path"], image_size, file.get("orientation"), file.get("pil"))
-
-    if labels is not None:
-        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    if labels is not None:
-        ds = ds.map(lambda f, y: (load(f), y), num_parallel_calls=parallel, deterministic=True)
-    else:
-        ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if augment is not None:
-        ds = ds.map(
-            lambda x, y: (augment(x, training=True), y),
-            num_parallel_calls=parallel,
-            deterministic=True,
-        )
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.prefetch(PREFETCH_BATCHES).with_options(options)
-
-
-PREFETCH_BATCHES = 3
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def read_orientations(splits_dir: Path) -> dict[str, int]:
-    """The split stage's record of images to turn upright (path -> EXIF orientation 2..8).
-    A splits folder without one (e.g. manifests written by hand) has none to turn."""
-    import csv  # noqa: PLC0415
-
-    path = Path(splits_dir) / ORIENTATION_FILE
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        return {r["path"]: int(r["orientation"]) for r in csv.DictReader(f)}
-
-
-def split_arrays(
-    raw: Path, splits_dir: Path, split: str, classes: list[str]
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Absolute file paths, integer labels and EXIF orientations of one split's manifest.
-
-    Every listed image must still be under `raw`: a file gone since the split (data/raw
-    edited by hand, or `dvc repro -s` after a new download) stops the stage here with the fix,
-    not as a TensorFlow read error halfway through a split."""
-    manifest = splits_dir / f"{split}.csv"
-    if not manifest.is_file():
-        raise DataError(
-            f"{manifest} is missing: the split stage writes it. Run `dvc repro` (or "
-            f"`dvc checkout {splits_dir}` to restore the last split DVC recorded)."
-        )
-    rows = read_manifest(manifest)
-    index = {c: i for i, c in enumerate(classes)}
-    turned = read_orientations(splits_dir)
-    paths = [raw / p for p, _ in rows]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of the {len(paths)} images that {manifest} lists are missing "
-            f"under {raw}/ (e.g. {missing[0]}): {raw} changed after the split stage ran. Run "
-            f"`dvc repro`, which splits again when {raw} changed (`dvc repro -s` or "
-            f"--single-item skips that), or `dvc checkout {raw}` to restore the download "
-            f"this split was made from."
-        )
-    return (
-        [str(p) for p in paths],
-        np.array([index[lbl] for _, lbl in rows], dtype=np.int64),
-        np.array([turned.get(p, 1) for p, _ in rows], dtype=np.int32),
-    )

@@ -223,7 +223,7 @@ def write_figures(
 ) -> dict[str, float]:
     """Predictions CSV, per-class report, confusion matrix, ROC curves and the worst
     misclassified images of one model; returns the one-vs-rest ROC AUC of each class."""
-    from transferline import dataset  # noqa: PLC0415
+    from transferline import images  # noqa: PLC0415
     from transferline.files import write_csv  # noqa: PLC0415
 
     write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
@@ -238,21 +238,21 @@ def write_figures(
     write_csv(plots_dir / f"{name}_roc.csv", rows)
     roc_png(plots_dir / f"{name}_roc.png", rows, auc, f"{name}: ROC, one vs rest")
     worst = worst_misclassified(y_test, probs)
-    images = []
+    pictures = []
     if worst:
         picked = [i for i, _, _ in worst]
         turns = None if orientations is None else [orientations[i] for i in picked]
-        ds = dataset.make_image_dataset(
+        ds = images.make_image_dataset(
             [paths[i] for i in picked], None, image_size, 16, orientations=turns
         )
-        images = list(np.concatenate(list(ds)))
+        pictures = list(np.concatenate(list(ds)))
     captions = [
         f"{Path(paths[i]).name[:22]}\n{classes[int(y_test[i])]} -> {classes[p]} ({c:.2f})"
         for i, p, c in worst
     ]
     misclassified_png(
         plots_dir / f"{name}_misclassified.png",
-        images,
+        pictures,
         captions,
         f"{name}: most confident mistakes (true -> predicted)",
     )
@@ -275,13 +275,13 @@ def evaluate_models(
 
     Returns the metrics and the fine-tuned Keras model (None when fine-tuning was skipped).
     """
-    from transferline import dataset, heads  # noqa: PLC0415
+    from transferline import heads, images  # noqa: PLC0415
     from transferline.features import load_split  # noqa: PLC0415
     from transferline.files import is_skip_marker, read_json  # noqa: PLC0415
 
     classes = read_json(features_dir / "meta.json")["classes"]
     x_test, y_test = load_split(features_dir, "test")
-    paths, y_images, turns = dataset.split_arrays(raw, splits_dir, "test", classes)
+    paths, y_images, turns = images.split_arrays(raw, splits_dir, "test", classes)
     if not np.array_equal(y_images, y_test):
         raise StageError(
             f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
@@ -295,9 +295,9 @@ def evaluate_models(
         from transferline import models  # noqa: PLC0415  (also registers Preprocess)
 
         model = keras.saving.load_model(finetuned)
-        images = dataset.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
+        batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         # Run forward with BatchNormalization folded, as extract does; export the model itself.
-        results["finetune"] = models.fold_nested_base(model).predict(images, verbose=0)
+        results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
     metrics = {}
     for name, probs in results.items():
         m = metrics[name] = classification_metrics(y_test, probs, classes)

@@ -152,18 +152,18 @@ def predict_files(
     instead of stopping the others. Decoding and resizing are the pipeline's own."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    from transferline import dataset  # noqa: PLC0415
+    from transferline import images  # noqa: PLC0415
 
-    checks = dataset.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
+    checks = images.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
     good = [str(p) for p, c in zip(paths, checks, strict=True) if c.ok]
     turns = [c.orientation or 1 for c in checks if c.ok]  # 0: no valid tag, as stored
     parts = [np.zeros((0, len(classifier.classes)), np.float32)]
     if good:  # on stderr, from 1000 images on, as the validation's bar before it
-        images = dataset.make_image_dataset(
+        batches = images.make_image_dataset(
             good, None, classifier.image_size, batch_size, orientations=turns
         )
         with tqdm(total=len(good), unit="img", desc="predict", disable=len(good) < 1000) as bar:
-            for batch in images:
+            for batch in batches:
                 parts.append(classifier.predict(batch.numpy()))
                 bar.update(len(parts[-1]))
     probs = np.concatenate(parts)

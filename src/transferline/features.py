@@ -119,7 +119,7 @@ def extract_dataset(
     """
     import json  # noqa: PLC0415
 
-    from transferline import backbones, dataset, models  # noqa: PLC0415
+    from transferline import backbones, images, models  # noqa: PLC0415
 
     classes = json.loads((splits_dir / "classes.json").read_text())
     mixed = models.set_precision(mixed_precision)
@@ -130,12 +130,12 @@ def extract_dataset(
         )
     forward = compiled_forward(extractor, strategy, xla)  # traced once, used for every split
     per_split, total_n, total_s = {}, 0, 0.0
-    for split in dataset.SPLITS:
-        paths, labels, turns = dataset.split_arrays(raw, splits_dir, split, classes)
-        images = dataset.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
+    for split in images.SPLITS:
+        paths, labels, turns = images.split_arrays(raw, splits_dir, split, classes)
+        batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         per_split[split] = extract_to_npy(
             extractor,
-            images,
+            batches,
             len(paths),
             out_dir / f"{split}_features.npy",
             dtype,

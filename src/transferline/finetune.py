@@ -490,7 +490,7 @@ def run_finetune(
     over every GPU (or `devices`) when there are several, and in a MultiWorkerMirroredStrategy
     one when TF_CONFIG names several machines (each of which runs this same function).
     """
-    from transferline import backbones, dataset, heads, models  # noqa: PLC0415
+    from transferline import backbones, heads, images, models  # noqa: PLC0415
     from transferline.files import atomic_path, read_json  # noqa: PLC0415
 
     # With a TF_CONFIG naming several machines, each of them runs this function in lockstep
@@ -505,17 +505,17 @@ def run_finetune(
     strategy = models.distribution(devices, multi_worker=True)
     mixed = models.set_precision(mixed_precision)
     classes = read_json(features_dir / "meta.json")["classes"]
-    train_paths, y_train, train_turns = dataset.split_arrays(raw, splits_dir, "train", classes)
+    train_paths, y_train, train_turns = images.split_arrays(raw, splits_dir, "train", classes)
     plan = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
     with strategy.scope():
         extractor = models.build_feature_extractor(
             backbones.get(backbone), weights, image_size, pooling, seed
         )
-    val_paths, y_val, val_turns = dataset.split_arrays(raw, splits_dir, "val", classes)
+    val_paths, y_val, val_turns = images.split_arrays(raw, splits_dir, "val", classes)
     k = min(16, len(val_paths))
     probe = np.concatenate(
         list(
-            dataset.make_image_dataset(
+            images.make_image_dataset(
                 val_paths[:k], None, image_size, k, orientations=val_turns[:k]
             )
         )
@@ -528,7 +528,7 @@ def run_finetune(
             f"(e.g. a different Keras cache or weights file). Run `dvc repro -f extract`."
         )
     a = f.augment
-    train_ds = dataset.make_image_dataset(
+    train_ds = images.make_image_dataset(
         train_paths,
         y_train,
         image_size,
@@ -538,7 +538,7 @@ def run_finetune(
         drop_remainder=plan.drop_remainder,
         orientations=train_turns,
     )
-    val_ds = dataset.make_image_dataset(
+    val_ds = images.make_image_dataset(
         val_paths, y_val, image_size, f.batch_size, orientations=val_turns
     )
     common = {

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from transferline import logs
 from transferline.backbones import WeightsError
-from transferline.dataset import DataError
-from transferline.errors import StageError
+from transferline.errors import DataError, StageError
 from transferline.params import Params, ParamsError, load_params
 from transferline.sources import SourceError
 

@@ -294,6 +294,11 @@ def test_dvc_repro_end_to_end(tmp_path):
     status = sh([*dvc, "status", "--json"], repo)
     assert set(json.loads(status[status.index("{") :])) == {"extract", "finetune", "evaluate"}
     (repo / "weights" / "new.weights.h5").unlink()
+    # A change to how the split is made that leaves the manifests as they were re-runs the
+    # split alone: extract reads images through images.py and depends on it, not dataset.py.
+    layouts = repo / "src/transferline/dataset.py"
+    layouts.write_text(layouts.read_text() + "\n# a change that moves no image\n")
+    assert ran(sh([*dvc, "repro"], repo)) == {"split"}
 
     # Reproducible: after a forced re-run `dvc metrics diff` against the committed run shows
     # no change at all, and the models predict the same.

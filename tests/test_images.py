@@ -1,0 +1,219 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferline import dataset, images
+from transferline.errors import DataError
+
+from conftest import add_broken_files, make_class_folders, make_image, save_turned
+
+
+def split(root, **kw):
+    args = {"layout": "auto", "val": 0.2, "test": 0.2, "seed": 1, "max_per_class": None}
+    return dataset.build_split(root, workers=1, **{**args, **kw})
+
+
+def test_split_arrays_name_images_gone_since_the_split(tmp_path, class_folders):
+    out = tmp_path / "splits"
+    out.mkdir()
+    dataset.write_split(split(class_folders), out)
+    paths, labels, turns = images.split_arrays(class_folders, out, "train", ["cat", "dog"])
+    assert len(paths) == len(labels) == len(turns) > 1 and all(Path(p).is_file() for p in paths)
+    Path(paths[1]).unlink()  # data/raw edited after the split: one paragraph, not a TF error
+    with pytest.raises(DataError) as err:
+        images.split_arrays(class_folders, out, "train", ["cat", "dog"])
+    msg = str(err.value)
+    assert f"1 of the {len(paths)} images that {out / 'train.csv'} lists are missing" in msg
+    assert f"(e.g. {paths[1]})" in msg and "Run `dvc repro`" in msg
+    (out / "val.csv").unlink()
+    with pytest.raises(DataError, match=r"val\.csv is missing: the split stage writes it"):
+        images.split_arrays(class_folders, out, "val", ["cat", "dog"])
+
+
+def test_parallel_validation_matches_serial(tmp_path):
+    root = make_class_folders(tmp_path / "many", per_class=40)
+    add_broken_files(root / "cat")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    serial = images.check_images(files, workers=1)
+    assert len(files) >= 64 and not all(c.ok for c in serial)  # big enough for a pool
+    assert images.check_images(files, workers=2) == serial
+    assert images.check_images(files, workers=2, threads=True) == serial  # predict's
+
+
+def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
+    paths = [
+        make_image(tmp_path / "a.png", (255, 0, 0), mode="L"),
+        make_image(tmp_path / "b.jpg", (0, 0, 255), fmt="JPEG"),
+        make_image(tmp_path / "c.png", (0, 255, 0), mode="P"),
+    ]
+    ds = images.make_image_dataset([str(p) for p in paths], [0, 1, 2], 24, batch_size=2)
+    batches = list(ds)
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 24, 24, 3), (1, 24, 24, 3)]
+    x = np.concatenate([b.numpy() for b, _ in batches])
+    assert x.min() >= 0 and x.max() <= 255
+    assert x[1, ..., 2].mean() > 150 > x[1, ..., 0].mean()  # blue stays blue
+    # tf.data's autotuner off: with it, deleting a finished iterator stalled up to 2.3 s
+    assert ds.options().autotune.enabled is False
+    full = images.make_image_dataset([str(p) for p in paths], [0, 1, 2], 24, 2, drop_remainder=True)
+    assert [tuple(y.shape) for _, y in full] == [(2,)]  # the short last batch left out
+
+
+def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[...] = (200, 100, 30)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)).save(tmp_path / "i16.png")
+    # a camera's multi-picture JPEG (MPO): the first picture is the photo
+    first, second = (Image.fromarray(np.full((8, 8, 3), c, np.uint8)) for c in (60, 250))
+    first.save(tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[second])
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    paths = [str(tmp_path / name) for name in ("cmyk.jpg", "i16.png", "camera.jpg")]
+    assert [images.check_image(p).reason for p in paths] == ["", "", ""]
+    (x,) = list(images.make_image_dataset(paths, None, 8, batch_size=3))
+    x = x.numpy()
+    np.testing.assert_allclose(x[0, 4, 4], (200, 100, 30), atol=2)
+    np.testing.assert_allclose(x[1, 4, 4], (200, 200, 200), atol=1)  # scaled, not clipped
+    np.testing.assert_allclose(x[2], 60, atol=2)
+
+
+def test_webp_photos_decode_like_pil_and_pil_decodes_the_webp_tf_cannot(tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    alpha = np.dstack([rgb, rng.integers(1, 255, (12, 20, 1), dtype=np.uint8)])
+    Image.fromarray(rgb).save(tmp_path / "photo.webp", quality=80)  # lossy
+    Image.fromarray(rgb).save(tmp_path / "lossless.webp", lossless=True)
+    Image.fromarray(rgb).save(tmp_path / "named_wrong.jpg", "WEBP")  # the content decides
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "logo.webp", lossless=True)
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "logo_lossy.webp", quality=90)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    names = ["photo.webp", "lossless.webp", "named_wrong.jpg", "logo.webp", "logo_lossy.webp"]
+    paths = [str(tmp_path / n) for n in [*names, "anim.webp"]]
+    assert [images.check_image(p).reason for p in paths] == [""] * 6
+    heads = [images.needs_pil(Path(p).read_bytes()[:32]) for p in paths]
+    assert heads == [False, False, False, True, True, True]
+    with pytest.raises(tf.errors.InvalidArgumentError):  # why PIL decodes logo.webp
+        tf.io.decode_image((tmp_path / "logo.webp").read_bytes(), channels=3)
+    expected = []
+    for p in paths:  # PIL's pixels (alpha dropped, the first frame), the pipeline's resize
+        with Image.open(p) as img:
+            expected.append(tf.image.resize(np.asarray(img.convert("RGB")), (16, 16)).numpy())
+    (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=6))
+    np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
+    np.testing.assert_array_equal(got.numpy()[5], got.numpy()[1])  # anim: its first frame
+
+
+def test_tiff_decodes_as_the_same_pixels_in_png_do(tmp_path):
+    # TensorFlow reads no TIFF (PCam / histopathologic-cancer-detection ships 220,025 .tif).
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    gray16 = rng.integers(0, 65535, (12, 20), dtype=np.uint16)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+    Image.fromarray(rgb).save(tmp_path / "lzw.tiff", compression="tiff_lzw")
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    Image.fromarray(gray16).save(tmp_path / "gray16.tif")
+    Image.fromarray(rgb).save(tmp_path / "turned.tif", tiffinfo={images.EXIF_ORIENTATION: 3})
+    Image.fromarray(gray16.astype(np.float32)).save(tmp_path / "float.tif")
+    names = ["rgb.png", "rgb.tif", "lzw.tiff", "gray16.png", "gray16.tif", "turned.tif"]
+    checks = [images.check_image(tmp_path / n) for n in names]
+    assert [c.reason for c in checks] == [""] * 6
+    assert checks[5].orientation == 1  # PIL turns a TIFF by its own tag while decoding it
+    float_tiff = images.check_image(tmp_path / "float.tif")
+    assert not float_tiff.ok and float_tiff.reason.startswith("32-bit float TIFF")
+    paths = [str(tmp_path / n) for n in names]
+    turns = [c.orientation for c in checks]
+    (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=6, orientations=turns))
+    got = got.numpy()
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[2], got[0])
+    np.testing.assert_allclose(got[4], got[3], atol=1)  # 16 bits cut to 8 as TensorFlow does
+    np.testing.assert_array_equal(got[5], got[0][::-1, ::-1])  # orientation 3: half a turn
+
+
+def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
+    """Phones store pixels as the sensor read them plus an EXIF tag saying how to turn them;
+    split records the tag and every loader turns the image as PIL's exif_transpose does."""
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)  # landscape, no symmetry
+    root = tmp_path / "raw"
+    for o in range(1, 9):
+        save_turned(root / "cat" / f"o{o}.png", upright, o)
+        save_turned(root / "dog" / f"o{o}.png", 255 - upright, o)
+    broken = save_turned(root / "dog" / "bad_tag.png", upright[:, ::-1].copy(), 1)
+    with Image.open(broken) as img:
+        img.load()
+        exif = img.getexif()
+        exif[images.EXIF_ORIENTATION] = 9  # no such orientation: used as stored
+        img.save(broken, exif=exif)
+    assert images.check_image(broken).orientation == 0
+    assert images.check_image(root / "cat/o6.png").orientation == 6
+    result = split(root, val=0.2, test=0.2)
+    assert "corrupt EXIF), e.g. dog/bad_tag.png: they are used as stored" in caplog.text
+    assert result.orientations == {f"{c}/o{o}.png": o for c in ("cat", "dog") for o in range(2, 9)}
+    out = tmp_path / "splits"
+    out.mkdir()
+    assert dataset.write_split(result, out)["exif_turned"] == 14
+    paths, labels, turns = [], [], []
+    for s in images.SPLITS:
+        p, y, o = images.split_arrays(root, out, s, ["cat", "dog"])
+        paths += p
+        labels += list(y)
+        turns += list(o)
+    assert sorted(turns) == [1, 1, 1, *sorted(2 * list(range(2, 9)))]
+    # The reference: PIL turns the file upright, then the pipeline's own resize.
+    expected = []
+    for p in paths:
+        with Image.open(p) as img:
+            ref = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        expected.append(tf.image.resize(ref, (16, 16)).numpy())
+    got = np.concatenate(list(images.make_image_dataset(paths, None, 16, 5, orientations=turns)))
+    np.testing.assert_allclose(got, np.stack(expected), atol=1e-3)
+    # all eight cats are one upright picture, whatever their tag
+    cat = expected[paths.index(str(root / "cat/o1.png"))]
+    assert sum(np.allclose(x, cat, atol=1e-3) for x in got) == 8
+    # with labels and shuffling, each file's turn travels with it
+    ds = images.make_image_dataset(paths, labels, 16, 4, shuffle_seed=3, orientations=turns)
+    for x, y in ds:
+        for img, label in zip(x.numpy(), y.numpy(), strict=True):
+            match = [i for i, e in enumerate(expected) if np.allclose(img, e, atol=1e-3)]
+            assert match and all(labels[i] == label for i in match)
+    # without the record, files are used as stored (a plain tf.data decode)
+    plain = np.concatenate(list(images.make_image_dataset(paths, None, 16, 5)))
+    assert not np.allclose(plain, got, atol=1)
+
+
+def test_unreadable_exif_never_costs_a_usable_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = make_image(tmp_path / "a.jpg", (10, 20, 30), fmt="JPEG")
+
+    def broken(self):
+        raise KeyError("a maker note PIL cannot parse")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    check = images.check_image(path)
+    assert check.ok and check.orientation == 0  # used as stored
+
+
+def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
+    upright = np.zeros((16, 24, 3), np.uint8)
+    upright[:, :8] = 255  # white on the left
+    path = save_turned(tmp_path / "photo.jpg", upright, 6, fmt="JPEG")
+    check = images.check_image(path)
+    assert check.ok and check.orientation == 6
+    (x,) = list(images.make_image_dataset([str(path)], None, 24, 1, orientations=[6]))
+    x = x.numpy()[0]
+    assert x[:, :6].mean() > 200 and x[:, -10:].mean() < 40  # left is white again
