@@ -1,4 +1,5 @@
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -264,6 +265,15 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     resized = np.asarray(keras_resize(raw, 32))
     np.testing.assert_allclose(probs, model.predict(resized, verbose=0), atol=1e-5)
+    # `mlflow models serve`: the REST endpoint's own parsing of a JSON body, checked against
+    # the signature (any height and width), gives the same probabilities.
+    from mlflow.pyfunc import scoring_server
+
+    body = json.dumps({"inputs": raw.tolist()})
+    schema = pyfunc.metadata.get_input_schema()
+    served = scoring_server.invocations(body, "application/json", pyfunc, schema)
+    assert served.status == 200, served.response
+    np.testing.assert_allclose(json.loads(served.response)["predictions"], probs, atol=1e-5)
     loaded = export.load_classifier(uri)  # what `transferline predict runs:/...` uses
     assert loaded.classes == ["a", "b", "c"] and loaded.image_size == 32
     assert isinstance(loaded.model, keras.Model)  # run as a local one: folded, batch by batch
