@@ -14,26 +14,26 @@ are printed, and the time `make_image_dataset` spends reading the files' headers
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from common import decode_args, decode_rate, photo_like, print_medians, take_turns
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
-    """Photo-like pixels (smooth, so they compress like photos), one file per set each."""
+    """The same photo-like pixels saved to each set, one file per set each."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     sets: dict[str, list[str]] = {"png": [], "tiff": [], "webpa": [], "mixed": []}
     for i in range(n):
-        low = rng.integers(0, 255, (max(1, px // 16), max(1, px // 16), 4), dtype=np.uint8)
-        rgba = Image.fromarray(low, "RGBA").resize((px, px * 3 // 4), Image.BILINEAR)
+        rgba = photo_like(rng, px, channels=4)
         rgb = rgba.convert("RGB")
         for name, img, ext, kw in (
             ("png", rgb, "png", {}),
@@ -47,41 +47,28 @@ def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
     return sets
 
 
-def images_per_second(paths: list[str], size: int) -> float:
+def header_seconds(paths: list[str], repeats: int) -> float:
+    """Median seconds per file that `make_image_dataset` spends choosing each file's decoder."""
     from transferline import images
 
-    ds = images.make_image_dataset(paths, None, size, 32)
-    t = time.perf_counter()
-    n = sum(int(batch.shape[0]) for batch in ds)
-    return n / (time.perf_counter() - t)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        [images.needs_pil(images._head(p)) for p in paths]
+        times.append((time.perf_counter() - t) / len(paths))
+    return statistics.median(times)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--px", type=int, default=256, help="width of the generated files")
-    ap.add_argument("--size", type=int, default=160, help="the model's input size")
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
-    from transferline import images
-
+    args = decode_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         sets = make_sets(Path(tmp), args.n, args.px)
-        for paths in sets.values():  # warm-up: trace each pipeline once
-            images_per_second(paths, args.size)
-        runs: dict[str, list[float]] = {k: [] for k in sets}
-        heads: list[float] = []
-        for _ in range(args.repeats):
-            for name, paths in sets.items():
-                runs[name].append(images_per_second(paths, args.size))
-            t = time.perf_counter()
-            [images.needs_pil(images._head(p)) for p in sets["png"]]
-            heads.append((time.perf_counter() - t) / len(sets["png"]))
+        variants = {k: functools.partial(decode_rate, v, args.size) for k, v in sets.items()}
+        runs = take_turns(variants, args.repeats)
+        heads = header_seconds(sets["png"], args.repeats)
     print(f"{args.n} files of {args.px}x{args.px * 3 // 4} px -> {args.size} px, decode only:")
-    for name, values in runs.items():
-        ratio = statistics.median(v / p for v, p in zip(values, runs["png"], strict=True))
-        print(f"  {name:6s} {statistics.median(values):8.1f} img/s   ratio to png {ratio:.3f}")
-    print(f"  reading the headers: {statistics.median(heads) * 1e6:.1f} us per file")
+    print_medians(runs, "png")
+    print(f"  reading the headers: {heads * 1e6:.1f} us per file")
 
 
 if __name__ == "__main__":

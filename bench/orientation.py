@@ -13,49 +13,32 @@ The three take turns round by round; medians of --repeats rounds, and each one's
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from common import decode_args, decode_rate, photo_like, print_medians, take_turns
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make_files(root: Path, n: int, px: int) -> list[str]:
-    """n photo-like files, half JPEG and half PNG (smooth, so they compress like photos)."""
+    """n photo-like files, half JPEG and half PNG."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        low = rng.integers(0, 255, (max(1, px // 16), max(1, px // 16), 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((px, px * 3 // 4), Image.BILINEAR)
         fmt, ext = ("JPEG", "jpg") if i % 2 else ("PNG", "png")
         path = root / f"{i:05d}.{ext}"
-        img.save(path, format=fmt)
+        photo_like(rng, px).save(path, format=fmt)
         paths.append(str(path))
     return paths
 
 
-def images_per_second(paths: list[str], size: int, orientations: list[int] | None) -> float:
-    from transferline import images
-
-    ds = images.make_image_dataset(paths, None, size, 32, orientations=orientations)
-    t = time.perf_counter()
-    n = sum(int(batch.shape[0]) for batch in ds)
-    return n / (time.perf_counter() - t)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--px", type=int, default=256, help="width of the generated files")
-    ap.add_argument("--size", type=int, default=160, help="the model's input size")
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
+    args = decode_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_files(Path(tmp), args.n, args.px)
         records = {
@@ -63,16 +46,13 @@ def main() -> None:
             "some": [6 if i % 10 == 0 else 1 for i in range(args.n)],
             "all": [6] * args.n,
         }
-        for turns in records.values():  # warm-up: trace each pipeline once
-            images_per_second(paths, args.size, turns)
-        runs: dict[str, list[float]] = {k: [] for k in records}
-        for _ in range(args.repeats):
-            for name, turns in records.items():
-                runs[name].append(images_per_second(paths, args.size, turns))
+        variants = {
+            k: functools.partial(decode_rate, paths, args.size, turns)
+            for k, turns in records.items()
+        }
+        runs = take_turns(variants, args.repeats)
     print(f"{args.n} files of {args.px}x{args.px * 3 // 4} px -> {args.size} px, decode only:")
-    for name, values in runs.items():
-        ratio = statistics.median(v / n for v, n in zip(values, runs["none"], strict=True))
-        print(f"  {name:5s} {statistics.median(values):8.1f} img/s   ratio to none {ratio:.3f}")
+    print_medians(runs, "none")
 
 
 if __name__ == "__main__":
