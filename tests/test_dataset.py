@@ -605,6 +605,11 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     assert "(e.g. 'HAM0' in column 'lesion_id'). Set data.labels.image_column: image_id (12 " in msg
     (dl / "one.csv").write_text("id\ncat1\n")
     assert "needs a header row and at least two" in error(dataset.LabelsCsv(dl / "one.csv"))
+    # Excel's default CSV in Western Europe: Windows-1252, not UTF-8.
+    (dl / "excel.csv").write_bytes("id,label\ncat1,cat\ncat2,chat noir é\n".encode("cp1252"))
+    msg = error(dataset.LabelsCsv(dl / "excel.csv"))
+    assert "excel.csv is not UTF-8 text (byte 0xe9 on line 3): save it as UTF-8" in msg
+    assert "iconv -f cp1252 -t utf-8 excel.csv > labels_utf8.csv" in msg
     # Two files with one id (train/cat1.jpg, extra/cat1.png): which one is meant is unknown.
     make_files(dl / "extra", ["cat1.png"])
     msg = error(dataset.LabelsCsv(dl / "train.csv"))

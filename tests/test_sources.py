@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -26,6 +27,43 @@ def test_local_folder_copied_and_left_untouched(tmp_path, class_folders):
     sources.download(str(class_folders), dest)
     assert snapshot(dest) == before
     assert snapshot(class_folders) == before
+
+
+def test_names_that_are_not_utf8_are_renamed_in_the_copy_only(tmp_path, caplog):
+    """DVC cannot record a name that is not UTF-8 (it stops with an 'unexpected error'), and
+    old archives and file systems have them: the copy gets the name read as Windows-1252."""
+    src = make_class_folders(tmp_path / "src", per_class=2)
+    latin = os.fsencode(src) + b"/caf\xe9"  # a class folder, and a file, named in Latin-1
+    try:
+        os.rename(src / "cat", latin)
+    except OSError:  # a file system that refuses such names (macOS) cannot have them
+        pytest.skip("this file system stores only UTF-8 names")
+    os.rename(latin + b"/cat000.png", latin + b"/\xe9t\xe9.png")
+    # names taken already: a UTF-8 été.png beside the Latin-1 one, a UTF-8 café/ beside caf\xe9/
+    make_image(Path(os.fsdecode(latin + "/été.png".encode())), (1, 2, 3))
+    make_image(src / "café" / "x.png", (4, 5, 6))
+    before = {os.fsencode(p): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download(str(src), dest)
+    names = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png"))
+    assert names == [
+        "café/x.png",
+        "café_2/cat001.png",
+        "café_2/été.png",
+        "café_2/été_2.png",
+        "dog/dog000.png",
+        "dog/dog001.png",
+    ]
+    assert (dest / "café_2/été_2.png").read_bytes() == before[latin + b"/\xe9t\xe9.png"]
+    assert "2 file or folder names in the download were not UTF-8" in caplog.text
+    assert {os.fsencode(p): p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    # A tar archive with such a name: extracted, then renamed the same way.
+    with tarfile.open(tmp_path / "old.tar", "w", encoding="utf-8", errors="surrogateescape") as t:
+        t.add(os.fsdecode(latin + b"/\xe9t\xe9.png"), arcname=os.fsdecode(b"caf\xe9/\xe9t\xe9.png"))
+    (tmp_path / "raw2").mkdir()
+    sources.download(str(tmp_path / "old.tar"), tmp_path / "raw2")
+    assert [p.name for p in (tmp_path / "raw2" / "café").iterdir()] == ["été.png"]
 
 
 def test_a_folder_holding_the_download_itself_is_refused(tmp_path):

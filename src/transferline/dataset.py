@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -337,8 +338,18 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             f"data.labels.file: {shown} is not in the download ({rel_to.as_posix()}/); CSV files "
             f"there: {', '.join(found) or 'none'}. Give its path inside the download."
         )
-    with table.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    data = table.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"data.labels.file: {shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} on "
+            f"line {line}): save it as UTF-8 (Excel: 'CSV UTF-8'), or convert a copy, e.g. "
+            f"`iconv -f cp1252 -t utf-8 {table.name} > labels_utf8.csv`, and point "
+            f"data.labels.file at that."
+        ) from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     header, rows = (rows[0], rows[1:]) if rows else ([], [])
     if len(header) < 2:
         raise DataError(

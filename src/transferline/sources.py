@@ -354,3 +354,42 @@ def download(
         # From the repository root, as the README says, also in a `dvc exp run --temp/--queue`
         # copy (.dvc/tmp/exps/...), where the folder would not be found, or be another one.
         copy_local(path if path.is_absolute() else repo_root() / path, dest)
+    renamed = utf8_names(dest)
+    if renamed:
+        old, fixed = renamed[0]
+        log.warning(
+            "%d file or folder names in the download were not UTF-8, which DVC cannot record: "
+            "renamed in data/raw, their bytes read as Windows-1252, e.g. %s -> %s (the "
+            "originals are untouched)",
+            len(renamed),
+            old,
+            fixed,
+        )
+
+
+def utf8_names(root: Path) -> list[tuple[str, str]]:
+    """Rename, inside our own download folder, every name that is not valid UTF-8 (bytes
+    from an old archive or file system, which Python holds as surrogates): its bytes are read
+    as Windows-1252 (Latin-1 where that has no character), so b'caf\\xe9.png' is café.png. A name
+    taken already gets `_2`, `_3`... before its extension. Returns (old, new) names, the old
+    as the repr of its bytes (printable, unlike the name itself)."""
+    renamed = []
+    for folder, dirs, files in os.walk(root, topdown=False):  # children before their folder
+        for name in [*files, *dirs]:
+            try:
+                name.encode("utf-8")
+                continue
+            except UnicodeEncodeError:
+                raw = os.fsencode(name)
+            try:
+                fixed = raw.decode("cp1252")
+            except UnicodeDecodeError:
+                fixed = raw.decode("latin-1")
+            stem, dot, ext = fixed.rpartition(".") if "." in fixed.lstrip(".") else (fixed, "", "")
+            n = 1
+            while os.path.lexists(os.path.join(folder, fixed)):
+                n += 1
+                fixed = f"{stem}_{n}{dot}{ext}"
+            os.rename(os.path.join(folder, name), os.path.join(folder, fixed))
+            renamed.append((repr(raw), fixed))
+    return renamed
