@@ -66,6 +66,28 @@ def test_names_that_are_not_utf8_are_renamed_in_the_copy_only(tmp_path, caplog):
     assert [p.name for p in (tmp_path / "raw2" / "café").iterdir()] == ["été.png"]
 
 
+def test_a_link_to_a_file_that_is_gone_is_left_out_but_a_failed_copy_stops(
+    tmp_path, caplog, monkeypatch
+):
+    import shutil
+
+    src = make_class_folders(tmp_path / "src", per_class=2)
+    os.symlink(tmp_path / "moved_away.png", src / "cat" / "dangling.png")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    sources.download(str(src), dest)
+    assert snapshot(dest) == snapshot(src)  # every image; the dead link alone left out
+    assert "a file you may not read): 1, e.g. cat/dangling.png" in caplog.text
+
+    def full_disk(source, target, **kw):
+        raise shutil.Error([(str(source / "dog/dog000.png"), "x", "No space left on device")])
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(SourceError) as info:
+        sources.download(str(src), tmp_path / "raw2")
+    assert "dog000.png: No space left on device. Fix that" in str(info.value)
+
+
 def test_a_folder_holding_the_download_itself_is_refused(tmp_path):
     # data.dataset: data (the repository's data/ folder) copied data/raw's temporary folder
     # into itself, and an earlier data/raw into the new one.

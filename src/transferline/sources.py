@@ -301,7 +301,10 @@ def copy_local(path: Path, dest: Path) -> None:
             f"(e.g. a folder beside data/raw, such as data/my_images)."
         )
     if path.is_dir():
-        shutil.copytree(path, dest, dirs_exist_ok=True, symlinks=False)
+        try:
+            shutil.copytree(path, dest, dirs_exist_ok=True, symlinks=False)
+        except shutil.Error as exc:  # raised at the end: everything else was copied
+            _left_out(path, exc.args[0])
     elif path.is_file() and (is_archive(path) or zipfile.is_zipfile(path)):
         extract_archive(path, dest)
         expand_nested_archives(dest)
@@ -316,6 +319,31 @@ def copy_local(path: Path, dest: Path) -> None:
             f"kaggle://datasets/OWNER/NAME, kaggle://competitions/NAME, an https:// archive, or "
             f"an existing local folder or archive (relative paths start at the repository root)."
         )
+
+
+def _left_out(folder: Path, errors: list[tuple[str, str, str]]) -> None:
+    """What copytree could not copy: links to files that are gone and files this user may not
+    read are left out with a warning (as split rejects broken images); anything else (a full
+    disk, a failing drive) stops the download."""
+    skipped = [
+        (src, why)
+        for src, _, why in errors
+        if (os.path.islink(src) and not os.path.exists(src)) or not os.access(src, os.R_OK)
+    ]
+    if len(skipped) < len(errors):
+        src, _, why = next(e for e in errors if (e[0], e[2]) not in skipped)
+        raise SourceError(
+            f"data.dataset: copying {folder} failed for {len(errors) - len(skipped)} entries, "
+            f"e.g. {src}: {why}. Fix that (free space, the drive, permissions) and run the "
+            f"download stage again (data/raw was left as it was)."
+        )
+    log.warning(
+        "left out of the copy of %s, as unreadable (a link to a file that is gone, or a file "
+        "you may not read): %d, e.g. %s",
+        folder,
+        len(skipped),
+        Path(skipped[0][0]).relative_to(folder).as_posix(),
+    )
 
 
 def write_digits(dest: Path) -> int:
