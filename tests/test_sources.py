@@ -119,6 +119,30 @@ def test_local_zip_extracted_with_nested_zip(tmp_path):
     assert outer.exists()  # the user's archive stays
 
 
+def test_a_zip_that_zipfile_cannot_open_is_one_clear_error(tmp_path):
+    """A password-protected zip, and one compressed with Deflate64 (Windows, large zips)."""
+
+    def patched(name: str, local: int, central: int, value: int) -> Path:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("cat/a.png", b"x" * 100)
+        data = bytearray(buf.getvalue())
+        for sig, at in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+            i = data.index(sig) + at
+            data[i : i + 2] = value.to_bytes(2, "little")
+        (tmp_path / name).write_bytes(bytes(data))
+        return tmp_path / name
+
+    for archive, expected in (
+        (patched("locked.zip", 6, 8, 0x1), r"its entries are encrypted \(a password-protected"),
+        (patched("big.zip", 8, 10, 9), "zipfile cannot read its compression method"),
+    ):
+        dest = tmp_path / archive.stem
+        with pytest.raises(SourceError, match=expected) as info:
+            sources.download(str(archive), dest)
+        assert "set data.dataset to that folder" in str(info.value)
+
+
 def test_zip_slip_refused(tmp_path):
     bad = tmp_path / "evil.zip"
     with zipfile.ZipFile(bad, "w") as z:

@@ -98,7 +98,21 @@ def extract_archive(archive: Path, dest: Path) -> None:
                         f"outside the target folder (absolute path or '..'). Re-create the "
                         f"archive with relative paths inside it."
                     )
-                zf.extractall(dest)
+                if any(info.flag_bits & 0x1 for info in zf.infolist()):
+                    raise SourceError(
+                        f"{archive}: its entries are encrypted (a password-protected zip), "
+                        f"which the pipeline cannot open. Extract it yourself (`unzip "
+                        f"{archive.name} -d FOLDER` asks for the password) and set "
+                        f"data.dataset to that folder."
+                    )
+                try:
+                    zf.extractall(dest)
+                except NotImplementedError as exc:  # e.g. Deflate64, Windows' for large zips
+                    raise SourceError(
+                        f"{archive}: Python's zipfile cannot read its compression method "
+                        f"({exc}; Windows writes large zips with Deflate64). Extract it with "
+                        f"`unzip` or 7-Zip and set data.dataset to that folder."
+                    ) from exc
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 try:
