@@ -482,7 +482,10 @@ def test_when_too_few_images_are_left_the_error_says_why_the_others_were_refused
         split(root)
     msg = str(info.value)
     assert msg.startswith("only one class ('cat', 10 images) was found")
-    assert "Of the 19 files found, 9 were refused: 8 not an image (e.g. dog/0.dcm: not an " in msg
+    assert (
+        "Of the 19 files found, 9 were refused: 8 DICOM (e.g. dog/0.dcm: DICOM (a medical " in msg
+    )
+    assert "convert it to PNG first (e.g. with pydicom, applying the scan's window))" in msg
     assert "; 1 empty file (e.g. dog/8.png: empty file (0 bytes))." in msg
     assert "rejected.csv" not in msg
 

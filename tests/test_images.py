@@ -217,3 +217,34 @@ def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
     (x,) = list(images.make_image_dataset([str(path)], None, 24, 1, orientations=[6]))
     x = x.numpy()[0]
     assert x[:, :6].mean() > 200 and x[:, -10:].mean() < 40  # left is white again
+
+
+def test_avif_decodes_like_pil_and_unread_formats_say_what_to_do(tmp_path):
+    """AVIF (Pillow's wheels read it; TensorFlow does not) goes through PIL, turned by its EXIF
+    tag as a JPEG is. DICOM and HEIC, which neither reads, get a reason that says what to do."""
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    rgb = np.random.default_rng(4).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6
+    Image.fromarray(rgb).save(tmp_path / "photo.avif", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "turned.avif", quality=90, exif=exif)
+    paths = [str(tmp_path / n) for n in ("photo.avif", "turned.avif")]
+    checks = [images.check_image(p) for p in paths]
+    assert [(c.ok, c.orientation) for c in checks] == [(True, 1), (True, 6)]
+    assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
+    expected = []
+    for p in paths:  # PIL's pixels turned upright as photo viewers show them, then our resize
+        with Image.open(p) as img:
+            upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        expected.append(tf.image.resize(upright, (16, 16)).numpy())
+    turns = [c.orientation for c in checks]
+    (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=2, orientations=turns))
+    np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
+
+    (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64
+    (tmp_path / "phone.heic").write_bytes(heic)
+    assert images.check_image(tmp_path / "scan.dcm").reason.startswith("DICOM (a medical scan)")
+    assert "convert it to JPEG first" in images.check_image(tmp_path / "phone.heic").reason

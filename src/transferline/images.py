@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 # Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
-# picks out (TIFF; WebP with transparency or animation), which PIL decodes. MPO is a camera's
-# JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
+# picks out (TIFF, AVIF; WebP with transparency or animation), which PIL decodes. MPO is a
+# camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF"}
 HEAD_BYTES = 32  # what `needs_pil` reads of a file
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
 ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
@@ -68,7 +68,7 @@ def needs_pil(head: bytes) -> bool:
     animation (TensorFlow decodes the first only as RGBA, and its decoder corrupted memory on
     an animated one, TF 2.21). Decided from the header, the same way at validation and at
     loading."""
-    if head[:4] in (b"II*\0", b"MM\0*"):
+    if head[:4] in (b"II*\0", b"MM\0*") or head[4:8] == b"ftyp":  # TIFF; AVIF (ISO media)
         return True
     if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 25:
         return False
@@ -128,10 +128,32 @@ def check_image(path: str | Path) -> Check:
                 return Check(False, "image has no pixels", digest)
             orientation = _exif_orientation(img)
     except UnidentifiedImageError:
-        return Check(False, "not an image (unrecognised file format)", digest)
+        return Check(
+            False, _unread_format(data) or "not an image (unrecognised file format)", digest
+        )
     except (OSError, ValueError, SyntaxError) as exc:
         return Check(False, f"corrupt or truncated image: {exc}", digest)
     return Check(True, "", digest, orientation)
+
+
+def _unread_format(data: bytes) -> str:
+    """The reason for a known kind of file that PIL does not open, with what to do."""
+    if data[128:132] == b"DICM":
+        return (
+            "DICOM (a medical scan), which is not read: convert it to PNG first (e.g. with "
+            "pydicom, applying the scan's window)"
+        )
+    if data[4:8] == b"ftyp":
+        size = int.from_bytes(data[:4], "big")
+        brands = {data[i : i + 4] for i in range(8, min(size, 64), 4)}
+        if brands & {b"avif", b"avis"}:
+            return "AVIF, which this Pillow build cannot read (Pillow's wheels can, from 11.3 on)"
+        if brands & {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}:
+            return (
+                "HEIC/HEIF (a phone's photo format), which is not read: convert it to JPEG "
+                "first (e.g. `heif-convert`, or Pillow with the pillow-heif plugin)"
+            )
+    return ""
 
 
 def check_images(
