@@ -1,10 +1,11 @@
 """Benchmark the decoders behind `images.make_image_dataset` (not a test).
 
-The same generated pixels saved four ways, then `make_image_dataset` alone (decode, resize,
+The same generated pixels saved five ways, then `make_image_dataset` alone (decode, resize,
 batch; no model) over each set:
   png:   PNG files, decoded by TensorFlow (the plain pipeline);
   tiff:  TIFF files, decoded by PIL (`needs_pil`) through tf.numpy_function;
   webpa: lossless WebP with transparency, decoded by PIL;
+  avif:  AVIF files (quality 80), decoded by PIL;
   mixed: the PNG set with 1 file in 10 a TIFF: every image goes through the tf.cond.
 The sets take turns round by round; medians of --repeats rounds, and each one's ratio to png,
 are printed, and the time `make_image_dataset` spends reading the files' headers.
@@ -31,7 +32,7 @@ def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    sets: dict[str, list[str]] = {"png": [], "tiff": [], "webpa": [], "mixed": []}
+    sets: dict[str, list[str]] = {"png": [], "tiff": [], "webpa": [], "avif": [], "mixed": []}
     for i in range(n):
         rgba = photo_like(rng, px, channels=4)
         rgb = rgba.convert("RGB")
@@ -39,6 +40,7 @@ def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
             ("png", rgb, "png", {}),
             ("tiff", rgb, "tif", {}),
             ("webpa", rgba, "webp", {"lossless": True}),
+            ("avif", rgb, "avif", {"quality": 80}),
         ):
             path = root / f"{name}_{i:05d}.{ext}"
             img.save(path, **kw)
