@@ -124,3 +124,28 @@ def test_predict_files_turns_camera_images_upright(classifier_dir, tmp_path):
     # the same picture agrees to float rounding
     np.testing.assert_allclose(p[1:4], p[0], atol=1e-6)
     assert abs(p[4] - p[0]) > 2e-5
+
+
+def test_predict_out_of_memory_names_the_batch_size_option(
+    classifier_dir, tmp_path, monkeypatch, capfd
+):
+    import tensorflow as tf
+
+    from transferline import cli
+
+    clf = export.load_classifier(classifier_dir)
+
+    def out_of_memory(images):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "OOM when allocating tensor with shape[8]"
+        )
+
+    monkeypatch.setattr(clf, "predict", out_of_memory)
+    monkeypatch.setattr(export, "load_classifier", lambda uri: clf)
+    image = make_class_folders(tmp_path / "imgs", per_class=1) / "cat" / "cat000.png"
+    assert cli.main(["predict", str(classifier_dir), str(image), "--batch-size", "8"]) == 2
+    # (predict filters TensorFlow's native log on the stderr file descriptor: capfd, not capsys)
+    assert capfd.readouterr().err.strip() == (
+        "transferline predict: out of memory on CPU with batches of 8 images (TensorFlow: OOM "
+        "when allocating tensor with shape[8]). Lower --batch-size (e.g. `--batch-size 4`)."
+    )

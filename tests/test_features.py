@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from transferline import backbones, dataset, features, images
+from transferline.errors import StageError
 from transferline.models import build_feature_extractor
 
 from conftest import make_class_folders
@@ -62,7 +63,8 @@ def test_count_mismatch_leaves_no_output(tmp_path, extractor, class_folders):
     assert list(out.iterdir()) == []
 
 
-def test_extract_dataset_writes_every_split_and_meta(tmp_path):
+def split_pets(tmp_path):
+    """20 images in class folders, split; returns (raw, splits, an empty features folder)."""
     raw = make_class_folders(tmp_path / "raw" / "pets", per_class=10)
     result = dataset.build_split(
         raw.parent, layout="auto", val=0.2, test=0.2, seed=0, max_per_class=None, workers=1
@@ -72,8 +74,13 @@ def test_extract_dataset_writes_every_split_and_meta(tmp_path):
     dataset.write_split(result, splits)
     out = tmp_path / "features"
     out.mkdir()
+    return raw.parent, splits, out
+
+
+def test_extract_dataset_writes_every_split_and_meta(tmp_path):
+    raw, splits, out = split_pets(tmp_path)
     metrics = features.extract_dataset(
-        raw.parent,
+        raw,
         splits,
         out,
         backbone="vgg16",
@@ -92,3 +99,45 @@ def test_extract_dataset_writes_every_split_and_meta(tmp_path):
         assert x.shape == (n, 512) and x.dtype == np.float16
         assert sorted(np.bincount(y)) == [n // 2, n // 2]
     assert metrics["images"] == 20 and set(metrics["per_split"]) == {"train", "val", "test"}
+
+
+def test_a_batch_too_large_for_the_device_names_extract_batch_size(tmp_path, monkeypatch):
+    """What a GPU's allocator raises for a batch too large for it (no GPU here: the forward
+    pass raises it) ends the stage with one paragraph, and leaves no half-written features."""
+    import tensorflow as tf
+
+    raw, splits, out = split_pets(tmp_path)
+
+    def out_of_memory(model, strategy=None, xla=False):
+        def forward(x):
+            raise tf.errors.ResourceExhaustedError(
+                None,
+                None,
+                "{{function_node __inference_forward_9}} OOM when allocating tensor with "
+                "shape[8,16,16,64] and type float on /job:localhost/replica:0/task:0/device:"
+                "GPU:0 by allocator GPU_0_bfc",
+            )
+
+        return forward
+
+    monkeypatch.setattr(features, "compiled_forward", out_of_memory)
+    with pytest.raises(StageError) as info:
+        features.extract_dataset(
+            raw,
+            splits,
+            out,
+            backbone="vgg16",
+            weights="none",
+            image_size=32,
+            pooling="avg",
+            batch_size=8,
+            dtype="float32",
+            seed=0,
+        )
+    assert str(info.value) == (
+        "out of memory on CPU with batches of 8 images (TensorFlow: OOM when allocating tensor "
+        "with shape[8,16,16,64]). Lower extract.batch_size (e.g. `dvc exp run -S "
+        "extract.batch_size=4`) or model.image_size; on a GPU, model.mixed_precision: on "
+        "halves the activations."
+    )
+    assert list(out.iterdir()) == []

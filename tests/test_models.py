@@ -176,3 +176,24 @@ def test_fold_under_mixed_precision_keeps_the_policy_and_the_outputs():
     expected = keras.ops.convert_to_numpy(model(x, training=False)).astype("float32")
     got = keras.ops.convert_to_numpy(folded(x, training=False)).astype("float32")
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_out_of_memory_under_mixed_precision_names_the_parameter_only():
+    import tensorflow as tf
+
+    from transferline.errors import StageError
+    from transferline.models import memory_for_batches
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with pytest.raises(StageError) as info, memory_for_batches("finetune.batch_size", 1):
+            raise tf.errors.ResourceExhaustedError(None, None, "Out of memory while trying\nx")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert str(info.value) == (
+        "out of memory on CPU with batches of 1 image (TensorFlow: Out of memory while trying)."
+        " Lower model.image_size."
+    )
+    # any other error passes through as it is
+    with pytest.raises(ValueError, match="unrelated"), memory_for_batches("extract.batch_size", 8):
+        raise ValueError("unrelated")

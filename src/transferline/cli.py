@@ -211,7 +211,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError, StageError) as exc:
         print(f"transferline predict: cannot load the model: {exc}", file=sys.stderr)
         return 2
-    rows = export.predict_files(classifier, files, batch_size=args.batch_size)
+    from transferline.models import memory_for_batches  # noqa: PLC0415
+
+    try:
+        with memory_for_batches("--batch-size", args.batch_size):
+            rows = export.predict_files(classifier, files, batch_size=args.batch_size)
+    except StageError as exc:
+        print(f"transferline predict: {exc}", file=sys.stderr)
+        return 2
     if args.csv:
         fields = ["path", "label", "probability", "error"]
         fields += [f"p_{c}" for c in classifier.classes]

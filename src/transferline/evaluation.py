@@ -297,7 +297,8 @@ def evaluate_models(
         model = keras.saving.load_model(finetuned)
         batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         # Run forward with BatchNormalization folded, as extract does; export the model itself.
-        results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
+        with models.memory_for_batches("extract.batch_size", batch_size):
+            results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
     metrics = {}
     for name, probs in results.items():
         m = metrics[name] = classification_metrics(y_test, probs, classes)

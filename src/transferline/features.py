@@ -133,15 +133,16 @@ def extract_dataset(
     for split in images.SPLITS:
         paths, labels, turns = images.split_arrays(raw, splits_dir, split, classes)
         batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
-        per_split[split] = extract_to_npy(
-            extractor,
-            batches,
-            len(paths),
-            out_dir / f"{split}_features.npy",
-            dtype,
-            desc=split,
-            forward=forward,
-        )
+        with models.memory_for_batches("extract.batch_size", batch_size):
+            per_split[split] = extract_to_npy(
+                extractor,
+                batches,
+                len(paths),
+                out_dir / f"{split}_features.npy",
+                dtype,
+                desc=split,
+                forward=forward,
+            )
         np.save(out_dir / f"{split}_labels.npy", labels)
         total_n += len(paths)
         total_s += per_split[split]["seconds"]

@@ -553,7 +553,7 @@ def run_finetune(
         "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
         "patience": f.patience,
     }
-    with strategy.scope():
+    with strategy.scope(), models.memory_for_batches("finetune.batch_size", f.batch_size):
         model = assemble(extractor, heads.keras_head(init_dir))
         if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
             result = finetune_across_machines(model, train_ds, val_ds, strategy, **common)

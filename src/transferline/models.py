@@ -6,10 +6,13 @@ model, so a saved model needs nothing else to predict on images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import re
+from collections.abc import Iterator
 
 import keras
 import numpy as np
@@ -140,6 +143,36 @@ def device_description() -> str:
         details = tf.config.experimental.get_device_details(d)
         names.append(details.get("device_name", d.name))
     return f"{len(found)} x GPU ({', '.join(sorted(set(names)))})"
+
+
+@contextlib.contextmanager
+def memory_for_batches(param: str, batch_size: int) -> Iterator[None]:
+    """TensorFlow's out-of-memory error (what a GPU's allocator raises for a batch too large
+    for it) as one paragraph naming the parameter to lower, not a page of traceback."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as exc:
+        message = (exc.message or "").strip()
+        found = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", message)
+        what = found.group(0) if found else next(iter(message.splitlines()), "")[:200]
+        half = batch_size // 2
+        if param.startswith("--"):  # transferline predict's option, not a param
+            fix = f"Lower {param} (e.g. `{param} {half}`)" if half else "Free the device's memory"
+        else:
+            run = f"`dvc exp run -S {param}={half}`"
+            fix = (
+                f"Lower {param} (e.g. {run}) or model.image_size"
+                if half
+                else "Lower model.image_size"
+            )
+            if not keras.mixed_precision.global_policy().name.startswith("mixed"):
+                fix += "; on a GPU, model.mixed_precision: on halves the activations"
+        raise StageError(
+            f"out of memory on {device_description()} with batches of {batch_size} "
+            f"image{'s' if batch_size != 1 else ''} (TensorFlow: {what or 'no details'}). {fix}."
+        ) from None
 
 
 @keras.saving.register_keras_serializable(package="transferline")
