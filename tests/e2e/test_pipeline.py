@@ -328,6 +328,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     sh([*dvc, "pull"], repo)
     assert {p: (repo / p).read_bytes() for p in KEPT} == before
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
+    # The model registry: a version tag, and `dvc artifacts get` fetches that version's
+    # classifier from the remote into any folder, without the pipeline.
+    sh(["git", *GIT_ID, "commit", "-qam", "a DVC remote"], repo)
+    sh(["git", *GIT_ID, "tag", "-a", "classifier@v1.0.0", "-m", "classifier v1.0.0"], repo)
+    got = tmp_path / "registry" / "classifier"
+    sh([*dvc, "artifacts", "get", str(repo), "classifier", "-o", str(got)], tmp_path)
+    assert (got / "model.keras").read_bytes() == before["models/classifier/model.keras"]
+    assert json.loads((got / "classes.json").read_text())["classes"] == classes
 
     # A real MLflow tracking server: the same pipeline logs to it over HTTP.
     with mlflow_server(tmp_path / "server") as uri:
