@@ -26,6 +26,13 @@ def test_split_arrays_name_images_gone_since_the_split(tmp_path, class_folders):
     msg = str(err.value)
     assert f"1 of the {len(paths)} images that {out / 'train.csv'} lists are missing" in msg
     assert f"(e.g. {paths[1]})" in msg and "Run `dvc repro`" in msg
+    # Features from an earlier split (other classes): one paragraph, not a KeyError.
+    with pytest.raises(DataError) as err:
+        images.split_arrays(class_folders, out, "test", [str(d) for d in range(10)])
+    assert "test.csv lists classes the model has no output for (cat, dog; it has 10: 0, 1, " in (
+        str(err.value)
+    )
+    assert "Run `dvc repro`, which extracts them again" in str(err.value)
     (out / "val.csv").unlink()
     with pytest.raises(DataError, match=r"val\.csv is missing: the split stage writes it"):
         images.split_arrays(class_folders, out, "val", ["cat", "dog"])

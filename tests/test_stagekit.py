@@ -76,3 +76,30 @@ def test_imagenet_and_random_weights_get_no_md5_tag(params):
     with stagekit.mlflow_run(params, uses_weights=True):
         pass
     assert stagekit.WEIGHTS_MD5_TAG not in runs(params.mlflow.experiment)[0].data.tags
+
+
+def test_a_stage_samples_the_machine_into_its_run_and_a_failed_one_is_marked(params, monkeypatch):
+    """MLflow's system metrics (the UI's System metrics tab), sampled while the stage works,
+    steps going on from one stage to the next; a stage that fails leaves the run FAILED."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    argv = ["--params", str(REPO / "params.yaml")]
+
+    def work(p):
+        time.sleep(1.5)
+
+    assert stagekit.main("extract", work, argv) == 0
+    (run,) = runs(params.mlflow.experiment)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 * 64 for m in cpu)
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    assert stagekit.main("finetune", work, argv) == 0
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, cpu[0].key)]
+    assert steps == list(range(len(steps))) and len(steps) > len(cpu)  # the second goes on
+
+    def broken(p):
+        time.sleep(0.5)
+        raise tracking.TrackingError("the stage's known error")
+
+    assert stagekit.main("evaluate", broken, argv) == 2
+    assert runs(params.mlflow.experiment)[0].info.status == "FAILED"

@@ -357,6 +357,15 @@ def split_arrays(
         )
     rows = read_manifest(manifest)
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lbl for _, lbl in rows} - set(index))
+    if unknown:
+        raise DataError(
+            f"{manifest} lists classes the model has no output for ({', '.join(unknown[:5])}"
+            f"{', ...' if len(unknown) > 5 else ''}; it has {len(classes)}: "
+            f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): the split "
+            f"changed after the features were extracted. Run `dvc repro`, which extracts them "
+            f"again (not `dvc repro -s` or a stage script alone)."
+        )
     turned = read_orientations(splits_dir)
     paths = [raw / p for p, _ in rows]
     missing = [p for p in paths if not p.is_file()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +61,8 @@ def main(
             from transferline import tracking  # noqa: PLC0415
 
             tracking.check_store()
-        with logs.native_log_filtered(enabled=not args.verbose):
+        monitor = monitored(params) if tracked else contextlib.nullcontext()
+        with logs.native_log_filtered(enabled=not args.verbose), monitor:
             body(params)
     except KNOWN_ERRORS as exc:
         print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
@@ -70,6 +72,35 @@ def main(
 
 
 WEIGHTS_MD5_TAG = "model.weights_md5"
+
+
+def _open_run(params: Params):
+    from transferline import tracking  # noqa: PLC0415
+
+    name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
+    return tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+
+
+@contextlib.contextmanager
+def monitored(params: Params) -> Iterator[None]:
+    """The machine's use while the stage works (CPU, memory, disk, network; GPUs with
+    nvidia-ml-py) sampled into this parameter set's MLflow run: the UI's System metrics tab.
+    A stage that fails marks the run FAILED. Not on a multi-machine cluster (TF_CONFIG), whose
+    other machines do not log."""
+    from transferline import tracking  # noqa: PLC0415
+
+    if os.environ.get("TF_CONFIG", "").strip():
+        yield
+        return
+    uri = tracking.tracking_uri()
+    with tracking.store_errors(uri):
+        run = _open_run(params)
+    try:
+        with tracking.system_metrics(run):
+            yield
+    except BaseException:
+        tracking.abandon_run(run)
+        raise
 
 
 @contextlib.contextmanager
@@ -84,10 +115,9 @@ def mlflow_run(params: Params, uses_weights: bool = False) -> Iterator:
     from transferline import tracking  # noqa: PLC0415
     from transferline.files import md5_of  # noqa: PLC0415
 
-    name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
     uri = tracking.tracking_uri()
     with tracking.store_errors(uri):
-        run = tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+        run = _open_run(params)
         if uses_weights and params.model.weights not in ("imagenet", "none"):
             run.set_tags({WEIGHTS_MD5_TAG: md5_of(Path(params.model.weights))})
     try:

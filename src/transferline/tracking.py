@@ -554,6 +554,29 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
     return rows
 
 
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins
+
+
+@contextlib.contextmanager
+def system_metrics(run: Run) -> Iterator[None]:
+    """MLflow's own system-metrics sampler (what `start_run(log_system_metrics=True)` starts),
+    on this run while the block runs. Its steps go on from the last stage's, so a run's
+    charts show its stages one after another."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+    monitor = SystemMetricsMonitor(
+        run.run_id,
+        sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+        resume_logging=True,
+        tracking_uri=run.client.tracking_uri,
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def close_run(run: Run, failed: bool = False) -> None:
     run.client.set_terminated(run.run_id, status="FAILED" if failed else "FINISHED")
 
