@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -103,3 +104,29 @@ def test_a_stage_samples_the_machine_into_its_run_and_a_failed_one_is_marked(par
 
     assert stagekit.main("evaluate", broken, argv) == 2
     assert runs(params.mlflow.experiment)[0].info.status == "FAILED"
+
+
+def test_an_input_another_stage_writes_missing_is_one_paragraph(params, capfd):
+    """A stage script run by hand before the stage that writes its input (`dvc repro` would
+    run that one first): the file, the stage that writes it, and the command."""
+    argv = ["--params", str(REPO / "params.yaml")]
+
+    def reads_features(p):
+        (Path.cwd() / stagekit.FEATURES / "meta.json").read_text()
+
+    assert stagekit.main("train_head", reads_features, argv) == 2
+    assert (
+        capfd.readouterr()
+        .err.strip()
+        .endswith(
+            "ERROR in stage 'train_head': data/features/meta.json is missing: the extract stage "
+            "writes it. Run `dvc repro train_head`, which runs extract and whatever else it needs "
+            "first (or `dvc pull` for the outputs a teammate pushed)."
+        )
+    )
+
+    def a_bug(p):
+        Path("/nonexistent/elsewhere.txt").read_text()
+
+    with pytest.raises(FileNotFoundError):  # any other missing file is a bug: its traceback
+        stagekit.main("train_head", a_bug, argv)

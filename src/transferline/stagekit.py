@@ -31,6 +31,15 @@ PLOTS = Path("plots")
 
 
 KNOWN_ERRORS = (ParamsError, SourceError, DataError, WeightsError, StageError)
+# each stage's outputs that other stages read -> the stage that writes them
+PRODUCERS = {
+    RAW: "download",
+    SPLITS: "split",
+    FEATURES: "extract",
+    HEAD: "train_head",
+    FINETUNE_INIT: "train_head",
+    FINETUNED: "finetune",
+}
 
 
 def main(
@@ -66,6 +75,20 @@ def main(
             body(params)
     except KNOWN_ERRORS as exc:
         print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # an input another stage writes (a script run by hand)
+        missing = Path(exc.filename or "")
+        if missing.is_absolute() and missing.is_relative_to(Path.cwd()):
+            missing = missing.relative_to(Path.cwd())
+        producer = next((s for out, s in PRODUCERS.items() if missing.is_relative_to(out)), None)
+        if producer is None:
+            raise
+        print(
+            f"ERROR in stage '{stage}': {missing} is missing: the {producer} stage writes it. "
+            f"Run `dvc repro {stage}`, which runs {producer} and whatever else it needs first "
+            f"(or `dvc pull` for the outputs a teammate pushed).",
+            file=sys.stderr,
+        )
         return 2
     log.info("stage %s: done in %.1f s", stage, time.perf_counter() - start)
     return 0
