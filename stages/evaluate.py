@@ -8,6 +8,7 @@ from transferline.params import Params
 
 
 def run(p: Params) -> None:
+    stagekit.check_features(p)
     from transferline import evaluation, export, models  # noqa: PLC0415  (TensorFlow)
 
     models.seed_everything(p.seed)

@@ -18,6 +18,7 @@ def run(p: Params) -> None:
         write_csv(stagekit.PLOTS / "finetune_history.csv", [], header=HISTORY_COLUMNS)
         stagekit.log.info("finetune: skipped (finetune.enabled is false)")
         return
+    stagekit.check_features(p)
     from transferline import finetune, models  # noqa: PLC0415  (TensorFlow: after params)
 
     models.seed_everything(p.seed)

@@ -10,6 +10,7 @@ from transferline.params import Params
 
 
 def run(p: Params) -> None:
+    stagekit.check_features(p)
     if p.head.type == "dense":
         from transferline.models import seed_everything  # noqa: PLC0415  (TensorFlow)
 

@@ -130,3 +130,25 @@ def test_an_input_another_stage_writes_missing_is_one_paragraph(params, capfd):
 
     with pytest.raises(FileNotFoundError):  # any other missing file is a bug: its traceback
         stagekit.main("train_head", a_bug, argv)
+
+
+def test_features_of_another_model_are_refused_before_a_head_is_trained_on_them(params):
+    """A stage run by hand after a model.* change, without extract: not a head of one model
+    logged under another's params (or a shape error deep in finetune)."""
+    import json
+
+    from transferline.errors import StageError
+
+    meta = {"backbone": "vgg16", "weights": "none", "image_size": 32, "pooling": "avg"}
+    stagekit.FEATURES.mkdir(parents=True)
+    (stagekit.FEATURES / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StageError) as info:
+        stagekit.check_features(params)  # the committed params: vgg16, imagenet, 224 px
+    assert str(info.value) == (
+        "data/features holds another model's features (weights 'none' there, 'imagenet' in "
+        "params; image_size 32 there, 224 in params): they are older than these params. Run "
+        "`dvc repro`, which extracts them again."
+    )
+    meta.update(weights="imagenet", image_size=224)
+    (stagekit.FEATURES / "meta.json").write_text(json.dumps(meta))
+    stagekit.check_features(params)  # the same model: nothing to say

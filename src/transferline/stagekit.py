@@ -97,6 +97,30 @@ def main(
 WEIGHTS_MD5_TAG = "model.weights_md5"
 
 
+def check_features(params: Params) -> None:
+    """The cached features come from this parameter set's model.*: a stage run by hand (or
+    `dvc repro -s`) after a change there, without extract, would otherwise train or report a
+    head of one model under another's params."""
+    from transferline.files import read_json  # noqa: PLC0415
+
+    meta = read_json(FEATURES / "meta.json")
+    m = params.model
+    wanted = {
+        "backbone": m.backbone,
+        "weights": m.weights,
+        "image_size": m.size,
+        "pooling": m.pooling,
+    }
+    differ = [
+        f"{k} {meta.get(k)!r} there, {v!r} in params" for k, v in wanted.items() if meta.get(k) != v
+    ]
+    if differ:
+        raise StageError(
+            f"{FEATURES} holds another model's features ({'; '.join(differ)}): they are older "
+            f"than these params. Run `dvc repro`, which extracts them again."
+        )
+
+
 def _open_run(params: Params):
     from transferline import tracking  # noqa: PLC0415
 
