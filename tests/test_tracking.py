@@ -300,13 +300,15 @@ def keras_resize(x, size):
 def test_latest_runs_best_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for h, acc, ft in (("a", 0.7, None), ("b", 0.6, 0.9), ("c", 0.8, None)):
+    for h, acc, ft in (("a", 0.7, None), ("b", 0.6, 0.9), ("c", 0.8, None), ("d", 0.99, None)):
         run = tracking.open_run("cmp", h, {"model.backbone": h, "head.type": "logreg"}, h)
         run.log_metrics({"head.accuracy": acc, **({"finetune.accuracy": ft} if ft else {})},
                         prefix="test.")  # fmt: skip
-        tracking.close_run(run)
+        tracking.close_run(run, failed=h == "d")
     rows = tracking.latest_runs("cmp")
-    assert [r["backbone"] for r in rows] == ["b", "c", "a"]  # 0.9 (fine-tuned), 0.8, 0.7
+    # 0.9 (fine-tuned), 0.8, 0.7; then the failed run, whatever its accuracy
+    assert [r["backbone"] for r in rows] == ["b", "c", "a", "d"]
+    assert rows[-1]["status"] == "FAILED"
     assert rows[0]["test.head.accuracy"] == 0.6 and rows[1]["test.finetune.accuracy"] is None
     assert tracking.latest_runs("no-such-experiment") == []
 

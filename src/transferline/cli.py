@@ -279,10 +279,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for r in rows
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    print(f"experiment {experiment!r}, best test accuracy first:")
+    print(f"experiment {experiment!r}, finished runs first, best test accuracy first:")
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    best = rows[0]["run_id"] if rows[0]["best"] is not None else "RUN_ID"
+    tested = [r for r in rows if r["best"] is not None and r["status"] == "FINISHED"]
+    best = tested[0]["run_id"] if tested else "RUN_ID"
     print(f"predict with a run's model: transferline predict runs:/{best}/model IMAGE...")
     return 0
 

@@ -522,7 +522,8 @@ COMPARE_METRICS = ("test.head.accuracy", "test.finetune.accuracy", "test.finetun
 
 
 def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> list[dict]:
-    """The newest runs of `experiment`, best test accuracy first (fine-tuned, else head)."""
+    """The newest runs of `experiment`, finished ones first, each group best test accuracy
+    first (fine-tuned, else head)."""
     from mlflow import MlflowClient  # noqa: PLC0415
 
     client = MlflowClient(tracking_uri=tracking_uri(root))
@@ -550,7 +551,9 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
                 "status": r.info.status,
             }
         )
-    rows.sort(key=lambda row: -1.0 if row["best"] is None else row["best"], reverse=True)
+    # Finished runs first: a run whose last stage failed may hold metrics and a model from
+    # before the failure, not of its params as they stand.
+    rows.sort(key=lambda row: (row["status"] != "FINISHED", -(row["best"] or -1.0)))
     return rows
 
 
