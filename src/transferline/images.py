@@ -64,7 +64,7 @@ def _exif_orientation(img) -> int:
 
 def needs_pil(head: bytes) -> bool:
     """Whether a file starting with `head` (its first HEAD_BYTES) is decoded by PIL rather
-    than TensorFlow: TIFF, which TensorFlow does not read, and WebP with transparency or
+    than TensorFlow: TIFF and AVIF, which TensorFlow does not read, and WebP with transparency or
     animation (TensorFlow decodes the first only as RGBA, and its decoder corrupted memory on
     an animated one, TF 2.21). Decided from the header, the same way at validation and at
     loading."""

@@ -553,7 +553,7 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
         )
     # Finished runs first: a run whose last stage failed may hold metrics and a model from
     # before the failure, not of its params as they stand.
-    rows.sort(key=lambda row: (row["status"] != "FINISHED", -(row["best"] or -1.0)))
+    rows.sort(key=lambda r: (r["status"] != "FINISHED", 1.0 if r["best"] is None else -r["best"]))
     return rows
 
 
