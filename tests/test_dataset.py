@@ -577,6 +577,12 @@ def test_labels_from_a_csv_as_kaggle_competitions_ship_them(tmp_path, caplog):
     )
     assert split(dl, labels=dataset.LabelsCsv(dl / "paths.csv")).classes == ["cat", "dog"]
 
+    # Excel in much of Europe writes semicolons; a TSV has tabs (the header row tells).
+    for name, sep in (("excel.csv", ";"), ("labels.tsv", "\t")):
+        (dl / name).write_text(f"file{sep}label\n" + "".join(
+            f"train/{i}.jpg{sep}{c}\n" for i, c in ids.items()))  # fmt: skip
+        assert split(dl, labels=dataset.LabelsCsv(dl / name)).classes == ["cat", "dog"]
+
 
 def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     dl = tmp_path / "download"
@@ -607,7 +613,9 @@ def test_a_labels_csv_that_does_not_fit_is_a_clear_error(tmp_path):
     msg = error(dataset.LabelsCsv(dl / "meta.csv"))
     assert "(e.g. 'HAM0' in column 'lesion_id'). Set data.labels.image_column: image_id (12 " in msg
     (dl / "one.csv").write_text("id\ncat1\n")
-    assert "needs a header row and at least two" in error(dataset.LabelsCsv(dl / "one.csv"))
+    assert "at least two columns (the image and its class), separated by commas, semicolons" in (
+        error(dataset.LabelsCsv(dl / "one.csv"))
+    )
     # Excel's default CSV in Western Europe: Windows-1252, not UTF-8.
     (dl / "excel.csv").write_bytes("id,label\ncat1,cat\ncat2,chat noir é\n".encode("cp1252"))
     msg = error(dataset.LabelsCsv(dl / "excel.csv"))

@@ -349,12 +349,19 @@ def _csv_candidates(root: Path, rel_to: Path, labels: LabelsCsv) -> list[Candida
             f"`iconv -f cp1252 -t utf-8 {table.name} > labels_utf8.csv`, and point "
             f"data.labels.file at that."
         ) from None
-    rows = list(csv.reader(io.StringIO(text, newline="")))
+    # Comma-separated as Kaggle ships them; a semicolon (Excel in much of Europe), tab or pipe
+    # is taken when the header row is split by it and not by commas.
+    first = text.split("\n", 1)[0]
+    delimiter = next((d for d in ",;\t|" if d in first), ",")
+    if delimiter != ",":
+        log.info("%s: columns separated by %r", shown, delimiter)
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     header, rows = (rows[0], rows[1:]) if rows else ([], [])
     if len(header) < 2:
         raise DataError(
-            f"data.labels.file: {shown} needs a header row and at least two comma-separated "
-            f"columns (the image and its class); its first row is {header!r}."
+            f"data.labels.file: {shown} needs a header row and at least two columns (the "
+            f"image and its class), separated by commas, semicolons or tabs; its first row is "
+            f"{header!r}."
         )
     image = _column(header, labels.image_column, 0, "image_column", shown)
     group = (
