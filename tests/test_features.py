@@ -63,6 +63,9 @@ def test_count_mismatch_leaves_no_output(tmp_path, extractor, class_folders):
     assert list(out.iterdir()) == []
 
 
+TINY_VGG = {"backbone": "vgg16", "weights": "none", "image_size": 32, "seed": 0}
+
+
 def split_pets(tmp_path):
     """20 images in class folders, split; returns (raw, splits, an empty features folder)."""
     raw = make_class_folders(tmp_path / "raw" / "pets", per_class=10)
@@ -80,16 +83,7 @@ def split_pets(tmp_path):
 def test_extract_dataset_writes_every_split_and_meta(tmp_path):
     raw, splits, out = split_pets(tmp_path)
     metrics = features.extract_dataset(
-        raw,
-        splits,
-        out,
-        backbone="vgg16",
-        weights="none",
-        image_size=32,
-        pooling="max",
-        batch_size=4,
-        dtype="float16",
-        seed=0,
+        raw, splits, out, **TINY_VGG, pooling="max", batch_size=4, dtype="float16"
     )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["feature_dim"] == 512
@@ -123,16 +117,7 @@ def test_a_batch_too_large_for_the_device_names_extract_batch_size(tmp_path, mon
     monkeypatch.setattr(features, "compiled_forward", out_of_memory)
     with pytest.raises(StageError) as info:
         features.extract_dataset(
-            raw,
-            splits,
-            out,
-            backbone="vgg16",
-            weights="none",
-            image_size=32,
-            pooling="avg",
-            batch_size=8,
-            dtype="float32",
-            seed=0,
+            raw, splits, out, **TINY_VGG, pooling="avg", batch_size=8, dtype="float32"
         )
     assert str(info.value) == (
         "out of memory on CPU with batches of 8 images (TensorFlow: OOM when allocating tensor "
