@@ -51,6 +51,33 @@ def test_check_reports_bad_params(tmp_path):
     assert out.returncode == 2 and "'resnet50'" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_check_says_what_the_run_will_need_from_this_machine(tmp_path, monkeypatch):
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KERAS_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {"HOME": str(home), "KAGGLE_CONFIG_DIR": str(home / "none")}
+    out = run_cli("check", env=bare)  # the committed params: Kaggle's cats vs dogs, ImageNet
+    assert out.returncode == 0
+    assert "data: kaggle://competitions/dogs-vs-cats: no Kaggle credentials found, so the " in (
+        out.stdout
+    )
+    assert f"into {home}/.keras/models (needs the network once; 0 weights files" in out.stdout
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    (tmp_path / "keras" / "models" / "vgg16_notop.h5").write_bytes(b"")
+    ready = {**bare, "KAGGLE_API_TOKEN": "t", "KERAS_HOME": str(tmp_path / "keras")}
+    out = run_cli("check", env=ready)
+    assert "data: kaggle://competitions/dogs-vs-cats: Kaggle credentials found" in out.stdout
+    assert "1 weights files there now" in out.stdout
+    local = tmp_path / "p.yaml"
+    local.write_text(f"data: {{dataset: {tmp_path / 'missing'}}}\nmodel: {{weights: none}}\n")
+    out = run_cli("check", "--params", str(local), env=bare)
+    assert f"data: {tmp_path / 'missing'} does not exist, so the download stage will stop" in (
+        out.stdout
+    )
+    assert "weights:" not in out.stdout
+
+
 def test_quickstart_dry_run_prints_the_dvc_command():
     out = run_cli("quickstart", "--dry-run", "-S", "head.type=dense")
     assert out.returncode == 0

@@ -168,6 +168,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"head {p.head.type}, finetune {'on' if p.finetune.enabled else 'off'}; "
         f"params hash {p.digest()})"
     )
+    from transferline import sources  # noqa: PLC0415
+
+    print(sources.readiness(p.data.dataset))
+    if p.model.weights == "imagenet":
+        # Where keras.utils.get_file caches (keras.config.keras_home()), without importing it.
+        home = Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")
+        cache = Path(os.environ.get("KERAS_HOME", home / ".keras")) / "models"
+        have = len(list(cache.glob("*.h5"))) if cache.is_dir() else 0
+        print(
+            f"weights: ImageNet, fetched by Keras on first use into {cache} (needs the network "
+            f"once; {have} weights files there now)"
+        )
     return 0
 
 

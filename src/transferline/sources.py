@@ -179,6 +179,29 @@ def kaggle_credentials_present(env: dict[str, str] | None = None, home: Path | N
     return any((d / n).is_file() for d in dirs for n in names)
 
 
+def readiness(dataset: str, env: dict[str, str] | None = None, home: Path | None = None) -> str:
+    """What the download stage will need for `dataset`, and whether this machine has it, in
+    one line (no network, nothing imported): for `transferline check`."""
+    source = PRESETS[dataset].source if dataset in PRESETS else dataset
+    if source.startswith("builtin://"):
+        return f"data: {dataset}, bundled with scikit-learn: nothing to fetch"
+    if source.startswith("kaggle://"):
+        if kaggle_credentials_present(env, home):
+            return f"data: {source}: Kaggle credentials found"
+        return f"data: {source}: no Kaggle credentials found, so the download stage will stop. " + (
+            _NO_CREDENTIALS.removeprefix("Kaggle credentials not found. ")
+        )
+    if source.startswith("https://"):
+        return f"data: {source}, fetched by the download stage (needs the network)"
+    path = Path(source.removeprefix("file://")).expanduser()
+    path = path if path.is_absolute() else repo_root() / path
+    if path.exists():
+        return (
+            f"data: {path} ({'folder' if path.is_dir() else 'file'}), copied by the download stage"
+        )
+    return f"data: {path} does not exist, so the download stage will stop"
+
+
 _NO_CREDENTIALS = (
     "Kaggle credentials not found. Create an API token at https://www.kaggle.com/settings "
     "(API -> Create New Token) and either save kaggle.json to ~/.kaggle/kaggle.json (chmod 600; "
