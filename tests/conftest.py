@@ -111,6 +111,14 @@ def make_class_folders(
     return root
 
 
+def split(root: Path, **kw):
+    """`dataset.build_split` with the tests' defaults (val and test 0.2, seed 1, one worker)."""
+    from transferline import dataset
+
+    args = {"layout": "auto", "val": 0.2, "test": 0.2, "seed": 1, "max_per_class": None}
+    return dataset.build_split(root, **{**args, "workers": 1, **kw})
+
+
 def add_broken_files(folder: Path) -> dict[str, str]:
     """One file of each broken kind plus system files; returns name -> expected reason part."""
     (folder / "empty.jpg").write_bytes(b"")

@@ -23,20 +23,8 @@ from conftest import (
     make_image,
     seed_of,
     snapshot,
+    split,
 )
-
-
-def split(root: Path, **kw):
-    args = {
-        "layout": "auto",
-        "val": 0.2,
-        "test": 0.2,
-        "seed": 1,
-        "max_per_class": None,
-        "workers": 1,
-    }
-    args.update(kw)
-    return dataset.build_split(root, **args)
 
 
 def test_class_folders_with_broken_and_system_files(class_folders):

@@ -6,12 +6,7 @@ import pytest
 from transferline import dataset, images
 from transferline.errors import DataError
 
-from conftest import add_broken_files, make_class_folders, make_image, save_turned
-
-
-def split(root, **kw):
-    args = {"layout": "auto", "val": 0.2, "test": 0.2, "seed": 1, "max_per_class": None}
-    return dataset.build_split(root, workers=1, **{**args, **kw})
+from conftest import add_broken_files, make_class_folders, make_image, save_turned, split
 
 
 def test_split_arrays_name_images_gone_since_the_split(tmp_path, class_folders):

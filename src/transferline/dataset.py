@@ -89,11 +89,7 @@ def _visible(entries: Iterable[Path]) -> list[Path]:
 
 def _files_under(folder: Path) -> list[Path]:
     """Every visible file below `folder`, skipping hidden files and system folders."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not is_hidden(f)]
-    return out
+    return [folder / f for f in _rel_files(folder, folder)]
 
 
 def _rel(path: Path, rel_to: Path) -> str:
@@ -103,8 +99,9 @@ def _rel(path: Path, rel_to: Path) -> str:
 
 
 def _rel_files(folder: Path, rel_to: Path) -> list[str]:
-    """`_files_under(folder)` as posix paths relative to `rel_to`, in the same order, made as
-    strings: a Path per file took most of the time listing 100,000 files took."""
+    """Every visible file below `folder` (hidden files and system folders skipped), as posix
+    paths relative to `rel_to`, made as strings: a Path per file took most of the time
+    listing 100,000 files took."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
@@ -186,11 +183,10 @@ def _class_folder_candidates(folder: Path, rel_to: Path, split: str | None) -> l
 
 
 def _filename_candidates(folder: Path, rel_to: Path) -> list[Candidate]:
-    out = []
-    for f in _files_under(folder):
-        label = label_from_filename(f.name)
-        out.append(Candidate(f.relative_to(rel_to).as_posix(), label or ""))
-    return out
+    return [
+        Candidate(rel, label_from_filename(rel.rpartition("/")[2]) or "")
+        for rel in _rel_files(folder, rel_to)
+    ]
 
 
 def detect_layout(root: Path) -> str:

@@ -179,6 +179,14 @@ def kaggle_credentials_present(env: dict[str, str] | None = None, home: Path | N
     return any((d / n).is_file() for d in dirs for n in names)
 
 
+def _local_path(source: str) -> Path:
+    """A local data.dataset (a path, or file://). A relative one starts at the repository root,
+    as the README says, also in a `dvc exp run --temp/--queue` copy (.dvc/tmp/exps/...), where
+    the folder would not be found, or be another one."""
+    path = Path(source.removeprefix("file://")).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
 def readiness(dataset: str, env: dict[str, str] | None = None, home: Path | None = None) -> str:
     """What the download stage will need for `dataset`, and whether this machine has it, in
     one line (no network, nothing imported): for `transferline check`."""
@@ -193,8 +201,7 @@ def readiness(dataset: str, env: dict[str, str] | None = None, home: Path | None
         )
     if source.startswith("https://"):
         return f"data: {source}, fetched by the download stage (needs the network)"
-    path = Path(source.removeprefix("file://")).expanduser()
-    path = path if path.is_absolute() else repo_root() / path
+    path = _local_path(source)
     if path.exists():
         return (
             f"data: {path} ({'folder' if path.is_dir() else 'file'}), copied by the download stage"
@@ -415,10 +422,7 @@ def download(
     elif source.startswith("https://"):
         download_https(source, dest, sha256)
     else:
-        path = Path(source.removeprefix("file://")).expanduser()
-        # From the repository root, as the README says, also in a `dvc exp run --temp/--queue`
-        # copy (.dvc/tmp/exps/...), where the folder would not be found, or be another one.
-        copy_local(path if path.is_absolute() else repo_root() / path, dest)
+        copy_local(_local_path(source), dest)
     renamed = utf8_names(dest)
     if renamed:
         old, fixed = renamed[0]
