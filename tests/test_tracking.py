@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,8 +315,6 @@ def test_latest_runs_best_first(tmp_path, monkeypatch):
 
 
 def test_unreachable_server_is_one_clear_error_at_once(monkeypatch):
-    import time
-
     from conftest import refused_uri
 
     uri = refused_uri()
@@ -332,9 +331,9 @@ def test_unreachable_server_is_one_clear_error_at_once(monkeypatch):
 def test_store_errors_name_the_fix():
     from mlflow.exceptions import MlflowException
 
-    def raised_through(exc: Exception) -> Exception:
+    def raised_through(exc: Exception, uri: str = "https://mlflow.example.com") -> Exception:
         try:
-            with tracking.store_errors("https://mlflow.example.com"):
+            with tracking.store_errors(uri):
                 raise exc
         except Exception as seen:
             return seen
@@ -349,6 +348,13 @@ def test_store_errors_name_the_fix():
     other = raised_through(MlflowException("INVALID_PARAMETER_VALUE: bad metric key"))
     assert "rejected a request (INVALID_PARAMETER_VALUE" in str(other)
     assert "Start the server" not in str(other)
+    from sqlalchemy.exc import OperationalError
+
+    locked = OperationalError("INSERT INTO runs", {}, Exception("database is locked"))
+    database = raised_through(locked, "sqlite:////data/mlflow.db")
+    assert isinstance(database, tracking.TrackingError)
+    assert "sqlite:////data/mlflow.db cannot be opened or written" in str(database)
+    assert "database is locked" in str(database)
     bug = ValueError("a bug")
     assert raised_through(bug) is bug  # not the store's: passed on as it is
 
@@ -373,3 +379,36 @@ def test_stage_stops_before_its_work_when_the_store_is_down(tmp_path):
     assert "rc 2 tf False" in out.stdout  # stopped before TensorFlow, so before any work
     assert "ERROR in stage 'extract': MLflow tracking store" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "data").exists()
+
+
+def test_stages_starting_together_share_a_new_sqlite_store(tmp_path):
+    """`dvc queue start -j N` starts N stages at once on a store no run has made yet: MLflow
+    creates an empty database's tables unguarded, so all but one used to fail with "table
+    experiments already exists"."""
+    go = tmp_path / "go"
+    code = (
+        "import sys, time\nfrom pathlib import Path\nimport mlflow\n"
+        "from transferline import tracking\n"
+        "Path(sys.argv[2]).touch()\n"
+        "while not Path(sys.argv[1]).exists():\n    time.sleep(0.005)\n"
+        "print(tracking.check_store())\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(go), str(tmp_path / f"ready{i}")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until every process has imported mlflow and waits
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    failed = [err[-600:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode]
+    assert not failed, failed[0]
+    assert all(out.strip() == env["MLFLOW_TRACKING_URI"] for out, _ in results)

@@ -127,9 +127,47 @@ def check_store(root: Path | None = None, timeout_s: int = 10) -> str:
     from mlflow import MlflowClient  # noqa: PLC0415
 
     uri = tracking_uri(root)
-    with store_errors(uri), _no_retries(timeout_s):
+    with store_errors(uri), _no_retries(timeout_s), _first_open(uri):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
+
+
+# Making a new store's tables and migrating them takes seconds; a lock held that long means
+# another process is stuck, not slow.
+STORE_LOCK_TIMEOUT_S = 300
+
+
+@contextlib.contextmanager
+def _first_open(uri: str) -> Iterator[None]:
+    """Hold a lock beside a SQLite store while this process opens it.
+
+    MLflow creates and migrates an empty database's tables without a lock, so stages that
+    start together on a new store (`dvc queue start -j 2`) race, and all but one fail with
+    "table experiments already exists" or "duplicate column name". MLflow keeps one store
+    object per URI per process, so opening it once here, under the lock, is enough.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock, Timeout  # noqa: PLC0415
+
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    lock = FileLock(db.with_name(db.name + ".lock"), timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise TrackingError(
+            f"MLflow tracking store {uri} stayed locked for {STORE_LOCK_TIMEOUT_S} s by another "
+            f"process opening it (the lock is {lock.lock_file}). Stop the stuck stage or "
+            "`mlflow` command, then run it again."
+        ) from exc
+    except OSError:  # no folder to lock in, or not writable: MLflow names the problem
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _no_retries(timeout_s: int = 10) -> contextlib.AbstractContextManager:
@@ -146,10 +184,11 @@ def store_errors(uri: str) -> Iterator[None]:
     """MLflow's errors (HTTP, database) as a TrackingError that names the store and the fix."""
     import requests  # noqa: PLC0415
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
     try:
         yield
-    except (MlflowException, requests.RequestException) as exc:
+    except (MlflowException, requests.RequestException, SQLAlchemyError) as exc:
         raise TrackingError(describe_store_error(uri, exc)) from exc
 
 
