@@ -1,11 +1,12 @@
 """Benchmark the decoders behind `images.make_image_dataset` (not a test).
 
-The same generated pixels saved five ways, then `make_image_dataset` alone (decode, resize,
+The same generated pixels saved six ways, then `make_image_dataset` alone (decode, resize,
 batch; no model) over each set:
   png:   PNG files, decoded by TensorFlow (the plain pipeline);
   tiff:  TIFF files, decoded by PIL (`needs_pil`) through tf.numpy_function;
   webpa: lossless WebP with transparency, decoded by PIL;
   avif:  AVIF files (quality 80), decoded by PIL;
+  heic:  HEIC files (quality 80, written by pillow-heif), decoded by PIL through pi-heif;
   mixed: the PNG set with 1 file in 10 a TIFF: every image goes through the tf.cond.
 The sets take turns round by round; medians of --repeats rounds, and each one's ratio to png,
 are printed, and the time `make_image_dataset` spends reading the files' headers.
@@ -30,9 +31,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
     """The same photo-like pixels saved to each set, one file per set each."""
     import numpy as np
+    import pillow_heif
 
     rng = np.random.default_rng(0)
-    sets: dict[str, list[str]] = {"png": [], "tiff": [], "webpa": [], "avif": [], "mixed": []}
+    sets: dict[str, list[str]] = {k: [] for k in ("png", "tiff", "webpa", "avif", "heic", "mixed")}
     for i in range(n):
         rgba = photo_like(rng, px, channels=4)
         rgb = rgba.convert("RGB")
@@ -45,6 +47,9 @@ def make_sets(root: Path, n: int, px: int) -> dict[str, list[str]]:
             path = root / f"{name}_{i:05d}.{ext}"
             img.save(path, **kw)
             sets[name].append(str(path))
+        path = root / f"heic_{i:05d}.heic"
+        pillow_heif.from_pillow(rgb).save(path, quality=80)
+        sets["heic"].append(str(path))
         sets["mixed"].append(sets["tiff" if i % 10 == 0 else "png"][-1])
     return sets
 

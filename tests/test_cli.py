@@ -111,6 +111,9 @@ def test_predict_prints_labels_and_reports_broken_files(tmp_path):
     import csv
     import io
 
+    import pillow_heif
+    from PIL import Image
+
     from transferline import backbones, export, finetune, heads
     from transferline.models import build_feature_extractor
 
@@ -124,16 +127,17 @@ def test_predict_prints_labels_and_reports_broken_files(tmp_path):
     imgs = make_class_folders(tmp_path / "imgs", per_class=2)
     add_broken_files(imgs / "cat")
     make_image(imgs / "dog" / "scan.tif", (40, 40, 200), fmt="TIFF")  # PIL decodes it
+    pillow_heif.from_pillow(Image.new("RGB", (40, 30), (90, 60, 30))).save(imgs / "phone.heic")
 
     out = run_cli("predict", str(tmp_path / "classifier"), str(imgs), timeout=300)
     assert out.returncode == 1, out.stderr  # some files were unusable
     lines = out.stdout.splitlines()
     good = [ln for ln in lines if ln.endswith(tuple("0123456789")) and "ERROR" not in ln]
-    assert len(good) == 5 and all((" cat " in ln or " dog " in ln) for ln in good)
-    assert any("scan.tif" in ln for ln in good)
+    assert len(good) == 6 and all((" cat " in ln or " dog " in ln) for ln in good)
+    assert any("scan.tif" in ln for ln in good) and any("phone.heic" in ln for ln in good)
     assert any("empty.jpg" in ln and "ERROR" in ln and "empty file" in ln for ln in lines)
     assert not any(".DS_Store" in ln or "notes.txt" in ln for ln in lines)  # not images
-    assert "2 of 7 files unusable" in out.stderr
+    assert "2 of 8 files unusable" in out.stderr
 
     one = imgs / "dog" / "dog000.png"
     out = run_cli("predict", str(tmp_path / "classifier"), str(one), "--csv", timeout=300)

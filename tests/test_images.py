@@ -223,7 +223,7 @@ def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
 
 def test_avif_decodes_like_pil_and_unread_formats_say_what_to_do(tmp_path):
     """AVIF (Pillow's wheels read it; TensorFlow does not) goes through PIL, turned by its EXIF
-    tag as a JPEG is. DICOM and HEIC, which neither reads, get a reason that says what to do."""
+    tag as a JPEG is. DICOM, which neither reads, gets a reason that says what to do."""
     import tensorflow as tf
     from PIL import Image, ImageOps
 
@@ -246,7 +246,35 @@ def test_avif_decodes_like_pil_and_unread_formats_say_what_to_do(tmp_path):
     np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
 
     (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
-    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64
-    (tmp_path / "phone.heic").write_bytes(heic)
     assert images.check_image(tmp_path / "scan.dcm").reason.startswith("DICOM (a medical scan)")
-    assert "convert it to JPEG first" in images.check_image(tmp_path / "phone.heic").reason
+
+
+def test_heic_photos_decode_upright(tmp_path):
+    """HEIC, phones' photo format, is read through pi-heif. A phone stores a portrait photo as
+    landscape pixels and a rotation the HEIF reader applies (pillow-heif writes EXIF
+    orientation 6 as one): it decodes upright, with nothing left to turn. AVIF, the same
+    ISO container, is still Pillow's to read."""
+    import pillow_heif
+    import tensorflow as tf
+    from PIL import Image
+
+    rgb = np.zeros((24, 40, 3), np.uint8)
+    rgb[:12, :20] = 255  # white top left, green bottom right: blocks survive lossy coding
+    rgb[12:, 20:, 1] = 200
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6  # turn 90 degrees clockwise to view
+    pillow_heif.from_pillow(Image.fromarray(rgb)).save(tmp_path / "a.heic", quality=95)
+    turned = pillow_heif.from_pillow(Image.fromarray(rgb))
+    turned.save(tmp_path / "portrait.HEIC", quality=95, exif=exif.tobytes())
+    Image.fromarray(rgb).save(tmp_path / "b.avif", quality=95)
+    paths = [str(tmp_path / n) for n in ("a.heic", "portrait.HEIC", "b.avif")]
+    checks = [images.check_image(p) for p in paths]
+    assert [(c.ok, c.reason, c.orientation) for c in checks] == [(True, "", 1)] * 3
+    assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
+    assert images.pil_rgb(paths[1]).shape == (40, 24, 3)  # upright: portrait
+    (tmp_path / "cut.heic").write_bytes(Path(paths[0]).read_bytes()[:200])
+    assert images.check_image(tmp_path / "cut.heic").reason.startswith("HEIC/HEIF that libheif")
+    (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=3))
+    for x, want in zip(got.numpy(), (rgb, np.rot90(rgb, k=-1), rgb), strict=True):
+        want = tf.image.resize(want, (16, 16)).numpy()
+        assert np.abs(x - want).mean() < 4, np.abs(x - want).mean()

@@ -38,7 +38,8 @@ SPLIT_DIR_NAMES = {
 }
 # File names that look like images, for the few places that go by name: a wrapper folder
 # has none beside it; `transferline predict` expands folders to them.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES |= {".avif", ".heic", ".heif"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", ".ds_store", "icon\r"}
 Layout = Literal["auto", "class_folders", "presplit", "filename", "csv"]
 

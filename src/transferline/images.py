@@ -11,6 +11,7 @@ the checks, never imports it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -30,9 +31,10 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 # Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
-# picks out (TIFF, AVIF; WebP with transparency or animation), which PIL decodes. MPO is a
-# camera's JPEG with more pictures (e.g. a depth map) after the photo; both decode the photo.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF"}
+# picks out (TIFF, AVIF, HEIF; WebP with transparency or animation), which PIL decodes (HEIF
+# through pi-heif). MPO is a camera's JPEG with more pictures (e.g. a depth map) after the
+# photo; both decode the photo.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF", "HEIF"}
 HEAD_BYTES = 32  # what `needs_pil` reads of a file
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels must be turned
 ORIENTATION_FILE = "orientation.csv"  # split's record of the images to turn (path,orientation)
@@ -64,11 +66,11 @@ def _exif_orientation(img) -> int:
 
 def needs_pil(head: bytes) -> bool:
     """Whether a file starting with `head` (its first HEAD_BYTES) is decoded by PIL rather
-    than TensorFlow: TIFF and AVIF, which TensorFlow does not read, and WebP with transparency or
-    animation (TensorFlow decodes the first only as RGBA, and its decoder corrupted memory on
-    an animated one, TF 2.21). Decided from the header, the same way at validation and at
-    loading."""
-    if head[:4] in (b"II*\0", b"MM\0*") or head[4:8] == b"ftyp":  # TIFF; AVIF (ISO media)
+    than TensorFlow: TIFF, AVIF and HEIC, which TensorFlow does not read, and WebP with
+    transparency or animation (TensorFlow decodes the first only as RGBA, and its decoder
+    corrupted memory on an animated one, TF 2.21). Decided from the header, the same way at
+    validation and at loading."""
+    if head[:4] in (b"II*\0", b"MM\0*") or head[4:8] == b"ftyp":  # TIFF; AVIF, HEIC (ISO)
         return True
     if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 25:
         return False
@@ -77,6 +79,20 @@ def needs_pil(head: bytes) -> bool:
     if head[12:16] == b"VP8L":  # lossless: after the 0x2f signature, 14 + 14 bits of size,
         return bool(int.from_bytes(head[21:25], "little") >> 28 & 1)  # then the alpha bit
     return False
+
+
+@functools.cache
+def _read_heif() -> None:
+    """Teach PIL to open HEIC/HEIF (phones' photos) through pi-heif, libheif built to decode
+    only. On first use, not on import; once per process (split's workers are processes).
+
+    pi-heif applies the file's rotation and mirroring boxes (as the HEIF standard requires,
+    and as phones store a portrait photo) and then reads the EXIF orientation as 1, so such a
+    photo is upright as decoded and never turned twice.
+    """
+    import pi_heif  # noqa: PLC0415
+
+    pi_heif.register_heif_opener()
 
 
 def _head(path: str) -> bytes:
@@ -90,6 +106,7 @@ def pil_rgb(path: bytes | str) -> np.ndarray:
     a 16-bit PNG (the high byte)."""
     from PIL import Image  # noqa: PLC0415
 
+    _read_heif()
     with Image.open(path.decode() if isinstance(path, bytes) else path) as img:
         img.seek(0)
         if img.mode.startswith("I;16"):
@@ -109,6 +126,7 @@ def check_image(path: str | Path) -> Check:
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     if not data:
         return Check(False, "empty file (0 bytes)", digest)
+    _read_heif()
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
@@ -149,10 +167,7 @@ def _unread_format(data: bytes) -> str:
         if brands & {b"avif", b"avis"}:
             return "AVIF, which this Pillow build cannot read (Pillow's wheels can, from 11.3 on)"
         if brands & {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}:
-            return (
-                "HEIC/HEIF (a phone's photo format), which is not read: convert it to JPEG "
-                "first (e.g. `heif-convert`, or Pillow with the pillow-heif plugin)"
-            )
+            return "HEIC/HEIF that libheif cannot read (damaged, truncated, or an unusual codec)"
     return ""
 
 
