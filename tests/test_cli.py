@@ -146,6 +146,14 @@ def test_predict_prints_labels_and_reports_broken_files(tmp_path):
     assert row["path"] == str(one) and row["label"] in ("cat", "dog") and row["error"] == ""
     assert float(row["p_cat"]) + float(row["p_dog"]) == pytest.approx(1.0, abs=1e-5)
 
+    out = run_cli("predict", str(tmp_path / "classifier"), str(one), "--top", "5", timeout=300)
+    assert out.returncode == 0, out.stderr
+    path, *ranked = out.stdout.split()  # every class (there are 2), likeliest first
+    assert path == str(one) and sorted(ranked[::2]) == ["cat", "dog"]
+    top = [float(v) for v in ranked[1::2]]
+    assert top == sorted(top, reverse=True) and sum(top) == pytest.approx(1.0, abs=1e-3)
+    assert ranked[::2][0] == row["label"]
+
     out = run_cli("predict", str(tmp_path / "nothing"), str(one), timeout=300)
     assert out.returncode == 2 and "not an exported classifier" in out.stderr
 

@@ -243,7 +243,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if r["error"]:
                 print(f"{r['path']:<{width}}  ERROR  {r['error']}")
             else:
-                print(f"{r['path']:<{width}}  {r['label']}  {r['probability']:.4f}")
+                ranked = sorted(classifier.classes, key=lambda c: -r[f"p_{c}"])[: args.top]
+                best = "  ".join(f"{c}  {r[f'p_{c}']:.4f}" for c in ranked)
+                print(f"{r['path']:<{width}}  {best}")
     bad = sum(1 for r in rows if r["error"])
     if bad:
         print(f"transferline predict: {bad} of {len(rows)} files unusable", file=sys.stderr)
@@ -341,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
     p.add_argument("--csv", action="store_true", help="CSV with every class's probability")
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="the K likeliest labels per image, likeliest first (default 1)",
+    )
     p.add_argument(
         "--batch-size", type=positive_int, default=32, help="images per batch (default 32)"
     )
