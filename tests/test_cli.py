@@ -154,6 +154,11 @@ def test_predict_prints_labels_and_reports_broken_files(tmp_path):
     assert top == sorted(top, reverse=True) and sum(top) == pytest.approx(1.0, abs=1e-3)
     assert ranked[::2][0] == row["label"]
 
+    served = tmp_path / "served" / "1"
+    out = run_cli("export", str(tmp_path / "classifier"), str(served), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (served / "saved_model.pb").is_file() and "serve_bytes" in out.stdout
+
     out = run_cli("predict", str(tmp_path / "nothing"), str(one), timeout=300)
     assert out.returncode == 2 and "not an exported classifier" in out.stderr
 

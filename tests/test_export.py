@@ -149,3 +149,41 @@ def test_predict_out_of_memory_names_the_batch_size_option(
         "transferline predict: out of memory on CPU with batches of 8 images (TensorFlow: OOM "
         "when allocating tensor with shape[8]). Lower --batch-size (e.g. `--batch-size 4`)."
     )
+
+
+def test_saved_model_serves_pixels_and_encoded_files(classifier_dir, tmp_path):
+    """The SavedModel (TensorFlow Serving's format) predicts as the Keras classifier does,
+    from pixels and from the files themselves, decoded as the pipeline decodes them."""
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from transferline import images
+
+    clf = export.load_classifier(classifier_dir)
+    export.save_saved_model(clf, tmp_path / "saved" / "1")
+    served = tf.saved_model.load(str(tmp_path / "saved" / "1"))
+    assert {"serving_default", "serve", "serve_bytes"} <= set(served.signatures)
+    x = np.load(classifier_dir.parent / "x.npy")
+    out = served.signatures["serving_default"](images=tf.constant(x))
+    expected = np.load(classifier_dir.parent / "expected.npy")
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-4)
+    assert out["label"].numpy().tolist() == [[b"cat", b"dog"][i] for i in expected.argmax(1)]
+    np.testing.assert_allclose(out["probability"].numpy(), expected.max(1), atol=1e-4)
+
+    rng = np.random.default_rng(5)
+    pixels = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((40, 50), (70, 20))]
+    files = []
+    for i, (rgb, fmt) in enumerate(zip(pixels, ("PNG", "JPEG"), strict=True)):
+        path = tmp_path / f"img{i}.{fmt.lower()}"
+        Image.fromarray(rgb).save(path, format=fmt, quality=90)
+        files.append(path)
+    blobs = tf.constant([p.read_bytes() for p in files])
+    got = served.signatures["serve_bytes"](image_bytes=blobs)["probabilities"].numpy()
+    (batch,) = list(images.make_image_dataset([str(p) for p in files], None, 32, 2))
+    np.testing.assert_allclose(got, clf.predict(batch.numpy()), atol=1e-4)
+    assert not np.allclose(got[0], got[1], atol=1e-3)  # two images, two answers
+
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        export.save_saved_model(clf, tmp_path / "saved" / "1")
+    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()  # left as it was

@@ -1,7 +1,8 @@
 """`transferline` command line: list backbones, check params, run the offline quickstart,
-predict with a trained model, compare MLflow runs.
+predict with a trained model, export it as a SavedModel, compare MLflow runs.
 
-TensorFlow is imported only by `predict`, so `--help`, `check` and `compare` answer at once.
+TensorFlow is imported only by `predict` and `export`, so `--help`, `check` and `compare`
+answer at once.
 """
 
 from __future__ import annotations
@@ -252,6 +253,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if bad or missing else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from transferline import export  # noqa: PLC0415  (TensorFlow)
+    from transferline.errors import StageError  # noqa: PLC0415
+
+    try:
+        classifier = export.load_classifier(args.model)
+    except (FileNotFoundError, OSError, ValueError, StageError) as exc:
+        print(f"transferline export: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        export.save_saved_model(classifier, Path(args.out))
+    except (FileExistsError, ValueError) as exc:
+        print(f"transferline export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: TensorFlow SavedModel, signatures serve (float32 images) and serve_bytes")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from transferline import tracking  # noqa: PLC0415
     from transferline.params import ParamsError, load_params  # noqa: PLC0415
@@ -355,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser(
+        "export",
+        help="save a trained model as a TensorFlow SavedModel (TensorFlow Serving)",
+        description="Writes MODEL (models/classifier or an MLflow model URI, as for predict) "
+        "to OUT, a new folder, as a TensorFlow SavedModel with two signatures: serve "
+        "(float32 RGB images of any size, 0..255) and serve_bytes (encoded JPEG, PNG, GIF, "
+        "BMP or WebP files). Each returns probabilities, label and probability.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("out", metavar="OUT", help="a new folder, e.g. exported/classifier/1")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
         "compare",
         help="the latest MLflow runs as a table, best test accuracy first",
     )
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.verbose)
     try:
-        if args.func is cmd_predict:  # the one command that loads TensorFlow in this process
+        if args.func in (cmd_predict, cmd_export):  # the commands that load TensorFlow
             with logs.native_log_filtered(enabled=not args.verbose):
                 return args.func(args)
         return args.func(args)

@@ -226,6 +226,15 @@ _ORIENTATION_STEPS = {
 }
 
 
+def decode_tf_bytes(data: tf.Tensor) -> tf.Tensor:
+    """An encoded image's RGB uint8 pixels, as TensorFlow decodes them: the files `needs_pil`
+    does not pick out (JPEG, PNG, GIF's first frame, BMP, WebP), in a graph of TensorFlow ops
+    only, so a SavedModel can decode too (`export.save_saved_model`)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
 def load_image(
     path: tf.Tensor,
     image_size: int,
@@ -238,7 +247,7 @@ def load_image(
     import tensorflow as tf  # noqa: PLC0415
 
     def decode_tf() -> tf.Tensor:
-        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return decode_tf_bytes(tf.io.read_file(path))
 
     def decode_pil() -> tf.Tensor:
         img = tf.numpy_function(pil_rgb, [path], tf.uint8, stateful=False)
