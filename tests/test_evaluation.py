@@ -25,6 +25,17 @@ def test_metrics_on_known_predictions(tmp_path):
     assert rows[1] == {"actual": "a", "predicted": "b", "confidence": "1.000000"}
     evaluation.confusion_png(tmp_path / "cm.png", cm, ["a", "b", "c"], "t")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    assert "top5_accuracy" not in m  # 3 classes: always 1
+
+
+def test_top5_accuracy_with_many_classes():
+    """Class 0 ranked 1st, 5th and 6th: top-1 right once, top-5 twice."""
+    classes = [f"c{i}" for i in range(8)]
+    ranks = np.arange(8, 0, -1, dtype=float)  # class 0 likeliest, then 1, 2, ...
+    probs = np.stack([ranks, np.roll(ranks, 5), np.roll(ranks, 3)])
+    probs /= probs.sum(1, keepdims=True)
+    m = evaluation.classification_metrics(np.zeros(3, int), probs, classes)
+    assert m["accuracy"] == round(1 / 3, 6) and m["top5_accuracy"] == round(2 / 3, 6)
 
 
 def png_size(path) -> tuple[int, int]:

@@ -10,18 +10,32 @@ import numpy as np
 from transferline.errors import StageError
 from transferline.files import atomic_path
 
+TOP_K = 5  # top-5 accuracy, as many-class benchmarks (ImageNet, Stanford Dogs) report it
+
 
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support (keys are a contract)."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support  # noqa: PLC0415
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support (keys are a contract);
+    with more than TOP_K classes also `top5_accuracy`, the share of images whose class is
+    among the model's five likeliest."""
+    from sklearn.metrics import (  # noqa: PLC0415
+        accuracy_score,
+        f1_score,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    top: dict[str, float] = {}
+    if len(classes) > TOP_K:
+        top_k = top_k_accuracy_score(y_true, probs, k=TOP_K, labels=labels)
+        top[f"top{TOP_K}_accuracy"] = round(float(top_k), 6)
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
+        **top,
         "macro_f1": round(
             float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6
         ),
