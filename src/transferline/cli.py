@@ -207,6 +207,19 @@ def expand_paths(items: list[str]) -> tuple[list[Path], list[str]]:
     return files, missing
 
 
+def _load_classifier(command: str, model: str):
+    """MODEL of `predict` and `export` as an `export.Classifier`, or None after one line on
+    stderr saying why it cannot be loaded."""
+    from transferline import export  # noqa: PLC0415  (TensorFlow)
+    from transferline.errors import StageError  # noqa: PLC0415
+
+    try:
+        return export.load_classifier(model)
+    except (FileNotFoundError, OSError, ValueError, StageError) as exc:
+        print(f"transferline {command}: cannot load the model: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv  # noqa: PLC0415
 
@@ -216,14 +229,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         print("transferline predict: no image files to predict", file=sys.stderr)
         return 2
-    from transferline import export  # noqa: PLC0415  (TensorFlow)
-    from transferline.errors import StageError  # noqa: PLC0415
-
-    try:
-        classifier = export.load_classifier(args.model)
-    except (FileNotFoundError, OSError, ValueError, StageError) as exc:
-        print(f"transferline predict: cannot load the model: {exc}", file=sys.stderr)
+    classifier = _load_classifier("predict", args.model)
+    if classifier is None:
         return 2
+    from transferline import export  # noqa: PLC0415
+    from transferline.errors import StageError  # noqa: PLC0415
     from transferline.models import memory_for_batches  # noqa: PLC0415
 
     try:
@@ -254,14 +264,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from transferline import export  # noqa: PLC0415  (TensorFlow)
-    from transferline.errors import StageError  # noqa: PLC0415
-
-    try:
-        classifier = export.load_classifier(args.model)
-    except (FileNotFoundError, OSError, ValueError, StageError) as exc:
-        print(f"transferline export: cannot load the model: {exc}", file=sys.stderr)
+    classifier = _load_classifier("export", args.model)
+    if classifier is None:
         return 2
+    from transferline import export  # noqa: PLC0415
+
     try:
         export.save_saved_model(classifier, Path(args.out))
     except (FileExistsError, ValueError) as exc:
