@@ -42,6 +42,21 @@ def test_a_reader_that_leaves_early_stops_the_output_without_a_traceback():
     assert proc.returncode == 141 and err == b""
 
 
+def test_export_refuses_a_taken_out_before_loading_the_model(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code = (
+        "import sys; from transferline import cli; "
+        f"rc = cli.main(['export', {str(tmp_path / 'no_model')!r}, {str(tmp_path / 'out')!r}]); "
+        "print('RC', rc, 'TF', 'tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split()[-4:] == ["RC", "2", "TF", "False"]  # the model was never loaded
+    assert "out exists and is not an empty folder" in out.stderr
+    assert "exported/classifier/1" in out.stderr and "cannot load" not in out.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
 def test_check_reports_bad_params(tmp_path):
     ok = run_cli("check")
     assert ok.returncode == 0 and "params.yaml: OK" in ok.stdout

@@ -264,6 +264,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from transferline.files import SAVED_MODEL_HINT, require_new_dir  # noqa: PLC0415
+
+    try:  # before the model loads (seconds): a taken OUT fails at once
+        require_new_dir(Path(args.out), SAVED_MODEL_HINT)
+    except FileExistsError as exc:
+        print(f"transferline export: {exc}", file=sys.stderr)
+        return 2
     classifier = _load_classifier("export", args.model)
     if classifier is None:
         return 2

@@ -18,7 +18,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferline.files import atomic_dir, read_json, write_json
+from transferline.files import (
+    SAVED_MODEL_HINT,
+    atomic_dir,
+    read_json,
+    require_new_dir,
+    write_json,
+)
 from transferline.models import (
     _CAFFE_MEAN_BGR,
     _TORCH_MEAN,
@@ -170,12 +176,7 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
             "export the Keras classifier (models/classifier, or a run's logged model) instead"
         )
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise FileExistsError(
-            f"{folder} exists and is not an empty folder: name a new one, nothing is "
-            "overwritten (TensorFlow Serving loads numbered version folders beside each other: "
-            "exported/classifier/1, exported/classifier/2, ...)"
-        )
+    require_new_dir(folder, SAVED_MODEL_HINT)
     model, size = classifier.model, classifier.image_size
     names = tf.constant(classifier.classes)
 

@@ -90,6 +90,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# What `transferline export` says when its OUT is taken (checked in the CLI before the model
+# loads, and again where the SavedModel is written).
+SAVED_MODEL_HINT = (
+    "TensorFlow Serving loads numbered version folders beside each other: "
+    "exported/classifier/1, exported/classifier/2, ..."
+)
+
+
+def require_new_dir(folder: Path, hint: str = "") -> None:
+    """Refuse a `folder` that exists and is not an empty folder (FileExistsError), so that a
+    command writing one overwrites nothing; `hint` ends the message. Cheap: callers check before
+    their slow work, not after it."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(
+            f"{folder} exists and is not an empty folder: name a new one, nothing is "
+            f"overwritten{f' ({hint})' if hint else ''}"
+        )
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
