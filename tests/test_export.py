@@ -178,11 +178,22 @@ def test_saved_model_serves_pixels_and_encoded_files(classifier_dir, tmp_path):
         path = tmp_path / f"img{i}.{fmt.lower()}"
         Image.fromarray(rgb).save(path, format=fmt, quality=90)
         files.append(path)
+    for turn in (6, 3):  # phone photos stored turned, as their EXIF orientation says
+        path = tmp_path / f"turned{turn}.jpg"
+        exif = Image.Exif()
+        exif[images.EXIF_ORIENTATION] = turn
+        Image.fromarray(pixels[0]).save(path, format="JPEG", quality=90, exif=exif.tobytes())
+        files.append(path)
     blobs = tf.constant([p.read_bytes() for p in files])
     got = served.signatures["serve_bytes"](image_bytes=blobs)["probabilities"].numpy()
-    (batch,) = list(images.make_image_dataset([str(p) for p in files], None, 32, 2))
+    turns = [c.orientation for c in images.check_images(files, threads=True)]
+    assert turns == [1, 1, 6, 3]
+    (batch,) = list(
+        images.make_image_dataset([str(p) for p in files], None, 32, 4, orientations=turns)
+    )
     np.testing.assert_allclose(got, clf.predict(batch.numpy()), atol=1e-4)
     assert not np.allclose(got[0], got[1], atol=1e-3)  # two images, two answers
+    assert not np.allclose(got[2], got[3], atol=1e-3)  # one image, turned two ways
 
     with pytest.raises(FileExistsError, match="not an empty folder"):
         export.save_saved_model(clf, tmp_path / "saved" / "1")

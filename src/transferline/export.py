@@ -159,12 +159,15 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
     - `serve` (also `serving_default`): `images`, float32 RGB batches (0..255) of any height
       and width, as the Keras file takes;
     - `serve_bytes`: `image_bytes`, a batch of encoded JPEG, PNG, GIF, BMP or WebP files,
-      each decoded and resized as the pipeline does (`images.decode_tf_bytes`, bilinear), so
-      a client sends the file instead of its pixels as JSON numbers.
+      each decoded, resized and turned as the pipeline does (`images.decode_tf_bytes`,
+      bilinear, a JPEG's EXIF orientation through `images.jpeg_orientation`), so a client
+      sends the file, a phone's sideways-stored portrait photo too, instead of its pixels as
+      JSON numbers.
 
     Both return `probabilities` (one per class), `label` (the likeliest class's name) and
-    `probability` (its probability). Decoding is TensorFlow's own, in the graph: photos are
-    not turned by their EXIF tag (send them upright) and TIFF, AVIF and HEIC are not read.
+    `probability` (its probability). Decoding is TensorFlow's own, in the graph: the EXIF
+    orientation of a PNG or WebP file is not read (send those upright), and TIFF, AVIF and
+    HEIC are not read at all.
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -191,7 +194,8 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
         return outputs(model(images_, training=False))
 
     def decoded(data: tf.Tensor) -> tf.Tensor:
-        return tf.image.resize(images.decode_tf_bytes(data), (size, size))
+        img = tf.image.resize(images.decode_tf_bytes(data), (size, size))
+        return images.upright(img, images.jpeg_orientation(data))
 
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         spec = tf.TensorSpec((size, size, 3), tf.float32)

@@ -259,22 +259,112 @@ def load_image(
     # faster on CPU (bench/extract.py), and what ImageNet-trained bases usually see.
     img = tf.image.resize(img, (image_size, image_size))
     img = tf.ensure_shape(img, (image_size, image_size, 3))
-    if orientation is not None:
-        # Turned after the resize, on fewer pixels: resizing to a square works per axis, so
-        # the order gives the same numbers. tf.switch_case runs only the turn an image needs
-        # (tf.where over every turn made all decoding about 3x slower); what is left costs
-        # small files some decode speed, camera-sized ones none (bench/orientation.py).
-        def turn(transpose: int, flip_lr: int, flip_ud: int):
-            def branch() -> tf.Tensor:
-                out = tf.transpose(img, (1, 0, 2)) if transpose else img
-                out = tf.reverse(out, [1]) if flip_lr else out
-                return tf.reverse(out, [0]) if flip_ud else out
+    return img if orientation is None else upright(img, orientation)
 
-            return branch
 
-        branches = [turn(*_ORIENTATION_STEPS[o]) for o in range(1, 9)]
-        img = tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
-    return img
+def upright(img: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """`img` (one square image) turned as EXIF `orientation` (1..8) says.
+
+    Turned after the resize, on fewer pixels: resizing to a square works per axis, so the
+    order gives the same numbers. tf.switch_case runs only the turn an image needs (tf.where
+    over every turn made all decoding about 3x slower); what is left costs small files some
+    decode speed, camera-sized ones none (bench/orientation.py).
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    def turn(transpose: int, flip_lr: int, flip_ud: int):
+        def branch() -> tf.Tensor:
+            out = tf.transpose(img, (1, 0, 2)) if transpose else img
+            out = tf.reverse(out, [1]) if flip_lr else out
+            return tf.reverse(out, [0]) if flip_ud else out
+
+        return branch
+
+    branches = [turn(*_ORIENTATION_STEPS[o]) for o in range(1, 9)]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+
+
+_JPEG_MAX_SEGMENTS = 1000  # more header segments than any camera writes: stop looking there
+_EXIF_MAX_ENTRIES = 512  # IFD0 entries looked at (cameras write a dozen or two)
+
+
+def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (int32, 1..8) of one encoded file, read in the graph as `check_image`
+    reads it through PIL: IFD0's tag 0x0112 in the first APP1 "Exif" segment before the scan.
+    1 (as stored) for anything else: not a JPEG, no EXIF, no such tag, a value outside 1..8.
+
+    For `export.save_saved_model`'s `serve_bytes`, which gets files, not the split's record of
+    them: a phone's portrait JPEG is stored sideways with orientation 6.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    raw = tf.io.decode_raw(data, tf.uint8)
+    n = tf.size(raw, out_type=tf.int64)
+    raw = tf.cast(tf.concat([raw, tf.zeros((1,), tf.uint8)], 0), tf.int64)  # never empty
+
+    def byte(i: tf.Tensor) -> tf.Tensor:  # 0 outside the file: a cut file reads as no EXIF
+        i = tf.cast(i, tf.int64)
+        inside = (i >= 0) & (i < n)
+        return tf.where(inside, tf.gather(raw, tf.clip_by_value(i, 0, n)), tf.constant(0, tf.int64))
+
+    def uint(i: tf.Tensor, size: int, big: tf.Tensor) -> tf.Tensor:
+        parts = [byte(i + k) for k in range(size)]
+        big_end = parts[0]
+        for p in parts[1:]:
+            big_end = big_end * 256 + p
+        little_end = parts[-1]
+        for p in parts[-2::-1]:
+            little_end = little_end * 256 + p
+        return tf.where(big, big_end, little_end)
+
+    yes = tf.constant(True)
+    exif_id = [0x45, 0x78, 0x69, 0x66, 0, 0]  # "Exif\0\0"
+
+    def segment(pos, found, done):
+        """One step along the JPEG's header: FF, marker, 2-byte length (itself included)."""
+        marker = byte(pos + 1)
+        stop = tf.logical_or(tf.not_equal(byte(pos), 0xFF), tf.equal(marker, 0xDA))  # scan
+        stop = tf.logical_or(stop, tf.equal(marker, 0xD9))  # end of image
+        if_exif = tf.logical_and(
+            tf.equal(marker, 0xE1),
+            tf.reduce_all(
+                tf.stack([tf.equal(byte(pos + 4 + k), c) for k, c in enumerate(exif_id)])
+            ),
+        )
+        fill = tf.equal(marker, 0xFF)  # a padding FF before the marker
+        bare = tf.logical_or(tf.equal(marker, 0x01), (marker >= 0xD0) & (marker <= 0xD7))
+        one, two = tf.constant(1, tf.int64), tf.constant(2, tf.int64)
+        step = tf.where(fill, one, tf.where(bare, two, two + uint(pos + 2, 2, yes)))
+        found = tf.where(tf.logical_and(if_exif, tf.logical_not(stop)), pos + 10, found)
+        return pos + step, found, tf.logical_or(stop, found >= 0)
+
+    is_jpeg = tf.logical_and(tf.equal(byte(0), 0xFF), tf.equal(byte(1), 0xD8))
+    _, tiff, _ = tf.while_loop(
+        lambda pos, found, done: tf.logical_and(tf.logical_not(done), pos < n),
+        segment,
+        (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.logical_not(is_jpeg)),
+        maximum_iterations=_JPEG_MAX_SEGMENTS,
+    )
+    big = tf.equal(byte(tiff), 0x4D)  # "MM": big-endian; "II": little-endian
+    valid = (
+        (tiff >= 0) & tf.equal(byte(tiff), byte(tiff + 1)) & tf.equal(uint(tiff + 2, 2, big), 42)
+    )
+    valid &= tf.logical_or(big, tf.equal(byte(tiff), 0x49))
+    ifd = tiff + uint(tiff + 4, 4, big)
+    count = uint(ifd, 2, big)
+    entry = ifd + 2 + 12 * tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64)
+    kind = uint(entry + 2, 2, big)
+    value = tf.where(tf.equal(kind, 3), uint(entry + 8, 2, big), uint(entry + 8, 4, big))
+    hit = (
+        tf.equal(uint(entry, 2, big), EXIF_ORIENTATION)
+        & (tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64) < count)
+        & ((kind == 3) | (kind == 4))  # SHORT (as cameras write it) or LONG
+        & tf.equal(uint(entry + 4, 4, big), 1)  # one value
+    )
+    first = tf.argmax(tf.cast(hit, tf.int32))
+    orientation = tf.gather(value, first)
+    ok = valid & tf.reduce_any(hit) & (orientation >= 1) & (orientation <= 8)
+    return tf.cast(tf.where(ok, orientation, 1), tf.int32)
 
 
 def make_image_dataset(
