@@ -17,6 +17,11 @@ timed --repeats times, the paths taking turns round by round; medians are report
 
     python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
                              [--repeats 7] [--paths a_ceiling,b_ours,b_autotune]
+                             [--mixed-precision auto|on|off]
+
+--mixed-precision applies `model.mixed_precision` as the extract stage does (auto: on with a
+GPU, off on a CPU) in every path's process, the baselines' too, so on a GPU box b/a is the
+stage's own ratio under mixed precision, and `--mixed-precision off` gives the float32 one.
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ def build(backbone: str, size: int, fold: bool = True):
     return build_feature_extractor(backbones.get(backbone), "none", size, "avg", seed=0, fold=fold)
 
 
+def set_precision(mode: str) -> bool:
+    """`model.mixed_precision` as the extract stage applies it (before any model is built)."""
+    from transferline.models import set_precision as apply
+
+    return apply(mode)
+
+
 def run_ours(
     model, forward, paths: list[str], size: int, batch: int, out: Path, autotune: bool = False
 ) -> float:
@@ -88,6 +100,8 @@ def rss_child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_files(Path(tmp) / "img", args.n)
         from transferline.features import compiled_forward
+
+        set_precision(args.mixed_precision)
 
         model = build(args.backbone, args.size)
         run_ours(model, compiled_forward(model), paths, args.size, args.batch, Path(tmp) / "f.npy")
@@ -118,6 +132,7 @@ def time_path(args: argparse.Namespace) -> None:
     paths = sorted((str(p) for p in root.rglob("*.*")), key=lambda s: (Path(s).parent.name, s))
     spec = backbones.get(args.backbone)
     name = args.time_path
+    set_precision(args.mixed_precision)
 
     if name in ("a_ceiling", "a_plain", "b_ours", "b_autotune", "b_xla"):
         model = build(args.backbone, args.size, fold=name != "a_plain")
@@ -182,6 +197,8 @@ def child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
         str(args.size),
         "--batch",
         str(args.batch),
+        "--mixed-precision",
+        args.mixed_precision,
         *extra,
     ]
 
@@ -239,6 +256,12 @@ def main() -> None:
     ap.add_argument("--xla", action="store_true", help="also time (b) with extract.xla on")
     ap.add_argument("--repeats", type=int, default=7, help="rounds (timed runs per path)")
     ap.add_argument(
+        "--mixed-precision",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="as model.mixed_precision (auto: on with a GPU)",
+    )
+    ap.add_argument(
         "--paths",
         help=f"comma-separated subset of {','.join(PATHS)} (skips the RSS runs)",
     )
@@ -256,6 +279,7 @@ def main() -> None:
 
     import tensorflow as tf
 
+    mixed = set_precision(args.mixed_precision)
     names = args.paths.split(",") if args.paths else list(PATHS if args.xla else PATHS[:-1])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "img"
@@ -263,9 +287,10 @@ def main() -> None:
         runs = interleaved(args, names, root)
     print(
         f"{args.backbone} at {args.size}px, {args.n} files, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs, TF {tf.__version__}; each path in its own process, the paths "
-        f"taking turns; medians of {args.repeats} rounds (min-max); a ratio is the median of "
-        "its per-round ratios (both paths timed in the same round)"
+        f"{os.cpu_count()} CPUs, {len(tf.config.list_physical_devices('GPU'))} GPUs, "
+        f"{'mixed_float16' if mixed else 'float32'}, TF {tf.__version__}; each path in its own "
+        f"process, the paths taking turns; medians of {args.repeats} rounds (min-max); a ratio "
+        "is the median of its per-round ratios (both paths timed in the same round)"
     )
 
     def ratio(top: str, bottom: str) -> float:
