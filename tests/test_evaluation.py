@@ -28,6 +28,21 @@ def test_metrics_on_known_predictions(tmp_path):
     assert "top5_accuracy" not in m  # 3 classes: always 1
 
 
+def test_balanced_accuracy_and_log_loss_on_imbalanced_data():
+    """Always guessing the 9-in-10 class: accuracy 0.9, balanced accuracy 0.5 (the recall of
+    each class, averaged); log loss is the mean -log of each true class's probability."""
+    y = np.array([0] * 9 + [1])
+    probs = np.tile([0.8, 0.2], (10, 1))
+    m = evaluation.classification_metrics(y, probs, ["common", "rare"])
+    assert m["accuracy"] == 0.9 and m["balanced_accuracy"] == 0.5
+    assert m["log_loss"] == round(-(9 * np.log(0.8) + np.log(0.2)) / 10, 6)
+    # A class the test set lacks counts in neither; log loss still knows every class.
+    probs3 = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.4, 0.1]])
+    m = evaluation.classification_metrics(np.array([0, 1, 1]), probs3, ["a", "b", "c"])
+    assert m["balanced_accuracy"] == 0.75  # recall a 1, b 1/2; c has no test image
+    assert m["log_loss"] == round(-(np.log(0.7) + np.log(0.6) + np.log(0.4)) / 3, 6)
+
+
 def test_top5_accuracy_with_many_classes():
     """Class 0 ranked 1st, 5th and 6th: top-1 right once, top-5 twice."""
     classes = [f"c{i}" for i in range(8)]

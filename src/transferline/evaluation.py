@@ -18,10 +18,17 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support (keys are a contract);
     with more than TOP_K classes also `top5_accuracy`, the share of images whose class is
-    among the model's five likeliest."""
+    among the model's five likeliest.
+
+    Also `balanced_accuracy`, the mean recall of the classes the test set holds (what accuracy
+    hides on imbalanced data: always guessing a 90% class scores 0.9 accuracy, and 1/k here),
+    and `log_loss`, the mean cross-entropy of the probabilities (how far to trust them, as the
+    head's C_grid does on val).
+    """
     from sklearn.metrics import (  # noqa: PLC0415
         accuracy_score,
         f1_score,
+        log_loss,
         precision_recall_fscore_support,
         top_k_accuracy_score,
     )
@@ -33,9 +40,12 @@ def classification_metrics(
     if len(classes) > TOP_K:
         top_k = top_k_accuracy_score(y_true, probs, k=TOP_K, labels=labels)
         top[f"top{TOP_K}_accuracy"] = round(float(top_k), 6)
+    present = s > 0
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
         **top,
+        "balanced_accuracy": round(float(r[present].mean()), 6) if present.any() else 0.0,
+        "log_loss": round(float(log_loss(y_true, probs, labels=labels)), 6),
         "macro_f1": round(
             float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6
         ),

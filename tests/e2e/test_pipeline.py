@@ -214,7 +214,8 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert {"accuracy", "macro_f1", "per_class"} <= set(m) and set(m["per_class"]) == set(
             classes
         )
-        assert 0.0 <= m["accuracy"] <= 1.0
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["balanced_accuracy"] <= 1.0
+        assert m["log_loss"] > 0.0
     assert ev["head"]["accuracy"] >= 0.5  # 20 test digits, random VGG16 features: far above 0.1
     for f in (
         "head_predictions.csv",
