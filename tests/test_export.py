@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferline import backbones, export, finetune, heads
+from transferline import backbones, export, finetune, heads, images
 from transferline.models import Preprocess, base_of, build_feature_extractor, folded_batchnorms
 
 from conftest import add_broken_files, make_class_folders, randomize_batchnorm, save_turned
@@ -198,3 +198,73 @@ def test_saved_model_serves_pixels_and_encoded_files(classifier_dir, tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         export.save_saved_model(clf, tmp_path / "saved" / "1")
     assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()  # left as it was
+
+
+def _tiff_big_endian(orientation: int, kind: int) -> bytes:
+    """EXIF as Motorola-order cameras write it ("MM"): a maker tag, then the orientation as a
+    SHORT (kind 3) or a LONG (kind 4)."""
+    import struct
+
+    value = struct.pack(">HH", orientation, 0) if kind == 3 else struct.pack(">I", orientation)
+    ifd = (
+        struct.pack(">H", 2)
+        + struct.pack(">HHII", 0x010F, 2, 4, 0)
+        + struct.pack(">HHI", 0x0112, kind, 1)
+        + value
+    )
+    return b"MM\x00\x2a" + struct.pack(">I", 8) + ifd + b"\x00" * 4
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL, on "IFD past the end"
+def test_jpeg_orientation_in_the_graph_reads_what_pil_reads(tmp_path):
+    """The SavedModel's own reading of the EXIF orientation (it gets files, not split's record)
+    agrees with `check_image` (PIL) on every tag value, both byte orders, a segment before the
+    EXIF one, and on files with no EXIF, cut short, or not JPEG at all."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8))
+
+    def jpeg(**kw) -> bytes:
+        out = io.BytesIO()
+        img.save(out, "JPEG", **kw)
+        return out.getvalue()
+
+    files = {}
+    for value in range(10):  # 0 and 9: no valid orientation, used as stored
+        exif = Image.Exif()
+        exif[0x010F] = "maker"
+        if value:
+            exif[images.EXIF_ORIENTATION] = value
+        files[f"II {value}"] = jpeg(exif=exif.tobytes())
+    files["MM 6 short"] = jpeg(exif=b"Exif\x00\x00" + _tiff_big_endian(6, 3))
+    files["MM 8 long"] = jpeg(exif=b"Exif\x00\x00" + _tiff_big_endian(8, 4))
+    plain = jpeg()
+    app2 = b"\xff\xe2" + (2 + 300).to_bytes(2, "big") + b"ICC_PROFILE\x00" + b"\x00" * 288
+    files["APP2 first, then MM 5"] = (
+        plain[:2]
+        + app2
+        + b"\xff\xe1"
+        + (2 + 6 + 38).to_bytes(2, "big")
+        + b"Exif\x00\x00"
+        + _tiff_big_endian(5, 3)
+        + plain[2:]
+    )
+    files["no EXIF"] = plain
+    files["IFD past the end"] = jpeg(exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0")
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    files["PNG"] = png.getvalue()
+    read = tf.function(export.jpeg_orientation)
+    for name, data in files.items():
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.img"
+        path.write_bytes(data)
+        check = images.check_image(path)
+        assert check.ok, (name, check.reason)
+        assert int(read(tf.constant(data))) == (check.orientation or 1), name
+    assert [int(read(tf.constant(files[f"II {v}"]))) for v in range(10)] == [1, *range(1, 9), 1]
+    assert int(read(tf.constant(files["APP2 first, then MM 5"]))) == 5
+    for cut in (b"", b"\xff\xd8", files["II 6"][:40]):  # never a graph error: as stored
+        assert int(read(tf.constant(cut))) == 1

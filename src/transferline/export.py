@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -33,6 +34,9 @@ from transferline.models import (
     base_of,
     fold_nested_base,
 )
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,92 @@ def _forward_only(model: keras.Model, classes: list[str], image_size: int) -> Cl
     return Classifier(model.predict_on_batch, classes, image_size, model)
 
 
+_JPEG_MAX_SEGMENTS = 1000  # more header segments than any camera writes: stop looking there
+_EXIF_MAX_ENTRIES = 512  # IFD0 entries looked at (cameras write a dozen or two)
+
+
+def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (int32, 1..8) of one encoded file, read in the graph as
+    `images.check_image` reads it through PIL: IFD0's tag 0x0112 in the first APP1 "Exif"
+    segment before the scan.
+    1 (as stored) for anything else: not a JPEG, no EXIF, no such tag, a value outside 1..8.
+
+    For `save_saved_model`'s `serve_bytes`, which gets files, not the split's record of
+    them: a phone's portrait JPEG is stored sideways with orientation 6.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    from transferline.images import EXIF_ORIENTATION  # noqa: PLC0415
+
+    raw = tf.io.decode_raw(data, tf.uint8)
+    n = tf.size(raw, out_type=tf.int64)
+    raw = tf.cast(tf.concat([raw, tf.zeros((1,), tf.uint8)], 0), tf.int64)  # never empty
+
+    def byte(i: tf.Tensor) -> tf.Tensor:  # 0 outside the file: a cut file reads as no EXIF
+        i = tf.cast(i, tf.int64)
+        inside = (i >= 0) & (i < n)
+        return tf.where(inside, tf.gather(raw, tf.clip_by_value(i, 0, n)), tf.constant(0, tf.int64))
+
+    def uint(i: tf.Tensor, size: int, big: tf.Tensor) -> tf.Tensor:
+        parts = [byte(i + k) for k in range(size)]
+        big_end = parts[0]
+        for p in parts[1:]:
+            big_end = big_end * 256 + p
+        little_end = parts[-1]
+        for p in parts[-2::-1]:
+            little_end = little_end * 256 + p
+        return tf.where(big, big_end, little_end)
+
+    yes = tf.constant(True)
+    exif_id = [0x45, 0x78, 0x69, 0x66, 0, 0]  # "Exif\0\0"
+
+    def segment(pos, found, done):
+        """One step along the JPEG's header: FF, marker, 2-byte length (itself included)."""
+        marker = byte(pos + 1)
+        stop = tf.logical_or(tf.not_equal(byte(pos), 0xFF), tf.equal(marker, 0xDA))  # scan
+        stop = tf.logical_or(stop, tf.equal(marker, 0xD9))  # end of image
+        if_exif = tf.logical_and(
+            tf.equal(marker, 0xE1),
+            tf.reduce_all(
+                tf.stack([tf.equal(byte(pos + 4 + k), c) for k, c in enumerate(exif_id)])
+            ),
+        )
+        fill = tf.equal(marker, 0xFF)  # a padding FF before the marker
+        bare = tf.logical_or(tf.equal(marker, 0x01), (marker >= 0xD0) & (marker <= 0xD7))
+        one, two = tf.constant(1, tf.int64), tf.constant(2, tf.int64)
+        step = tf.where(fill, one, tf.where(bare, two, two + uint(pos + 2, 2, yes)))
+        found = tf.where(tf.logical_and(if_exif, tf.logical_not(stop)), pos + 10, found)
+        return pos + step, found, tf.logical_or(stop, found >= 0)
+
+    is_jpeg = tf.logical_and(tf.equal(byte(0), 0xFF), tf.equal(byte(1), 0xD8))
+    _, tiff, _ = tf.while_loop(
+        lambda pos, found, done: tf.logical_and(tf.logical_not(done), pos < n),
+        segment,
+        (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.logical_not(is_jpeg)),
+        maximum_iterations=_JPEG_MAX_SEGMENTS,
+    )
+    big = tf.equal(byte(tiff), 0x4D)  # "MM": big-endian; "II": little-endian
+    valid = (
+        (tiff >= 0) & tf.equal(byte(tiff), byte(tiff + 1)) & tf.equal(uint(tiff + 2, 2, big), 42)
+    )
+    valid &= tf.logical_or(big, tf.equal(byte(tiff), 0x49))
+    ifd = tiff + uint(tiff + 4, 4, big)
+    count = uint(ifd, 2, big)
+    entry = ifd + 2 + 12 * tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64)
+    kind = uint(entry + 2, 2, big)
+    value = tf.where(tf.equal(kind, 3), uint(entry + 8, 2, big), uint(entry + 8, 4, big))
+    hit = (
+        tf.equal(uint(entry, 2, big), EXIF_ORIENTATION)
+        & (tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64) < count)
+        & ((kind == 3) | (kind == 4))  # SHORT (as cameras write it) or LONG
+        & tf.equal(uint(entry + 4, 4, big), 1)  # one value
+    )
+    first = tf.argmax(tf.cast(hit, tf.int32))
+    orientation = tf.gather(value, first)
+    ok = valid & tf.reduce_any(hit) & (orientation >= 1) & (orientation <= 8)
+    return tf.cast(tf.where(ok, orientation, 1), tf.int32)
+
+
 def save_saved_model(classifier: Classifier, folder: Path) -> None:
     """The classifier as a TensorFlow SavedModel in `folder` (a new one), the format
     TensorFlow Serving loads, with two signatures:
@@ -160,7 +250,7 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
       and width, as the Keras file takes;
     - `serve_bytes`: `image_bytes`, a batch of encoded JPEG, PNG, GIF, BMP or WebP files,
       each decoded, resized and turned as the pipeline does (`images.decode_tf_bytes`,
-      bilinear, a JPEG's EXIF orientation through `images.jpeg_orientation`), so a client
+      bilinear, a JPEG's EXIF orientation through `jpeg_orientation`), so a client
       sends the file, a phone's sideways-stored portrait photo too, instead of its pixels as
       JSON numbers.
 
@@ -195,7 +285,7 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
 
     def decoded(data: tf.Tensor) -> tf.Tensor:
         img = tf.image.resize(images.decode_tf_bytes(data), (size, size))
-        return images.upright(img, images.jpeg_orientation(data))
+        return images.upright(img, jpeg_orientation(data))
 
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         spec = tf.TensorSpec((size, size, 3), tf.float32)
