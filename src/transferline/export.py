@@ -157,6 +157,7 @@ def _forward_only(model: keras.Model, classes: list[str], image_size: int) -> Cl
 
 
 _JPEG_MAX_SEGMENTS = 1000  # more header segments than any camera writes: stop looking there
+_JPEG_HEADER_BYTES = 1 << 20  # where the EXIF segment is looked for (cameras: the first 64 KiB)
 _EXIF_MAX_ENTRIES = 512  # IFD0 entries looked at (cameras write a dozen or two)
 
 
@@ -173,14 +174,16 @@ def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
 
     from transferline.images import EXIF_ORIENTATION  # noqa: PLC0415
 
-    raw = tf.io.decode_raw(data, tf.uint8)
+    # The header only (the segments before the image data), not a copy of a whole photo.
+    raw = tf.io.decode_raw(tf.strings.substr(data, 0, _JPEG_HEADER_BYTES), tf.uint8)
     n = tf.size(raw, out_type=tf.int64)
-    raw = tf.cast(tf.concat([raw, tf.zeros((1,), tf.uint8)], 0), tf.int64)  # never empty
+    raw = tf.concat([raw, tf.zeros((1,), tf.uint8)], 0)  # never empty
 
     def byte(i: tf.Tensor) -> tf.Tensor:  # 0 outside the file: a cut file reads as no EXIF
         i = tf.cast(i, tf.int64)
         inside = (i >= 0) & (i < n)
-        return tf.where(inside, tf.gather(raw, tf.clip_by_value(i, 0, n)), tf.constant(0, tf.int64))
+        value = tf.cast(tf.gather(raw, tf.clip_by_value(i, 0, n)), tf.int64)
+        return tf.where(inside, value, tf.constant(0, tf.int64))
 
     def uint(i: tf.Tensor, size: int, big: tf.Tensor) -> tf.Tensor:
         parts = [byte(i + k) for k in range(size)]
