@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from transferline import cli
+from transferline import cli, stagekit
 
 from conftest import REPO
 
@@ -243,3 +243,11 @@ def test_mlflow_commands_fail_at_once_with_one_paragraph(tmp_path):
     out = run_cli("predict", "runs:/" + "0" * 32 + "/model", str(image), env=store)
     assert out.returncode == 2 and "MLflow cannot load it" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_predict_and_export_let_tensorflow_take_gpu_memory_as_needed(tmp_path, monkeypatch, capsys):
+    """As the stages do (tests/test_stagekit.py): a GPU shared with a running stage."""
+    monkeypatch.delenv(stagekit.GPU_GROWTH, raising=False)
+    assert cli._load_classifier("predict", str(tmp_path / "missing")) is None
+    assert "cannot load the model" in capsys.readouterr().err
+    assert os.environ[stagekit.GPU_GROWTH] == "true"

@@ -1,3 +1,4 @@
+import os
 import time
 from pathlib import Path
 
@@ -152,3 +153,27 @@ def test_features_of_another_model_are_refused_before_a_head_is_trained_on_them(
     meta.update(weights="imagenet", image_size=224)
     (stagekit.FEATURES / "meta.json").write_text(json.dumps(meta))
     stagekit.check_features(params)  # the same model: nothing to say
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "true"), ("false", "false")])
+def test_a_stage_lets_tensorflow_take_gpu_memory_as_needed_unless_told_otherwise(
+    given, seen, monkeypatch
+):
+    """Two processes on one GPU (`dvc queue start -j 2`) need TensorFlow to take memory as it
+    goes; a user's own TF_FORCE_GPU_ALLOW_GROWTH wins."""
+    if given is None:
+        monkeypatch.delenv(stagekit.GPU_GROWTH, raising=False)
+    else:
+        monkeypatch.setenv(stagekit.GPU_GROWTH, given)
+    found = []
+    argv = ["--params", str(REPO / "params.yaml")]
+    assert (
+        stagekit.main(
+            "download",
+            lambda p: found.append(os.environ.get(stagekit.GPU_GROWTH)),
+            argv,
+            tracked=False,
+        )
+        == 0
+    )
+    assert found == [seen]

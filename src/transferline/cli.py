@@ -210,6 +210,9 @@ def expand_paths(items: list[str]) -> tuple[list[Path], list[str]]:
 def _load_classifier(command: str, model: str):
     """MODEL of `predict` and `export` as an `export.Classifier`, or None after one line on
     stderr saying why it cannot be loaded."""
+    from transferline.stagekit import share_gpus  # noqa: PLC0415
+
+    share_gpus()  # before TensorFlow starts
     from transferline import export  # noqa: PLC0415  (TensorFlow)
     from transferline.errors import StageError  # noqa: PLC0415
 

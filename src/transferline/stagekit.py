@@ -42,6 +42,17 @@ PRODUCERS = {
 }
 
 
+GPU_GROWTH = "TF_FORCE_GPU_ALLOW_GROWTH"
+
+
+def share_gpus() -> None:
+    """Let TensorFlow take GPU memory as it needs it instead of nearly all of every GPU at
+    start, so two stages or queued experiments (`dvc queue start -j 2`), or a notebook, can
+    share a GPU. TensorFlow reads the variable when it first uses a GPU; a value the user set
+    (`false`: reserve it all up front, against fragmentation) is kept."""
+    os.environ.setdefault(GPU_GROWTH, "true")
+
+
 def main(
     stage: str,
     body: Callable[[Params], None],
@@ -62,6 +73,7 @@ def main(
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.quiet)
+    share_gpus()
     start = time.perf_counter()
     log.info("stage %s: start", stage)
     try:
