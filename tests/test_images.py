@@ -278,3 +278,156 @@ def test_heic_photos_decode_upright(tmp_path):
     for x, want in zip(got.numpy(), (rgb, np.rot90(rgb, k=-1), rgb), strict=True):
         want = tf.image.resize(want, (16, 16)).numpy()
         assert np.abs(x - want).mean() < 4, np.abs(x - want).mean()
+
+
+def test_bmp_of_any_depth_decodes_like_pil(tmp_path):
+    """TensorFlow's BMP decoder reads a palette's indices as grey and refuses 1-bit files."""
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    rgb.save(tmp_path / "rgb24.bmp")
+    rgb.quantize(16).save(tmp_path / "palette.bmp")
+    rgb.convert("1").save(tmp_path / "mono.bmp")
+    paths = [str(tmp_path / n) for n in ("rgb24.bmp", "palette.bmp", "mono.bmp")]
+    assert [images.check_image(p).reason for p in paths] == ["", "", ""]
+    assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
+    tf_palette = tf.io.decode_image(Path(paths[1]).read_bytes(), channels=3).numpy()
+    with Image.open(paths[1]) as img:
+        assert np.abs(tf_palette.astype(int) - np.asarray(img.convert("RGB"))).max() > 50
+    (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=3))
+    for p, x in zip(paths, got.numpy(), strict=True):
+        with Image.open(p) as img:
+            np.testing.assert_array_equal(x, np.asarray(img.convert("RGB"), np.float32))
+
+
+def _damaged(tmp_path):
+    """Files PIL decodes and TensorFlow refuses, each with the reason the split gives."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    pixels = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), np.uint8))
+    buf = io.BytesIO()
+    pixels.save(buf, "PNG")
+    png = buf.getvalue()
+    idat = png.index(b"IDAT") - 4
+    n = int.from_bytes(png[idat : idat + 4], "big")
+    bad_crc = bytearray(png)
+    bad_crc[idat + 8 + n] ^= 0xFF  # the IDAT chunk's CRC
+    text = b"tEXt" + b"Comment\0hello"
+    chunk = struct.pack(">I", len(text) - 4) + text + struct.pack(">I", zlib.crc32(text) ^ 1)
+    buf = io.BytesIO()
+    pixels.save(buf, "JPEG", exif=Image.Exif())
+    jpeg = buf.getvalue()
+    # an EXIF thumbnail holds a whole JPEG of its own, end marker included
+    thumb = io.BytesIO()
+    pixels.resize((4, 4)).save(thumb, "JPEG")
+    tiff = b"MM\0*\0\0\0\x08\0\0\0\0\0\0"
+    app1 = b"Exif\0\0" + tiff + thumb.getvalue()
+    with_thumb = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+    files = {
+        "crc.png": (bytes(bad_crc), "corrupt PNG: bad CRC in its IDAT chunk"),
+        "cut.png": (png[: png.index(b"IEND") - 4], "truncated PNG: it ends before its IEND"),
+        # its end marker zeroed, as in a download whose end never came into a preallocated file
+        "zeroed.jpg": (jpeg[:-2] + bytes(64), "truncated JPEG: no end-of-image marker"),
+        "zeroed_thumb.jpg": (with_thumb[:-2] + bytes(64), "truncated JPEG: no end-of-image"),
+    }
+    fine = {  # libpng skips an ancillary chunk with a bad CRC; a whole JPEG with a thumbnail
+        "ancillary.png": png[: png.index(b"IEND") - 4] + chunk + png[png.index(b"IEND") - 4 :],
+        "thumb.jpg": with_thumb,
+    }
+    return files, fine
+
+
+def test_files_tensorflow_refuses_are_rejected_at_the_split(tmp_path):
+    """PIL decodes these, TensorFlow does not: passed, they would stop extract halfway."""
+    import tensorflow as tf
+
+    damaged, fine = _damaged(tmp_path)
+    for name, (data, reason) in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        check = images.check_image(tmp_path / name)
+        assert not check.ok and check.reason.startswith(reason), (name, check)
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+    for name, data in fine.items():
+        (tmp_path / name).write_bytes(data)
+        assert images.check_image(tmp_path / name).ok, name
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def test_pil_exceptions_beyond_oserror_and_huge_images_are_reasons(tmp_path, monkeypatch, recwarn):
+    from PIL import Image, ImageFile
+
+    path = make_image(tmp_path / "a.png", (10, 20, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x16 = 256 pixels, over twice it
+    check = images.check_image(path)
+    assert not check.ok and check.reason.startswith("too many pixels to decode safely")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # over it, under twice it: a warning
+    assert images.check_image(path).ok
+    assert not [w for w in recwarn if "PIL" in w.filename]  # held back, once per file else
+
+    def broken(self):
+        raise EOFError("Decoder plugin generated an error")  # as pi-heif raises on a cut file
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    check = images.check_image(path)
+    assert not check.ok and "Decoder plugin generated an error" in check.reason
+
+
+def test_damaged_files_are_rejected_with_a_reason_or_decode(tmp_path):
+    """Files of every format cut short or with bytes changed (a fixed sample): validation never
+    raises, and each file it passes decodes the way extract will decode it."""
+    import io
+    import random
+
+    import pillow_heif
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = random.Random(0)
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8))
+    encoded = []
+    for fmt, options in [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("PNG", {}),
+        ("BMP", {}),
+        ("GIF", {}),
+        ("WEBP", {}),
+        ("WEBP", {"lossless": True}),
+        ("TIFF", {}),
+        ("AVIF", {}),
+    ]:
+        buf = io.BytesIO()
+        pixels.save(buf, fmt, **options)
+        encoded.append(buf.getvalue())
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(pixels).save(buf)
+    encoded.append(buf.getvalue())
+    passed = 0
+    for i in range(400):
+        data = bytearray(rng.choice(encoded))
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(1, len(data))]
+        else:
+            for _ in range(rng.choice([1, 2, 4, 8])):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        path = tmp_path / f"{i}.img"
+        path.write_bytes(bytes(data))
+        check = images.check_image(path)  # raises nothing
+        if not check.ok:
+            assert check.reason
+            continue
+        passed += 1
+        if images.needs_pil(bytes(data[:32])):
+            assert images.pil_rgb(str(path)).shape[2] == 3
+        else:
+            assert (
+                tf.io.decode_image(bytes(data), channels=3, expand_animations=False).shape[2] == 3
+            )
+    assert 100 < passed < 400  # both kinds were tried

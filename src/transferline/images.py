@@ -16,7 +16,8 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,23 +56,34 @@ class Check:
 def _exif_orientation(img) -> int:
     """The EXIF orientation of an opened PIL image, as PIL's `ImageOps.exif_transpose` reads
     it; 0 for a tag that holds no valid value (then the pixels are used as stored)."""
-    with warnings.catch_warnings():  # a corrupt EXIF block: PIL warns and reads no tag
-        warnings.simplefilter("ignore")
-        try:
-            value = img.getexif().get(EXIF_ORIENTATION, 1)
-        except Exception:  # metadata only: unreadable EXIF must not cost a usable image
-            return 0
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # metadata only: unreadable EXIF must not cost a usable image
+        return 0
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
+
+
+@contextlib.contextmanager
+def _pil_quiet() -> Iterator[None]:
+    """Hold back PIL's warnings while one file is read: a corrupt EXIF block (PIL skips the
+    tag, as its `exif_transpose` does) and an image over `Image.MAX_IMAGE_PIXELS` (up to twice
+    that, above which PIL refuses it and the file is rejected). Neither changes the pixels
+    used, and the split's workers would print them once per file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        yield
 
 
 def needs_pil(head: bytes) -> bool:
     """Whether a file starting with `head` (its first HEAD_BYTES) is decoded by PIL rather
     than TensorFlow: TIFF, AVIF and HEIC, which TensorFlow does not read, and WebP with
     transparency or animation (TensorFlow decodes the first only as RGBA, and its decoder
-    corrupted memory on an animated one, TF 2.21). Decided from the header, the same way at
-    validation and at loading."""
+    corrupted memory on an animated one, TF 2.21), and BMP. Decided from the header, the same
+    way at validation and at loading."""
     if head[:4] in (b"II*\0", b"MM\0*") or head[4:8] == b"ftyp":  # TIFF; AVIF, HEIC (ISO)
         return True
+    if head[:2] == b"BM":  # TensorFlow reads a BMP's palette indices as grey and fails on 1-,
+        return True  # 4- and 16-bit or compressed ones; PIL reads them all (24-bit: same pixels)
     if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 25:
         return False
     if head[12:16] == b"VP8X":  # extended: flags byte, alpha 0x10, animation 0x02
@@ -107,12 +119,71 @@ def pil_rgb(path: bytes | str) -> np.ndarray:
     from PIL import Image  # noqa: PLC0415
 
     _read_heif()
-    with Image.open(path.decode() if isinstance(path, bytes) else path) as img:
+    with _pil_quiet(), Image.open(path.decode() if isinstance(path, bytes) else path) as img:
         img.seek(0)
         if img.mode.startswith("I;16"):
             gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
         return np.asarray(img.convert("RGB"))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
+
+
+def _png_damage(data: bytes) -> str:
+    """Why libpng, TensorFlow's PNG decoder, refuses a PNG that PIL reads: PIL does not check
+    the image data's CRC, nor read on to the end chunk. Empty when there is none. As libpng: a
+    critical chunk (first letter upper case) must have a good CRC and be known; an ancillary
+    one with a bad CRC is skipped."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        critical = kind[:1].isupper()
+        if critical and kind not in _PNG_CRITICAL:
+            return f"corrupt PNG: unknown critical chunk {kind!r} at byte {pos}"
+        crc = int.from_bytes(data[end - 4 : end], "big")
+        if critical and zlib.crc32(data[pos + 4 : end - 4]) != crc:
+            return f"corrupt PNG: bad CRC in its {kind.decode('latin-1')} chunk at byte {pos}"
+        if kind == b"IEND":
+            return ""
+        pos = end
+    return "truncated PNG: it ends before its IEND chunk"
+
+
+def _jpeg_damage(data: bytes) -> str:
+    """Why TensorFlow refuses a JPEG that PIL reads: PIL stops once it has every row, while
+    TensorFlow's decoder reads on to the end-of-image marker (EOI) and fails at the end of the
+    data without one (a cut download). Empty when the EOI follows the first image's scan.
+    Walks the header's segments to that scan, so an EXIF thumbnail's own EOI does not count."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return ""  # not a marker where one should be: left to the decoders
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: entropy-coded data, then (more scans and) EOI
+            return (
+                "" if data.find(b"\xff\xd9", pos) > 0 else "truncated JPEG: no end-of-image marker"
+            )
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return ""
+
+
+def tensorflow_damage(data: bytes) -> str:
+    """Damage that TensorFlow's decoders refuse in a file PIL decodes (PNG, JPEG), as a
+    rejection reason, or empty: the split rejects such files, or extract would stop halfway."""
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_damage(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_damage(data)
+    return ""
 
 
 def check_image(path: str | Path) -> Check:
@@ -128,7 +199,7 @@ def check_image(path: str | Path) -> Check:
         return Check(False, "empty file (0 bytes)", digest)
     _read_heif()
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _pil_quiet(), Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             if fmt not in SUPPORTED_FORMATS:
                 supported = ", ".join(sorted(SUPPORTED_FORMATS))
@@ -149,8 +220,18 @@ def check_image(path: str | Path) -> Check:
         return Check(
             False, _unread_format(data) or "not an image (unrecognised file format)", digest
         )
-    except (OSError, ValueError, SyntaxError) as exc:
-        return Check(False, f"corrupt or truncated image: {exc}", digest)
+    except Image.DecompressionBombError as exc:  # PIL's guard against decompression bombs
+        limit = str(exc).partition(", could")[
+            0
+        ]  # "Image size (N pixels) exceeds limit of M pixels"
+        reason = f"too many pixels to decode safely: {limit}; scale it down (the model sees it "
+        return Check(False, reason + "at model.image_size px anyway)", digest)
+    except Exception as exc:  # PIL's plugins raise more than OSError on a damaged file (found
+        # by fuzzing: RuntimeError from AVIF, EOFError from HEIC): whichever, it is a reason
+        return Check(False, f"corrupt or truncated image: {exc or type(exc).__name__}", digest)
+    damage = tensorflow_damage(data)
+    if damage:
+        return Check(False, damage, digest)
     return Check(True, "", digest, orientation)
 
 
