@@ -27,6 +27,7 @@ def run(p: Params) -> None:
         if table.file
         else None,
         group_pattern=p.split.group_pattern,
+        exclude=p.data.exclude,
     )
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)

@@ -752,3 +752,17 @@ def test_splitting_never_imports_tensorflow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["10", "False"], out.stderr
+
+
+def test_data_exclude_leaves_files_out_and_warns_of_a_pattern_that_matches_none(tmp_path, caplog):
+    root = make_class_folders(tmp_path / "pets", per_class=10)
+    result = split(root, exclude=["cat/cat00[12].png", "*/dog009.png", "*/no_such.png"])
+    left_out = {p: why for p, why in result.rejected if why.startswith("left out")}
+    assert left_out == {
+        "cat/cat001.png": "left out by data.exclude (cat/cat00[12].png)",
+        "cat/cat002.png": "left out by data.exclude (cat/cat00[12].png)",
+        "dog/dog009.png": "left out by data.exclude (*/dog009.png)",
+    }
+    kept = [p for rows in result.manifests.values() for p, _ in rows]
+    assert len(kept) == 17 and not set(left_out) & set(kept)
+    assert "'*/no_such.png' matches no file" in caplog.text

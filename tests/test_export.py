@@ -268,3 +268,23 @@ def test_jpeg_orientation_in_the_graph_reads_what_pil_reads(tmp_path):
     assert int(read(tf.constant(files["APP2 first, then MM 5"]))) == 5
     for cut in (b"", b"\xff\xd8", files["II 6"][:40]):  # never a graph error: as stored
         assert int(read(tf.constant(cut))) == 1
+
+
+def test_predict_files_names_a_file_tensorflow_cannot_decode_and_labels_the_others(
+    classifier_dir, tmp_path, monkeypatch
+):
+    """The odd file PIL reads and TensorFlow refuses (here: damage the check would catch,
+    with that check off) is that file's error, not the end of every prediction."""
+    root = make_class_folders(tmp_path / "imgs", per_class=2)
+    damaged = bytearray((root / "cat" / "cat001.png").read_bytes())
+    at = damaged.index(b"IDAT")
+    damaged[at + 4 + int.from_bytes(damaged[at - 4 : at], "big")] ^= 0xFF  # the IDAT's CRC
+    (root / "cat" / "cat001.png").write_bytes(bytes(damaged))
+    monkeypatch.setattr(images, "tensorflow_damage", lambda data: "")
+    files = sorted(root.rglob("*.png"))
+    rows = export.predict_files(export.load_classifier(classifier_dir), files, batch_size=2)
+    by_name = {r["path"].split("/")[-1]: r for r in rows}
+    assert by_name["cat001.png"]["error"].startswith("TensorFlow cannot decode it: ")
+    assert by_name["cat001.png"]["label"] is None
+    for name in ("cat000.png", "dog000.png", "dog001.png"):
+        assert by_name[name]["error"] is None and by_name[name]["label"] in ("cat", "dog")

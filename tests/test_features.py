@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from transferline import backbones, dataset, features, images
-from transferline.errors import StageError
+from transferline.errors import DataError, StageError
 from transferline.models import build_feature_extractor
 
 from conftest import make_class_folders
@@ -126,3 +126,35 @@ def test_a_batch_too_large_for_the_device_names_extract_batch_size(tmp_path, mon
         "halves the activations."
     )
     assert list(out.iterdir()) == []
+
+
+def test_an_image_tensorflow_cannot_decode_is_named_with_the_way_to_leave_it_out(tmp_path):
+    """TensorFlow's error names no file; the stage's names the file and data.exclude."""
+    raw, splits, out = split_pets(tmp_path)
+    name = images.read_manifest(splits / "val.csv")[1][0]
+    damaged = bytearray((raw / name).read_bytes())  # a PNG; its IDAT chunk's CRC broken
+    at = damaged.index(b"IDAT")
+    damaged[at + 4 + int.from_bytes(damaged[at - 4 : at], "big")] ^= 0xFF
+    (raw / name).write_bytes(bytes(damaged))
+    with pytest.raises(DataError) as info:
+        features.extract_dataset(
+            raw, splits, out, **TINY_VGG, pooling="avg", batch_size=4, dtype="float32"
+        )
+    message = str(info.value)
+    assert message.startswith("1 of the 4 val images cannot be decoded by TensorFlow")
+    assert f"{name} (" in message and f"data.exclude: ['{name}']" in message
+    assert not (out / "val_features.npy").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    result = dataset.build_split(  # the fix the message names
+        raw,
+        layout="auto",
+        val=0.2,
+        test=0.2,
+        seed=0,
+        max_per_class=None,
+        workers=1,
+        exclude=[name],
+    )
+    assert (name, f"left out by data.exclude ({name})") in result.rejected
+    assert name not in [p for rows in result.manifests.values() for p, _ in rows]

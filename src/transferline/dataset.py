@@ -883,6 +883,31 @@ def _carve_groups(
     return [items[i] for i in sorted(chosen)], [c for i, c in enumerate(items) if i not in chosen]
 
 
+def _excluded(
+    cands: list[Candidate], patterns: Sequence[str]
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Candidates kept, and (path, reason) of those `data.exclude` leaves out. A pattern that
+    matches nothing is a warning: a typo would otherwise keep the file unseen."""
+    import fnmatch  # noqa: PLC0415
+
+    kept, left_out, used = [], [], set()
+    for c in cands:
+        hit = next((p for p in patterns if fnmatch.fnmatchcase(c.path, p)), None)
+        if hit is None:
+            kept.append(c)
+        else:
+            used.add(hit)
+            left_out.append((c.path, f"left out by data.exclude ({hit})"))
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        log.warning(
+            "data.exclude: %s matches no file (patterns match paths as data/splits/*.csv "
+            "lists them, e.g. PetImages/Cat/666.jpg or */666.jpg)",
+            ", ".join(repr(p) for p in unused),
+        )
+    return kept, left_out
+
+
 def build_split(
     root: Path,
     *,
@@ -896,16 +921,21 @@ def build_split(
     labels: LabelsCsv | None = None,
     group_pattern: str | None = None,
     workers: int | None = None,
+    exclude: Sequence[str] = (),
 ) -> SplitResult:
     """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
 
     Manifest paths are relative to `rel_to` (default: `root`). `group_pattern`: a regex whose
     match in an image's path (its first group, else the whole match) is the image's group.
+    `exclude`: shell patterns of manifest paths to leave out (listed in `rejected`).
     """
     rel_to = rel_to or root
     chosen, cands = find_candidates(root, layout, rel_to, label_map, labels)
     log.info("layout: %s, %d candidate files", chosen, len(cands))
     rejected: list[tuple[str, str]] = []
+    if exclude:
+        cands, left_out = _excluded(cands, exclude)
+        rejected += left_out
     labelled = []
     # Only the filename layout leaves a file unlabelled without saying why (`Candidate.why`).
     no_label = "no label: the file name has no class prefix like cat.1.jpg"

@@ -310,16 +310,14 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
     log.info("SavedModel written to %s (signatures serve, serve_bytes)", folder)
 
 
-def predict_files(
-    classifier: Classifier, paths: list[Path], batch_size: int = 32
-) -> list[dict[str, object]]:
-    """Label and probability per file; a file that is not a usable image gets its reason
-    instead of stopping the others. Decoding and resizing are the pipeline's own."""
+def _predict_usable(
+    classifier: Classifier, paths: list[Path], checks: list, batch_size: int
+) -> np.ndarray:
+    """Probabilities of the files whose check passed, in order."""
     from tqdm import tqdm  # noqa: PLC0415
 
     from transferline import images  # noqa: PLC0415
 
-    checks = images.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
     good = [str(p) for p, c in zip(paths, checks, strict=True) if c.ok]
     turns = [c.orientation or 1 for c in checks if c.ok]  # 0: no valid tag, as stored
     parts = [np.zeros((0, len(classifier.classes)), np.float32)]
@@ -331,7 +329,32 @@ def predict_files(
             for batch in batches:
                 parts.append(classifier.predict(batch.numpy()))
                 bar.update(len(parts[-1]))
-    probs = np.concatenate(parts)
+    return np.concatenate(parts)
+
+
+def predict_files(
+    classifier: Classifier, paths: list[Path], batch_size: int = 32
+) -> list[dict[str, object]]:
+    """Label and probability per file; a file that is not a usable image gets its reason
+    instead of stopping the others. Decoding and resizing are the pipeline's own."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from transferline import images  # noqa: PLC0415
+
+    checks = images.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
+    try:
+        probs = _predict_usable(classifier, paths, checks, batch_size)
+    except tf.errors.OpError:  # a file PIL read and TensorFlow cannot decode: which?
+        bad = dict(images.undecodable([str(p) for p, c in zip(paths, checks, strict=True) if c.ok]))
+        if not bad:
+            raise
+        checks = [
+            images.Check(False, f"TensorFlow cannot decode it: {bad[str(p)]}", c.digest)
+            if c.ok and str(p) in bad
+            else c
+            for p, c in zip(paths, checks, strict=True)
+        ]
+        probs = _predict_usable(classifier, paths, checks, batch_size)
     rows, k = [], 0
     for path, check in zip(paths, checks, strict=True):
         if not check.ok:

@@ -6,8 +6,10 @@ memory does not grow with the data set; the file is moved into place only when c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from transferline.errors import DataError
 from transferline.files import atomic_path
 
 if TYPE_CHECKING:
@@ -95,6 +98,32 @@ def extract_to_npy(
     return {"seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2) if n else 0.0}
 
 
+@contextlib.contextmanager
+def undecodable_named(paths: list[str], raw: Path, split: str) -> Iterator[None]:
+    """A decoding error from the pipeline (TensorFlow's, naming no file) as one paragraph
+    naming the files of `split` that cannot be decoded and how to leave them out."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from transferline import images  # noqa: PLC0415
+
+    try:
+        yield
+    except tf.errors.OpError:
+        bad = images.undecodable(paths)
+        if not bad:
+            raise
+        names = [Path(p).relative_to(raw).as_posix() for p, _ in bad]
+        listed = "; ".join(f"{n} ({why})" for n, (_, why) in zip(names[:3], bad, strict=False))
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(
+            f"{len(bad)} of the {len(paths)} {split} images cannot be decoded by TensorFlow, "
+            f"though the split stage accepted them (it checks images with PIL, which reads "
+            f"past some damage TensorFlow's decoders refuse): {listed}{more}. Leave them out "
+            f"with data.exclude (paths as data/splits/*.csv lists them, e.g. data.exclude: "
+            f"[{', '.join(repr(n) for n in names[:3])}]) and run `dvc repro`."
+        ) from None
+
+
 def extract_dataset(
     raw: Path,
     splits_dir: Path,
@@ -133,7 +162,10 @@ def extract_dataset(
     for split in images.SPLITS:
         paths, labels, turns = images.split_arrays(raw, splits_dir, split, classes)
         batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
-        with models.memory_for_batches("extract.batch_size", batch_size):
+        with (
+            models.memory_for_batches("extract.batch_size", batch_size),
+            undecodable_named(paths, raw, split),
+        ):
             per_split[split] = extract_to_npy(
                 extractor,
                 batches,

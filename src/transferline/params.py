@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -93,6 +93,8 @@ class DataParams(_Strict):
     label_map: dict[str, str] = Field(default_factory=dict)
     labels: LabelsParams = LabelsParams()
     sha256: str | None = None
+    # files to leave out, as data/splits/*.csv lists them; shell patterns (* also matches /)
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
     @field_validator("subdir")
     @classmethod
