@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -156,10 +157,11 @@ def _png_damage(data: bytes) -> str:
 
 
 def _jpeg_damage(data: bytes) -> str:
-    """Why TensorFlow refuses a JPEG that PIL reads: PIL stops once it has every row, while
-    TensorFlow's decoder reads on to the end-of-image marker (EOI) and fails at the end of the
-    data without one (a cut download). Empty when the EOI follows the first image's scan.
-    Walks the header's segments to that scan, so an EXIF thumbnail's own EOI does not count."""
+    """Why TensorFlow refuses a JPEG that PIL reads: TensorFlow's decoder reads on to the
+    end-of-image marker (EOI) and fails where the data ends without one (a download whose end
+    was never written), which PIL lets pass once it has every row. Empty when an EOI follows
+    the first image's scan. Walks the header's segments to that scan, so an EXIF thumbnail's
+    own EOI does not count."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -221,10 +223,8 @@ def check_image(path: str | Path) -> Check:
             False, _unread_format(data) or "not an image (unrecognised file format)", digest
         )
     except Image.DecompressionBombError as exc:  # PIL's guard against decompression bombs
-        limit = str(exc).partition(", could")[
-            0
-        ]  # "Image size (N pixels) exceeds limit of M pixels"
-        reason = f"too many pixels to decode safely: {limit}; scale it down (the model sees it "
+        size = str(exc).partition(", could")[0]  # Image size (N pixels) exceeds limit of M pixels
+        reason = f"too many pixels to decode safely: {size}; scale it down (the model sees it "
         return Check(False, reason + "at model.image_size px anyway)", digest)
     except Exception as exc:  # PIL's plugins raise more than OSError on a damaged file (found
         # by fuzzing: RuntimeError from AVIF, EOFError from HEIC): whichever, it is a reason
@@ -452,8 +452,9 @@ def undecodable(paths: Sequence[str]) -> list[tuple[str, str]]:
             else:
                 tf.io.decode_image(data, channels=3, expand_animations=False)
         except Exception as exc:  # whichever: the file is the one to name
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            bad.append((str(path), lines[0][:200] if lines else type(exc).__name__))
+            # TensorFlow's "{{function_node ...}} Invalid PNG data, size 847 [Op:DecodeImage]"
+            text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^]]*\].*", "", str(exc)).strip()
+            bad.append((str(path), text.splitlines()[0][:200] if text else type(exc).__name__))
     return bad
 
 
