@@ -1,3 +1,6 @@
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,40 @@ def test_parallel_validation_matches_serial(tmp_path):
     assert len(files) >= 64 and not all(c.ok for c in serial)  # big enough for a pool
     assert images.check_images(files, workers=2) == serial
     assert images.check_images(files, workers=2, threads=True) == serial  # predict's
+
+
+_CHECK_IMAGE = images.check_image
+_PYTEST_PID = os.getpid()
+
+
+def _check_or_die(path):
+    """`check_image`, except that a worker process reading a file named die*.png is killed,
+    as a native decoder crash or the out-of-memory killer would kill it."""
+    if Path(path).name.startswith("die") and os.getpid() != _PYTEST_PID:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _CHECK_IMAGE(path)
+
+
+@pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork", reason="the workers must see the patch"
+)
+def test_a_file_that_kills_its_worker_is_rejected_and_the_others_are_checked(
+    tmp_path, monkeypatch, caplog
+):
+    root = make_class_folders(tmp_path / "many", per_class=60)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    serial = images.check_images(files, workers=1)
+    for i in (5, 70):  # one in the first chunk, one after the pool is made again
+        files[i] = files[i].rename(files[i].with_name(f"die{i}.png"))
+    monkeypatch.setattr(images, "check_image", _check_or_die)
+    checks = images.check_images(files, workers=2)
+    assert [c.reason for c in checks].count(images.WORKER_DIED) == 2
+    assert checks[5].reason == checks[70].reason == images.WORKER_DIED
+    assert not checks[5].ok and checks[5].digest == serial[5].digest
+    assert [c for i, c in enumerate(checks) if i not in (5, 70)] == [
+        c for i, c in enumerate(serial) if i not in (5, 70)
+    ]
+    assert f"the worker process died on {files[70]}; leaving it out" in caplog.text
 
 
 def test_image_dataset_decodes_to_rgb_at_size(tmp_path):

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import logging
 import os
 import re
 import warnings
@@ -30,6 +31,8 @@ from transferline.errors import DataError
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
@@ -266,21 +269,90 @@ def check_images(
 
     workers = workers or usable_cpus()
     out: list[Check] = []
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(
-            tqdm(total=len(paths), unit="img", desc="validate", disable=len(paths) < 1000)
-        )
+    with tqdm(total=len(paths), unit="img", desc="validate", disable=len(paths) < 1000) as bar:
         if workers == 1 or len(paths) < 64:
             results: Iterable[Check] = map(check_image, paths)
+        elif threads:
+            results = _checked_in_threads(paths, workers)
         else:
-            executor = ThreadPoolExecutor if threads else ProcessPoolExecutor
-            pool = stack.enter_context(executor(max_workers=workers))
-            chunk = max(16, min(256, len(paths) // (workers * 8)))
-            results = pool.map(check_image, paths, chunksize=chunk)
+            results = _checked_in_processes(paths, workers)
         for check in results:
             out.append(check)
             bar.update()
     return out
+
+
+def _checked_in_threads(paths: Sequence[Path], workers: int) -> Iterator[Check]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(check_image, paths, chunksize=_chunk(len(paths), workers))
+
+
+def _chunk(n: int, workers: int) -> int:
+    return max(16, min(256, n // (workers * 8)))
+
+
+def _checked_in_processes(paths: Sequence[Path], workers: int) -> Iterator[Check]:
+    """`check_image` in worker processes, in input order, surviving a worker that dies.
+
+    A worker can die on one file (a crash in a native decoder, or the system's out-of-memory
+    killer on a huge image): the pool then fails every file it held. The files that may have
+    been in flight are checked again one at a time in a single worker, so the one that kills
+    it is found and rejected with a reason, and the rest of the split goes on as before.
+    """
+    from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
+
+    done = 0
+    while done < len(paths):
+        chunk = _chunk(len(paths) - done, workers)
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for check in pool.map(check_image, paths[done:], chunksize=chunk):
+                    yield check
+                    done += 1
+        except BrokenProcessPool:
+            # in flight past the last result: a chunk in each worker, workers + 1 queued
+            suspects = paths[done : done + chunk * (2 * workers + 2)]
+            log.warning(
+                "a worker process checking images died; checking the %d files it may have "
+                "held one at a time to find the one that killed it",
+                len(suspects),
+            )
+            for check in _checked_one_by_one(suspects):
+                yield check
+                done += 1
+
+
+def _checked_one_by_one(paths: Sequence[Path]) -> Iterator[Check]:
+    """`check_image` over `paths` in order in a single worker process: a file on which it dies
+    gets a reason, and a fresh worker takes the next file."""
+    from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
+
+    done = 0
+    while done < len(paths):
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            futures = [pool.submit(check_image, p) for p in paths[done:]]
+            try:
+                for future in futures:
+                    check = future.result()
+                    yield check
+                    done += 1
+            except BrokenProcessPool:  # one worker taking the files in order: it died on this
+                log.warning("the worker process died on %s; leaving it out", paths[done])
+                yield Check(False, WORKER_DIED, _digest(paths[done]))
+                done += 1
+
+
+WORKER_DIED = (
+    "the process decoding it died (a crash in an image library, or the system's out-of-memory "
+    "killer); check it opens in an image viewer, or re-save it"
+)
+
+
+def _digest(path: Path) -> str:
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return ""
 
 
 # ---------------------------------------------------------------- tf.data
