@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,12 @@ _CHECK_IMAGE = images.check_image
 _PYTEST_PID = os.getpid()
 
 
-def _check_or_die(path):
+def _check_or_die(path, **kw):
     """`check_image`, except that a worker process reading a file named die*.png is killed,
     as a native decoder crash or the out-of-memory killer would kill it."""
     if Path(path).name.startswith("die") and os.getpid() != _PYTEST_PID:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _CHECK_IMAGE(path)
+    return _CHECK_IMAGE(path, **kw)
 
 
 @pytest.mark.skipif(
@@ -414,6 +415,37 @@ def test_pil_exceptions_beyond_oserror_and_huge_images_are_reasons(tmp_path, mon
     monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
     check = images.check_image(path)
     assert not check.ok and "Decoder plugin generated an error" in check.reason
+
+
+def test_what_libtiff_prints_on_a_damaged_tiff_goes_into_the_reason(tmp_path, capfd):
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "TIFF", compression="tiff_lzw")
+    data = bytearray(buf.getvalue())
+    data[28:48] = b"\xff" * 20  # inside the LZW strip, which starts after the 8-byte header
+    (tmp_path / "scan.tif").write_bytes(data)
+    make_class_folders(tmp_path, per_class=40)
+    files = sorted(tmp_path.rglob("*.*"))
+    capfd.readouterr()
+    quiet = images.check_image(tmp_path / "scan.tif", native_stderr=True)
+    # libtiff's words (not on the terminal), without the name PIL gives its in-memory file
+    assert quiet.reason.startswith("corrupt or truncated image: decoder error -2 (Using code")
+    assert "tempfile.tif" not in quiet.reason and capfd.readouterr().err == ""
+    loud = images.check_image(tmp_path / "scan.tif")  # predict's threads: stderr left alone
+    assert loud.reason == "corrupt or truncated image: decoder error -2"
+    assert "Using code not yet in table" in capfd.readouterr().err
+    for workers in (1, 2):  # the split: in its own process, and in worker processes
+        checks = images.check_images(files, workers=workers)
+        assert checks[files.index(tmp_path / "scan.tif")] == quiet
+        assert sum(not c.ok for c in checks) == 1
+    assert capfd.readouterr().err == ""
+    print("after", file=sys.stderr)  # stderr works again, here and in C
+    os.write(2, b"fd 2\n")
+    assert capfd.readouterr().err == "after\nfd 2\n"
 
 
 def test_damaged_files_are_rejected_with_a_reason_or_decode(tmp_path):

@@ -17,13 +17,15 @@ import io
 import logging
 import os
 import re
+import sys
+import tempfile
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -191,8 +193,14 @@ def tensorflow_damage(data: bytes) -> str:
     return ""
 
 
-def check_image(path: str | Path) -> Check:
-    """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication."""
+def check_image(path: str | Path, native_stderr: bool = False) -> Check:
+    """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication.
+
+    `native_stderr`: what C libraries print while the file is read (libtiff's errors on a
+    damaged TIFF, which PIL's exception does not carry: "decoder error -2") goes into the
+    reason instead of the terminal. Only where no other thread writes to stderr (the split's
+    workers, not predict's threads): the capture redirects the whole process's stderr.
+    """
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
@@ -203,8 +211,10 @@ def check_image(path: str | Path) -> Check:
     if not data:
         return Check(False, "empty file (0 bytes)", digest)
     _read_heif()
+    said: list[str] = []
+    native = _native_stderr(said) if native_stderr else contextlib.nullcontext()
     try:
-        with _pil_quiet(), Image.open(io.BytesIO(data)) as img:
+        with native, _pil_quiet(), Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             if fmt not in SUPPORTED_FORMATS:
                 supported = ", ".join(sorted(SUPPORTED_FORMATS))
@@ -231,11 +241,46 @@ def check_image(path: str | Path) -> Check:
         return Check(False, reason + "at model.image_size px anyway)", digest)
     except Exception as exc:  # PIL's plugins raise more than OSError on a damaged file (found
         # by fuzzing: RuntimeError from AVIF, EOFError from HEIC): whichever, it is a reason
-        return Check(False, f"corrupt or truncated image: {exc or type(exc).__name__}", digest)
+        why = f"{exc or type(exc).__name__}{_first_said(said)}"
+        return Check(False, f"corrupt or truncated image: {why}", digest)
     damage = tensorflow_damage(data)
     if damage:
         return Check(False, damage, digest)
     return Check(True, "", digest, orientation)
+
+
+_STDERR_FILES: dict[int, IO[bytes]] = {}  # process id -> its capture file, reused
+
+
+@contextlib.contextmanager
+def _native_stderr(into: list[str]) -> Iterator[None]:
+    """Send file descriptor 2 (where C libraries print) to a file while the body runs, and
+    append the lines written there to `into`."""
+    pid = os.getpid()  # a forked worker must not share its parent's file (and offset)
+    if pid not in _STDERR_FILES:
+        _STDERR_FILES[pid] = tempfile.TemporaryFile()  # noqa: SIM115 (kept, reused)
+    tmp = _STDERR_FILES[pid]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(tmp.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if os.fstat(tmp.fileno()).st_size:  # mostly nothing was said: one call, no read
+            tmp.seek(0)
+            into.extend(line.strip() for line in tmp.read().decode(errors="replace").splitlines())
+            tmp.seek(0)
+            tmp.truncate()
+
+
+def _first_said(lines: list[str]) -> str:
+    """The first line a C library printed, as an addition to a reason (libtiff prefixes the
+    name PIL gives its in-memory file, which is not the user's)."""
+    said = next((line for line in lines if line), "")
+    said = said.removeprefix("tempfile.tif: ")
+    return f" ({said[:200]})" if said else ""
 
 
 def _unread_format(data: bytes) -> str:
@@ -255,6 +300,9 @@ def _unread_format(data: bytes) -> str:
     return ""
 
 
+Checker = Callable[[Path], Check]
+
+
 def check_images(
     paths: Sequence[Path], workers: int | None = None, threads: bool = False
 ) -> list[Check]:
@@ -268,30 +316,31 @@ def check_images(
     from tqdm import tqdm  # noqa: PLC0415
 
     workers = workers or usable_cpus()
+    check = functools.partial(check_image, native_stderr=not threads)
     out: list[Check] = []
     with tqdm(total=len(paths), unit="img", desc="validate", disable=len(paths) < 1000) as bar:
         if workers == 1 or len(paths) < 64:
-            results: Iterable[Check] = map(check_image, paths)
+            results: Iterable[Check] = map(check, paths)
         elif threads:
-            results = _checked_in_threads(paths, workers)
+            results = _checked_in_threads(check, paths, workers)
         else:
-            results = _checked_in_processes(paths, workers)
-        for check in results:
-            out.append(check)
+            results = _checked_in_processes(check, paths, workers)
+        for result in results:
+            out.append(result)
             bar.update()
     return out
 
 
-def _checked_in_threads(paths: Sequence[Path], workers: int) -> Iterator[Check]:
+def _checked_in_threads(check: Checker, paths: Sequence[Path], workers: int) -> Iterator[Check]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(check_image, paths, chunksize=_chunk(len(paths), workers))
+        yield from pool.map(check, paths, chunksize=_chunk(len(paths), workers))
 
 
 def _chunk(n: int, workers: int) -> int:
     return max(16, min(256, n // (workers * 8)))
 
 
-def _checked_in_processes(paths: Sequence[Path], workers: int) -> Iterator[Check]:
+def _checked_in_processes(check: Checker, paths: Sequence[Path], workers: int) -> Iterator[Check]:
     """`check_image` in worker processes, in input order, surviving a worker that dies.
 
     A worker can die on one file (a crash in a native decoder, or the system's out-of-memory
@@ -306,8 +355,8 @@ def _checked_in_processes(paths: Sequence[Path], workers: int) -> Iterator[Check
         chunk = _chunk(len(paths) - done, workers)
         try:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for check in pool.map(check_image, paths[done:], chunksize=chunk):
-                    yield check
+                for result in pool.map(check, paths[done:], chunksize=chunk):
+                    yield result
                     done += 1
         except BrokenProcessPool:
             # in flight past the last result: a chunk in each worker, workers + 1 queued
@@ -317,12 +366,12 @@ def _checked_in_processes(paths: Sequence[Path], workers: int) -> Iterator[Check
                 "held one at a time to find the one that killed it",
                 len(suspects),
             )
-            for check in _checked_one_by_one(suspects):
-                yield check
+            for result in _checked_one_by_one(check, suspects):
+                yield result
                 done += 1
 
 
-def _checked_one_by_one(paths: Sequence[Path]) -> Iterator[Check]:
+def _checked_one_by_one(check: Checker, paths: Sequence[Path]) -> Iterator[Check]:
     """`check_image` over `paths` in order in a single worker process: a file on which it dies
     gets a reason, and a fresh worker takes the next file."""
     from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
@@ -330,11 +379,10 @@ def _checked_one_by_one(paths: Sequence[Path]) -> Iterator[Check]:
     done = 0
     while done < len(paths):
         with ProcessPoolExecutor(max_workers=1) as pool:
-            futures = [pool.submit(check_image, p) for p in paths[done:]]
+            futures = [pool.submit(check, p) for p in paths[done:]]
             try:
                 for future in futures:
-                    check = future.result()
-                    yield check
+                    yield future.result()
                     done += 1
             except BrokenProcessPool:  # one worker taking the files in order: it died on this
                 log.warning("the worker process died on %s; leaving it out", paths[done])
