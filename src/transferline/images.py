@@ -261,7 +261,11 @@ def _native_stderr(into: list[str]) -> Iterator[None]:
         _STDERR_FILES[pid] = tempfile.TemporaryFile()  # noqa: SIM115 (kept, reused)
     tmp = _STDERR_FILES[pid]
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (closed): nothing to keep off it
+        yield
+        return
     os.dup2(tmp.fileno(), 2)
     try:
         yield
