@@ -68,17 +68,21 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_others_are_checked(
     root = make_class_folders(tmp_path / "many", per_class=60)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     serial = images.check_images(files, workers=1)
-    for i in (5, 70):  # one in the first chunk, one after the pool is made again
+    # 120 files, chunks of 16: a worker dies on file 5; files 0-95 (what two workers may have
+    # held) are checked one at a time, where file 70 kills that worker too; a new pool takes
+    # files 96-119, and dies on 110.
+    dying = (5, 70, 110)
+    for i in dying:
         files[i] = files[i].rename(files[i].with_name(f"die{i}.png"))
     monkeypatch.setattr(images, "check_image", _check_or_die)
     checks = images.check_images(files, workers=2)
-    assert [c.reason for c in checks].count(images.WORKER_DIED) == 2
-    assert checks[5].reason == checks[70].reason == images.WORKER_DIED
+    assert [i for i, c in enumerate(checks) if c.reason == images.WORKER_DIED] == list(dying)
     assert not checks[5].ok and checks[5].digest == serial[5].digest
-    assert [c for i, c in enumerate(checks) if i not in (5, 70)] == [
-        c for i, c in enumerate(serial) if i not in (5, 70)
+    assert [c for i, c in enumerate(checks) if i not in dying] == [
+        c for i, c in enumerate(serial) if i not in dying
     ]
-    assert f"the worker process died on {files[70]}; leaving it out" in caplog.text
+    assert f"the worker process died on {files[110]}; leaving it out" in caplog.text
+    assert caplog.text.count("a worker process checking images died") == 2
 
 
 def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
