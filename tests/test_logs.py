@@ -18,6 +18,8 @@ try:
         os.write(2, b"E0000 00:00:1795382493.244914   21735 cuda_platform.cc:52] cuInit\\n")
         os.write(2, b"F0000 00:00:1795382493.244914   21735 check.cc:1] Check failed\\n")
         os.write(2, b"a subprocess said this\\n")
+        os.write(2, b"Corrupt JPEG data: 65 extraneous bytes before marker 0xd9\\n")
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\\n")
         print("progress bar", file=sys.stderr)
         {raise_}
 except RuntimeError:
@@ -42,12 +44,19 @@ def test_native_info_warning_error_lines_held_back_the_rest_kept(raise_):
     assert order == sorted(order)
     if raise_:
         assert "ERROR in stage: handled" in err
+    # libjpeg's warnings (one per damaged JPEG TensorFlow decodes, every epoch): one count
+    assert "premature end" not in err and err.count("extraneous bytes") == 1
+    assert (
+        "TensorFlow's JPEG decoder (libjpeg) warned 2 times of damaged JPEG data it decodes "
+        "past, e.g. 'Corrupt JPEG data: 65 extraneous bytes before marker 0xd9'"
+    ) in err
 
 
 def test_verbose_shows_everything():
     err = run(False)
     for s in ("cudart_stub", "a warning", "cuInit", "Check failed", "python line"):
         assert s in err
+    assert "premature end of data segment" in err and "warned 2 times" not in err
 
 
 def test_noise_pattern():

@@ -20,6 +20,16 @@ _NATIVE_NOISE = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\])"
 )
 
+# libjpeg's warnings, which its default handler prints to file descriptor 2 from TensorFlow's
+# JPEG decoder: one per damaged JPEG it still decodes (and again every epoch), never naming the
+# file ("Corrupt JPEG data: 65 extraneous bytes before marker 0xd9", common in photo sets).
+_JPEG_WARNING = re.compile(
+    r"^(Corrupt JPEG data: |Premature end of JPEG file$|Invalid SOS parameters for sequential"
+    r" JPEG$|Inconsistent progression sequence for component|Warning: unknown JFIF revision)"
+)
+
+log = logging.getLogger("transferline")
+
 
 def setup(verbose: bool = False, quiet: bool = False) -> None:
     """One readable line per event; TensorFlow's C++ chatter only when verbose."""
@@ -50,13 +60,15 @@ def is_native_noise(line: str) -> bool:
 
 @contextlib.contextmanager
 def native_log_filtered(enabled: bool = True) -> Iterator[None]:
-    """Hold back TensorFlow's C++ log lines for the duration of the block.
+    """Hold back TensorFlow's C++ log lines for the duration of the block, and sum up
+    libjpeg's warnings in one line.
 
     File descriptor 2 goes to a temporary file while Python's own stderr (logging, progress
     bars, error messages) keeps writing to the terminal through a duplicate of it. At the end
     every captured line except C++ info/warning/error lines (fatal ones, anything from
-    subprocesses) is written out, so nothing that matters is lost. A process killed inside the
-    block loses its held-back lines: `-v` shows them live.
+    subprocesses) is written out, so nothing that matters is lost; libjpeg's warnings become
+    one count with an example. A process killed inside the block loses its held-back lines:
+    `-v` shows them live.
     """
     if not enabled:
         yield
@@ -85,10 +97,15 @@ def native_log_filtered(enabled: bool = True) -> Iterator[None]:
                 h.setStream(old_stderr)
             terminal.close()
             capture.seek(0)
-            kept = [
-                line
-                for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
-                if not is_native_noise(line)
-            ]
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            jpeg = [line.strip() for line in lines if _JPEG_WARNING.match(line)]
+            kept = [ln for ln in lines if not (is_native_noise(ln) or _JPEG_WARNING.match(ln))]
             old_stderr.write("".join(kept))
             old_stderr.flush()
+            if jpeg:
+                log.warning(
+                    "TensorFlow's JPEG decoder (libjpeg) warned %s of damaged JPEG data it "
+                    "decodes past, e.g. %r (`-v` shows each warning as it comes)",
+                    "once" if len(jpeg) == 1 else f"{len(jpeg)} times",
+                    jpeg[0],
+                )
