@@ -193,6 +193,11 @@ def tensorflow_damage(data: bytes) -> str:
     return ""
 
 
+def content_digest(data: bytes) -> str:
+    """A file's identity for de-duplication: identical bytes, identical digest."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def check_image(path: str | Path, native_stderr: bool = False) -> Check:
     """Decode one file fully; say why it is unusable, and hash its bytes for de-duplication.
 
@@ -207,7 +212,7 @@ def check_image(path: str | Path, native_stderr: bool = False) -> Check:
         data = Path(path).read_bytes()
     except OSError as exc:
         return Check(False, f"unreadable: {exc.strerror or exc}", "")
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    digest = content_digest(data)
     if not data:
         return Check(False, "empty file (0 bytes)", digest)
     _read_heif()
@@ -402,7 +407,7 @@ WORKER_DIED = (
 
 def _digest(path: Path) -> str:
     try:
-        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+        return content_digest(Path(path).read_bytes())
     except OSError:
         return ""
 
