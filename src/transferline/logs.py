@@ -98,8 +98,12 @@ def native_log_filtered(enabled: bool = True) -> Iterator[None]:
             terminal.close()
             capture.seek(0)
             lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
-            jpeg = [line.strip() for line in lines if _JPEG_WARNING.match(line)]
-            kept = [ln for ln in lines if not (is_native_noise(ln) or _JPEG_WARNING.match(ln))]
+            jpeg, kept = [], []
+            for line in lines:
+                if _JPEG_WARNING.match(line):
+                    jpeg.append(line.strip())
+                elif not is_native_noise(line):
+                    kept.append(line)
             old_stderr.write("".join(kept))
             old_stderr.flush()
             if jpeg:
