@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="damaged files (default 10000)")
     parser.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # libjpeg's warnings, per file
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ logs (not libjpeg warnings)
     import tensorflow as tf  # seconds to import: not for --help
 
     rng = random.Random(args.seed)
