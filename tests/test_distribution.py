@@ -47,29 +47,50 @@ SCRIPT = textwrap.dedent(
     )
     got = np.load(out)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    per_replica = [  # the images each replica gets of every padded batch
+        [int(t.shape[0]) for t in strategy.experimental_local_results(b[0])]
+        for b in strategy.experimental_distribute_dataset(features.padded_for_replicas(ds, 2))
+    ]
     # as run_finetune batches the training split: 1 image in the last batch of 4 would
     # leave a replica with none, and its depthwise gradient with garbage
     plan = finetune.epoch_plan(13, 4, strategy.num_replicas_in_sync)
     train = tf.data.Dataset.from_tensor_slices((x, y))
     train = train.batch(4, drop_remainder=plan.drop_remainder)
     with strategy.scope():
-        model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
+        head = heads.build_dense_head(1280, 2, 0, 0.0)
+        # random-weight features are tiny (~1e-12): without a bias every image would get
+        # p = 0.5, and the val figures below would not tell which images were counted
+        head.get_layer("head_output").bias.assign([0.5, -0.5])
+        model = finetune.assemble(ext, head)
         base = models.base_of(model)
         bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
         stats = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
+        start = model(x, training=False).numpy()  # one device: the model called directly
         result = finetune.finetune(
             model, train, ds, epochs=3, learning_rate=1e-3, unfreeze_layers=4,
             steps_per_epoch=plan.steps,
         )
     after = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
+    end = model(x, training=False).numpy()  # the best epoch's weights, restored
+
+    def loss_accuracy(probs):
+        p = np.clip(probs[np.arange(13), y], 1e-7, 1 - 1e-7)
+        return [float(-np.log(p).mean()), float((probs.argmax(1) == y).mean())]
+
+    best = result.history[result.best_epoch] if result.best_epoch >= 0 else None
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "folded": models.folded_batchnorms(folded),
-        "feature_gap": float(np.abs(got - expected).max()),
+        "feature_gap": float(np.abs(got - expected).max() / np.abs(expected).max()),
         "shape": list(got.shape),
         "bn_unchanged": all(np.array_equal(a, b) for a, b in zip(stats, after)),
         "epochs": len(result.history),
         "losses": [h[k] for h in result.history for k in ("loss", "val_loss")],
+        "per_replica": per_replica,
+        "val_before": [result.val_before["loss"], result.val_before["accuracy"]],
+        "one_device_before": loss_accuracy(start),
+        "val_best": [best["val_loss"], best["val_accuracy"]] if best else None,
+        "one_device_end": loss_accuracy(end),
         "unfrozen": len(result.unfrozen),
         "depthwise_unfrozen": sum(
             isinstance(base.get_layer(n), keras.layers.DepthwiseConv2D) for n in result.unfrozen
@@ -92,25 +113,39 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert res["replicas"] == 2
     assert res["shape"] == [13, 1280] and res["folded"] > 0
     # same features, same order, as the plain (unfolded) model on one device
-    assert res["feature_gap"] < 1e-4
+    assert res["feature_gap"] < 1e-3
     assert res["bn_unchanged"] and res["epochs"] == 3 and res["unfrozen"] == 4
     # a depthwise layer trained and no replica got an empty batch: its garbage gradient would
     # make these NaN or huge (before epoch_plan: in 3 of 4 runs of this script)
     assert res["depthwise_unfrozen"] >= 1
     assert all(0 < loss < 5 for loss in res["losses"]), res["losses"]
+    # Batches of 4 from 13 images: the short last one padded to 2, so no replica gets none
+    # (unpadded, the second gets 0 images, and on oneDNN CPUs the model fails on them).
+    assert res["per_replica"] == [[2, 2], [2, 2], [2, 2], [1, 1]]
+    # Validation under two replicas counts each of the 13 images once, as one device does:
+    # before fine-tuning, and at the best epoch (whose weights the model ends with).
+    np.testing.assert_allclose(res["val_before"], res["one_device_before"], rtol=1e-5)
+    if res["val_best"] is not None:
+        np.testing.assert_allclose(res["val_best"], res["one_device_end"], rtol=1e-5)
 
 
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="TensorFlow's CPU depthwise-convolution filter gradient is not zeroed for 0 images",
+    reason="TensorFlow's CPU convolutions mishandle an empty batch (oneDNN's or Eigen's)",
 )
-def test_upstream_depthwise_gradient_of_an_empty_batch_is_zero():
-    """Why finetune.epoch_plan drops the short last batch when several replicas train: the
-    replica left without images would add this gradient to the shared update. When this
-    starts passing (TensorFlow fixed it), epoch_plan may keep that batch again."""
+def test_upstream_convolution_of_an_empty_batch():
+    """Why extraction and validation pad every batch for the replicas
+    (features.padded_for_replicas) and finetune.epoch_plan leaves out the short last training
+    batch: a replica can get no image. TensorFlow's oneDNN convolution (seen on a Xeon with
+    AVX-512 and AMX) returns its input for an empty batch, not an empty output of its own
+    shape; on other CPUs (earlier CI machines) its depthwise-convolution filter gradient for
+    no images is uninitialised memory, not zeros, and goes into the shared update. When this
+    passes, both may be reconsidered."""
     import tensorflow as tf
 
+    out = tf.nn.conv2d(tf.zeros((0, 8, 8, 3)), tf.ones((3, 3, 3, 16)), 1, "SAME")
+    assert out.shape == (0, 8, 8, 16), f"an empty batch's output has the shape {out.shape}"
     kernel = tf.Variable(tf.ones((3, 3, 16, 1)))
     grads = []
     for _ in range(20):

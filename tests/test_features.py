@@ -63,6 +63,26 @@ def test_count_mismatch_leaves_no_output(tmp_path, extractor, class_folders):
     assert list(out.iterdir()) == []
 
 
+def test_batches_are_padded_for_the_replicas_and_the_padding_is_marked():
+    """Several replicas: every batch a multiple of them, so none gets an empty share."""
+    import tensorflow as tf
+
+    x = np.arange(13, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    y = np.arange(13) % 3
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)  # 5, 5, 3
+    got = [tuple(t.numpy() for t in b) for b in features.padded_for_replicas(batches, 4)]
+    assert [len(b[0]) for b in got] == [8, 8, 4]
+    for (gx, gy, real), first in zip(got, (0, 5, 10), strict=True):
+        n = min(5, 13 - first)
+        rows = [*range(first, first + n), *[first + n - 1] * (len(real) - n)]  # last repeated
+        np.testing.assert_array_equal(gx, x[rows])
+        np.testing.assert_array_equal(gy, y[rows])
+        assert real.tolist() == [1] * n + [0] * (len(real) - n) and real.dtype == np.int32
+    # images alone (the extract stage's batches): (images, real); a full share is left as is
+    alone = [b for b in features.padded_for_replicas(batches.map(lambda a, _: a), 5)]
+    assert [(len(a), int(r.numpy().sum())) for a, r in alone] == [(5, 5), (5, 5), (5, 3)]
+
+
 TINY_VGG = {"backbone": "vgg16", "weights": "none", "image_size": 32, "seed": 0}
 
 

@@ -51,15 +51,45 @@ def compiled_forward(model: keras.Model, strategy=None, xla: bool = False):
         return model(part, training=False)
 
     @tf.function(reduce_retracing=True)
-    def replicated(x):  # x: a per-replica batch from strategy.experimental_distribute_dataset
-        out = strategy.run(per_replica, args=(x,))
-        return strategy.gather(out, axis=0)
+    def replicated(x, real):  # per-replica parts of a batch padded by `padded_for_replicas`
+        out = strategy.gather(strategy.run(per_replica, args=(x,)), axis=0)
+        return tf.boolean_mask(out, strategy.gather(real, axis=0) > 0)
 
-    def forward_replicated(x):
-        return replicated(x)
+    def forward_replicated(batch):
+        return replicated(*batch)
 
     forward_replicated.strategy = strategy  # extract_to_npy distributes the dataset to match
     return forward_replicated
+
+
+def padded_for_replicas(batches: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Each batch (images, or a tuple such as (images, labels)) padded to a multiple of
+    `replicas` rows by repeating its last row, with `real` added last: 1 for the rows that are
+    not padding (int32: collectives take no bool).
+
+    Split across replicas, a short last batch (and any batch not a multiple of them) leaves
+    some replicas with no image, and a model run on an empty batch is not safe: TensorFlow's
+    oneDNN convolution (seen on a Xeon with AVX-512 and AMX) returns its input for one, so
+    the next layer fails (tests/test_distribution.py). Padded, every replica gets the same
+    number of images, at least one; inference mode makes each image's features independent
+    of its batch.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    def pad(*parts):
+        n = tf.shape(parts[0])[0]
+        extra = -n % replicas
+        real = tf.cast(tf.range(n + extra) < n, tf.int32)
+
+        def padded():
+            rows = tf.concat([tf.range(n), tf.fill([extra], n - 1)], axis=0)
+            return tuple(tf.gather(p, rows) for p in parts)
+
+        # a batch that needs no padding passes as it is, not copied
+        kept = tf.cond(extra > 0, padded, lambda: tuple(tf.identity(p) for p in parts))
+        return (*kept, real)
+
+    return batches.map(pad)
 
 
 def extract_to_npy(
@@ -78,6 +108,7 @@ def extract_to_npy(
     forward = forward or compiled_forward(model)
     strategy = getattr(forward, "strategy", None)
     if strategy is not None:  # each global batch split across the replicas, in order
+        images = padded_for_replicas(images, strategy.num_replicas_in_sync)
         images = strategy.experimental_distribute_dataset(images)
     dim = int(model.output_shape[-1])
     start = time.perf_counter()

@@ -102,6 +102,73 @@ def augmenter(
     return keras.Sequential(layers, name="augment") if layers else None
 
 
+def replicas_in_scope() -> int:
+    """Replicas of the tf.distribute strategy in scope (1 outside any)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
+def loss_hits_count(y, probs, counted=None):
+    """Each image's cross-entropy, and the batch's [summed cross-entropy, correct predictions,
+    images]: the sums behind loss and accuracy. `counted` (1 or 0 per image) leaves images out.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    per = keras.losses.sparse_categorical_crossentropy(y, tf.cast(probs, tf.float32))
+    hits = tf.cast(tf.equal(tf.argmax(probs, -1), tf.cast(y, tf.int64)), tf.float32)
+    w = tf.ones_like(per) if counted is None else tf.cast(counted, tf.float32)
+    return per, tf.stack([tf.reduce_sum(per * w), tf.reduce_sum(hits * w), tf.reduce_sum(w)])
+
+
+class ReplicatedValidation(keras.callbacks.Callback):
+    """val_loss and val_accuracy for `fit` under several replicas (MirroredStrategy), equal
+    to `model.evaluate` on one device.
+
+    Keras' own validation splits a short last batch across the replicas as it comes, so
+    some can get no image, and a model run on an empty batch is not safe (TensorFlow's oneDNN
+    convolution returns its input for one: features.padded_for_replicas). Here every batch
+    is padded so that each replica gets images, and the padding is left out of the sums.
+    Put it before callbacks that read val_loss: it adds the figures to the epoch's logs.
+    """
+
+    def __init__(self, val_ds):
+        super().__init__()
+        self.val_ds = val_ds
+        self._step = None
+
+    def evaluate(self) -> dict[str, float]:
+        import tensorflow as tf  # noqa: PLC0415
+
+        from transferline.features import padded_for_replicas  # noqa: PLC0415
+
+        strategy = tf.distribute.get_strategy()
+        if self._step is None:
+            model = self.model
+
+            def sums(x, y, real):
+                return loss_hits_count(y, model(x, training=False), real)[1]
+
+            @tf.function
+            def step(batch):
+                return strategy.reduce("SUM", strategy.run(sums, args=batch), axis=None)
+
+            self._step = step
+        padded = padded_for_replicas(self.val_ds, strategy.num_replicas_in_sync)
+        total = np.zeros(3)
+        for batch in strategy.experimental_distribute_dataset(padded):
+            total += self._step(batch).numpy()
+        return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+
+    def on_epoch_end(self, epoch, logs=None):
+        val = self.evaluate()
+        log.info(
+            "epoch %d: val_loss %.4f val_accuracy %.4f", epoch + 1, val["loss"], val["accuracy"]
+        )
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in val.items()})
+
+
 class KeepBest(keras.callbacks.Callback):
     """Restore the weights with the lowest val_loss at the end, the starting point included.
 
@@ -254,12 +321,19 @@ def finetune(
         steps_per_epoch=steps_per_epoch,
     )
     compile_model(model, lr, optimizer)  # recompile after changing `trainable`
-    before = model.evaluate(val_ds, verbose=0, return_dict=True)
+    callbacks: list[keras.callbacks.Callback] = []
+    if replicas_in_scope() > 1:  # fit's own validation could give a replica no image
+        validate = ReplicatedValidation(val_ds)
+        validate.set_model(model)
+        before, val_ds = validate.evaluate(), None
+        callbacks.append(validate)  # before KeepBest, which reads the val_loss it sets
+    else:
+        before = model.evaluate(val_ds, verbose=0, return_dict=True)
     log.info(
         "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
     )
     keep = KeepBest(before["loss"], patience)
-    callbacks: list[keras.callbacks.Callback] = [keep]
+    callbacks.append(keep)
     limit = TimeLimit(max_minutes) if max_minutes else None
     if limit:
         callbacks.append(limit)
@@ -338,33 +412,25 @@ def finetune_across_machines(
     train = strategy.experimental_distribute_dataset(train_ds.with_options(options))
     val = strategy.experimental_distribute_dataset(val_ds.with_options(options))
 
-    def sums(y, probs, sample_weight):
-        per = keras.losses.sparse_categorical_crossentropy(y, tf.cast(probs, tf.float32))
-        hits = tf.cast(tf.equal(tf.argmax(probs, -1), tf.cast(y, tf.int64)), tf.float32)
-        count = tf.cast(tf.shape(y)[0], tf.float32)
-        return per * sample_weight, tf.reduce_sum(per), tf.reduce_sum(hits), count
-
     @tf.function
     def train_step(batch):
         def step(x, y):
             with tf.GradientTape() as tape:
-                probs = model(x, training=True)
-                weighted, loss_sum, hits, count = sums(y, probs, tf.gather(cw, y))
+                per, stats = loss_hits_count(y, model(x, training=True))
                 # mean over this global batch, as fit's loss (a short last batch included)
-                total = tf.distribute.get_replica_context().all_reduce("SUM", count)
-                scaled = opt.scale_loss(tf.reduce_sum(weighted) / total)  # x1 unless float16
+                total = tf.distribute.get_replica_context().all_reduce("SUM", stats[2])
+                weighted = tf.reduce_sum(per * tf.gather(cw, y))
+                scaled = opt.scale_loss(weighted / total)  # x1 unless float16
             grads = tape.gradient(scaled, weights)
             opt.apply(grads, weights)
-            return tf.stack([loss_sum, hits, count])
+            return stats
 
         return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
     @tf.function
     def eval_step(batch):
         def step(x, y):
-            probs = model(x, training=False)
-            _, loss_sum, hits, count = sums(y, probs, tf.ones_like(y, tf.float32))
-            return tf.stack([loss_sum, hits, count])
+            return loss_hits_count(y, model(x, training=False))[1]
 
         return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
@@ -427,9 +493,11 @@ def epoch_plan(n_images: int, batch_size: int, replicas: int) -> EpochPlan:
     With several replicas a short last batch is split across them in order, so one can get
     no image at all. TensorFlow's CPU gradient of a depthwise convolution (MobileNet,
     EfficientNet, ...) for an empty batch is uninitialised memory, not zeros, and it goes
-    into the shared update: the weights turn to garbage or NaN, at random
-    (tests/test_distribution.py). So with several replicas only full batches train; the set
-    is reshuffled every epoch, so a different few images wait each time.
+    into the shared update: the weights turn to garbage or NaN, at random; on a CPU with
+    AVX-512 and AMX its oneDNN convolution fails on one (tests/test_distribution.py). Padding as
+    validation does (`ReplicatedValidation`) would train on some images twice. So with
+    several replicas only full batches train; the set is reshuffled every epoch, so a
+    different few images wait each time.
     """
     if replicas == 1:
         return EpochPlan(math.ceil(n_images / batch_size), False, n_images)
