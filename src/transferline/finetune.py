@@ -21,6 +21,8 @@ from transferline.errors import StageError
 from transferline.models import Preprocess, base_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transferline.params import FinetuneParams
 
 log = logging.getLogger(__name__)
@@ -102,13 +104,6 @@ def augmenter(
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def replicas_in_scope() -> int:
-    """Replicas of the tf.distribute strategy in scope (1 outside any)."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    return int(tf.distribute.get_strategy().num_replicas_in_sync)
-
-
 def loss_hits_count(y, probs, counted=None):
     """Each image's cross-entropy, and the batch's [summed cross-entropy, correct predictions,
     images]: the sums behind loss and accuracy. `counted` (1 or 0 per image) leaves images out.
@@ -121,44 +116,47 @@ def loss_hits_count(y, probs, counted=None):
     return per, tf.stack([tf.reduce_sum(per * w), tf.reduce_sum(hits * w), tf.reduce_sum(w)])
 
 
-class ReplicatedValidation(keras.callbacks.Callback):
-    """val_loss and val_accuracy for `fit` under several replicas (MirroredStrategy), equal
-    to `model.evaluate` on one device.
+def replicated_evaluation(model: keras.Model, val_ds, strategy) -> Callable[[], dict]:
+    """A function giving val loss and accuracy with every batch split across the replicas of
+    `strategy`, equal to `model.evaluate` on one device.
 
-    Keras' own validation splits a short last batch across the replicas as it comes, so
-    some can get no image, and a model run on an empty batch is not safe (TensorFlow's oneDNN
-    convolution returns its input for one: features.padded_for_replicas). Here every batch
-    is padded so that each replica gets images, and the padding is left out of the sums.
-    Put it before callbacks that read val_loss: it adds the figures to the epoch's logs.
+    Keras' evaluate (and a plain split) divides a short last batch across the replicas as it
+    comes, so some can get no image, and a model run on an empty batch is not safe
+    (TensorFlow's oneDNN convolution returns its input for one:
+    features.padded_for_replicas). Here every batch is padded so that each replica gets
+    images, and the padding is left out of the sums.
     """
+    import tensorflow as tf  # noqa: PLC0415
 
-    def __init__(self, val_ds):
-        super().__init__()
-        self.val_ds = val_ds
-        self._step = None
+    from transferline.features import padded_for_replicas  # noqa: PLC0415
 
-    def evaluate(self) -> dict[str, float]:
-        import tensorflow as tf  # noqa: PLC0415
+    padded = padded_for_replicas(val_ds, strategy.num_replicas_in_sync)
+    data = strategy.experimental_distribute_dataset(padded)
 
-        from transferline.features import padded_for_replicas  # noqa: PLC0415
+    def sums(x, y, real):
+        return loss_hits_count(y, model(x, training=False), real)[1]
 
-        strategy = tf.distribute.get_strategy()
-        if self._step is None:
-            model = self.model
+    @tf.function
+    def step(batch):
+        return strategy.reduce("SUM", strategy.run(sums, args=batch), axis=None)
 
-            def sums(x, y, real):
-                return loss_hits_count(y, model(x, training=False), real)[1]
-
-            @tf.function
-            def step(batch):
-                return strategy.reduce("SUM", strategy.run(sums, args=batch), axis=None)
-
-            self._step = step
-        padded = padded_for_replicas(self.val_ds, strategy.num_replicas_in_sync)
+    def evaluate() -> dict[str, float]:
         total = np.zeros(3)
-        for batch in strategy.experimental_distribute_dataset(padded):
-            total += self._step(batch).numpy()
+        for batch in data:
+            total += step(batch).numpy()
         return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+
+    return evaluate
+
+
+class ReplicatedValidation(keras.callbacks.Callback):
+    """val_loss and val_accuracy from `replicated_evaluation`, for `fit` under several
+    replicas in place of its own validation. Put it before callbacks that read val_loss: it
+    adds the figures to the epoch's logs."""
+
+    def __init__(self, evaluate: Callable[[], dict]):
+        super().__init__()
+        self.evaluate = evaluate
 
     def on_epoch_end(self, epoch, logs=None):
         val = self.evaluate()
@@ -309,6 +307,8 @@ def finetune(
     patience: int | None = None,
 ) -> FinetuneResult:
     """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
+    import tensorflow as tf  # noqa: PLC0415
+
     unfrozen, lr = unfreeze_and_schedule(
         model,
         train_ds,
@@ -322,11 +322,11 @@ def finetune(
     )
     compile_model(model, lr, optimizer)  # recompile after changing `trainable`
     callbacks: list[keras.callbacks.Callback] = []
-    if replicas_in_scope() > 1:  # fit's own validation could give a replica no image
-        validate = ReplicatedValidation(val_ds)
-        validate.set_model(model)
-        before, val_ds = validate.evaluate(), None
-        callbacks.append(validate)  # before KeepBest, which reads the val_loss it sets
+    strategy = tf.distribute.get_strategy()  # the one in scope, if any
+    if strategy.num_replicas_in_sync > 1:  # fit's own validation could give one no image
+        evaluate = replicated_evaluation(model, val_ds, strategy)
+        before, val_ds = evaluate(), None
+        callbacks.append(ReplicatedValidation(evaluate))  # before KeepBest: sets val_loss
     else:
         before = model.evaluate(val_ds, verbose=0, return_dict=True)
     log.info(
@@ -410,7 +410,7 @@ def finetune_across_machines(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train = strategy.experimental_distribute_dataset(train_ds.with_options(options))
-    val = strategy.experimental_distribute_dataset(val_ds.with_options(options))
+    evaluate = replicated_evaluation(model, val_ds.with_options(options), strategy)
 
     @tf.function
     def train_step(batch):
@@ -427,28 +427,23 @@ def finetune_across_machines(
 
         return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
-    @tf.function
-    def eval_step(batch):
-        def step(x, y):
-            return loss_hits_count(y, model(x, training=False))[1]
-
-        return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
-
     def run_epoch(data, step_fn) -> tuple[float, float]:
         total = np.zeros(3)
         for batch in data:
             total += step_fn(batch).numpy()
         return float(total[0] / total[2]), float(total[1] / total[2])
 
-    loss, acc = run_epoch(val, eval_step)
-    before = {"loss": loss, "accuracy": acc}
-    log.info("before fine-tuning: val_loss %.4f val_accuracy %.4f", loss, acc)
-    best_loss, best_epoch, best_weights, wait = loss, -1, model.get_weights(), 0
+    before = evaluate()
+    log.info(
+        "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
+    )
+    best_loss, best_epoch, best_weights, wait = before["loss"], -1, model.get_weights(), 0
     history = []
     for epoch in range(epochs):
         started = time.monotonic()
         loss, acc = run_epoch(train, train_step)
-        val_loss, val_acc = run_epoch(val, eval_step)
+        val = evaluate()
+        val_loss, val_acc = val["loss"], val["accuracy"]
         history.append(
             {
                 "epoch": epoch,
