@@ -140,13 +140,15 @@ def replicated_evaluation(model: keras.Model, val_ds, strategy) -> Callable[[], 
     def step(batch):
         return strategy.reduce("SUM", strategy.run(sums, args=batch), axis=None)
 
-    def evaluate() -> dict[str, float]:
-        total = np.zeros(3)
-        for batch in data:
-            total += step(batch).numpy()
-        return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+    return lambda: loss_accuracy(data, step)
 
-    return evaluate
+
+def loss_accuracy(data, step) -> dict[str, float]:
+    """Loss and accuracy over `data` from `step`'s per-batch `loss_hits_count` sums."""
+    total = np.zeros(3)
+    for batch in data:
+        total += step(batch).numpy()
+    return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
 
 
 class ReplicatedValidation(keras.callbacks.Callback):
@@ -427,12 +429,6 @@ def finetune_across_machines(
 
         return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
-    def run_epoch(data, step_fn) -> tuple[float, float]:
-        total = np.zeros(3)
-        for batch in data:
-            total += step_fn(batch).numpy()
-        return float(total[0] / total[2]), float(total[1] / total[2])
-
     before = evaluate()
     log.info(
         "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
@@ -441,7 +437,8 @@ def finetune_across_machines(
     history = []
     for epoch in range(epochs):
         started = time.monotonic()
-        loss, acc = run_epoch(train, train_step)
+        trained = loss_accuracy(train, train_step)
+        loss, acc = trained["loss"], trained["accuracy"]
         val = evaluate()
         val_loss, val_acc = val["loss"], val["accuracy"]
         history.append(
@@ -489,9 +486,9 @@ def epoch_plan(n_images: int, batch_size: int, replicas: int) -> EpochPlan:
     no image at all. TensorFlow's CPU gradient of a depthwise convolution (MobileNet,
     EfficientNet, ...) for an empty batch is uninitialised memory, not zeros, and it goes
     into the shared update: the weights turn to garbage or NaN, at random; on a CPU with
-    AVX-512 and AMX its oneDNN convolution fails on one (tests/test_distribution.py). Padding as
-    validation does (`ReplicatedValidation`) would train on some images twice. So with
-    several replicas only full batches train; the set is reshuffled every epoch, so a
+    AVX-512 and AMX its oneDNN convolution fails on one (tests/test_distribution.py).
+    Padding as validation does (`replicated_evaluation`) would train on some images twice.
+    So with several replicas only full batches train; the set is reshuffled every epoch, so a
     different few images wait each time.
     """
     if replicas == 1:
