@@ -7,6 +7,9 @@ On the same generated image files, backbone and batch size, measures:
   (b) transferline's extract path end to end: files -> tf.data -> base -> .npy on disk;
   (b_autotune) the same with tf.data's autotuner on (TensorFlow's default; transferline turns
       it off), to show what that is worth;
+  (b_decoded) (b) from the same pixels already decoded and resized, in memory: tf.data (batch,
+      prefetch) -> base -> .npy, no file read or decoded, to split (b)'s gap to (a) into
+      decoding and the rest;
   (c) the common baseline: keras.utils.image_dataset_from_directory + preprocess_input +
       model.predict, the map written plainly (`ds.map(preprocess_input)`);
   (c2) the same baseline tuned: the map with num_parallel_calls=AUTOTUNE, then prefetch;
@@ -17,7 +20,10 @@ timed --repeats times, the paths taking turns round by round; medians are report
 
     python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
                              [--repeats 7] [--paths a_ceiling,b_ours,b_autotune]
-                             [--mixed-precision auto|on|off]
+                             [--mixed-precision auto|on|off] [--formats mixed|jpeg|png]
+
+--formats picks the generated files' formats: mixed (the default: every other file a JPEG, the
+rest PNG), or all JPEG, or all PNG, to show what each costs to decode.
 
 --mixed-precision applies `model.mixed_precision` as the extract stage does (auto: on with a
 GPU, off on a CPU) in every path's process, the baselines' too, so on a GPU box b/a is the
@@ -40,8 +46,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def make_files(root: Path, n: int, px: int = 256) -> list[str]:
-    """n photos-like files (half JPEG, half PNG) in two class folders."""
+FORMATS = {
+    "mixed": (("PNG", "png"), ("JPEG", "jpg")),
+    "jpeg": (("JPEG", "jpg"),),
+    "png": (("PNG", "png"),),
+}
+
+
+def make_files(root: Path, n: int, px: int = 256, formats: str = "mixed") -> list[str]:
+    """n photos-like files in two class folders, in `formats` (FORMATS: mixed alternates)."""
     import numpy as np
     from PIL import Image
 
@@ -52,7 +65,7 @@ def make_files(root: Path, n: int, px: int = 256) -> list[str]:
         img = Image.fromarray(low).resize(
             (px, px), Image.BILINEAR
         )  # smooth, compresses like a photo
-        fmt, ext = ("JPEG", "jpg") if i % 2 else ("PNG", "png")
+        fmt, ext = FORMATS[formats][i % len(FORMATS[formats])]
         p = root / f"class{i % 2}" / f"{i:05d}.{ext}"
         p.parent.mkdir(parents=True, exist_ok=True)
         img.save(p, format=fmt)
@@ -98,7 +111,7 @@ def run_ours(
 def rss_child(args: argparse.Namespace) -> None:
     """Run only (b) on --n files and print this process's peak RSS in MB."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_files(Path(tmp) / "img", args.n)
+        paths = make_files(Path(tmp) / "img", args.n, formats=args.formats)
         from transferline.features import compiled_forward
 
         set_precision(args.mixed_precision)
@@ -115,7 +128,16 @@ def rss_child(args: argparse.Namespace) -> None:
         )
 
 
-PATHS = ("a_ceiling", "a_plain", "b_ours", "b_autotune", "c_baseline", "c2_tuned", "b_xla")
+PATHS = (
+    "a_ceiling",
+    "a_plain",
+    "b_ours",
+    "b_autotune",
+    "b_decoded",
+    "c_baseline",
+    "c2_tuned",
+    "b_xla",
+)
 
 
 def time_path(args: argparse.Namespace) -> None:
@@ -125,7 +147,7 @@ def time_path(args: argparse.Namespace) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from transferline import backbones, images
+    from transferline import backbones, features, images
     from transferline.features import compiled_forward
 
     root = Path(args.root)
@@ -134,17 +156,32 @@ def time_path(args: argparse.Namespace) -> None:
     name = args.time_path
     set_precision(args.mixed_precision)
 
-    if name in ("a_ceiling", "a_plain", "b_ours", "b_autotune", "b_xla"):
+    if name in ("a_ceiling", "a_plain", "b_ours", "b_autotune", "b_decoded", "b_xla"):
         model = build(args.backbone, args.size, fold=name != "a_plain")
         forward = compiled_forward(model, xla=name == "b_xla")
-    if name in ("a_ceiling", "a_plain"):  # the base on tensors already in memory
+    if name in ("a_ceiling", "a_plain", "b_decoded"):  # the pixels, decoded once, in memory
         x = np.concatenate(list(images.make_image_dataset(paths, None, args.size, args.batch)))
+    if name in ("a_ceiling", "a_plain"):  # the base on tensors already in memory
         batches = [tf.constant(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
 
         def once() -> float:
             t = time.perf_counter()
             for b in batches:
                 forward(b).numpy()
+            return time.perf_counter() - t
+
+    elif name == "b_decoded":  # (b)'s tf.data, forward and .npy writing, with nothing to decode
+        out = Path(args.root).parent / f"{name}.npy"
+        options = tf.data.Options()
+        options.autotune.enabled = False  # as images.make_image_dataset
+
+        def once() -> float:
+            batches = tf.data.Dataset.from_tensor_slices(x).batch(args.batch)
+            batches = batches.prefetch(images.PREFETCH_BATCHES).with_options(options)
+            t = time.perf_counter()
+            features.extract_to_npy(
+                model, batches, len(x), out, "float32", desc=name, forward=forward
+            )
             return time.perf_counter() - t
 
     elif name in ("b_ours", "b_autotune", "b_xla"):
@@ -199,6 +236,8 @@ def child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
         str(args.batch),
         "--mixed-precision",
         args.mixed_precision,
+        "--formats",
+        args.formats,
         *extra,
     ]
 
@@ -261,6 +300,7 @@ def main() -> None:
         default="auto",
         help="as model.mixed_precision (auto: on with a GPU)",
     )
+    ap.add_argument("--formats", choices=tuple(FORMATS), default="mixed", help="the files' formats")
     ap.add_argument(
         "--paths",
         help=f"comma-separated subset of {','.join(PATHS)} (skips the RSS runs)",
@@ -283,10 +323,10 @@ def main() -> None:
     names = args.paths.split(",") if args.paths else list(PATHS if args.xla else PATHS[:-1])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "img"
-        make_files(root, args.n)
+        make_files(root, args.n, formats=args.formats)
         runs = interleaved(args, names, root)
     print(
-        f"{args.backbone} at {args.size}px, {args.n} files, batch {args.batch}, "
+        f"{args.backbone} at {args.size}px, {args.n} files ({args.formats}), batch {args.batch}, "
         f"{os.cpu_count()} CPUs, {len(tf.config.list_physical_devices('GPU'))} GPUs, "
         f"{'mixed_float16' if mixed else 'float32'}, TF {tf.__version__}; each path in its own "
         f"process, the paths taking turns; medians of {args.repeats} rounds (min-max); a ratio "
@@ -301,6 +341,7 @@ def main() -> None:
         "a_plain": "(a_plain) the same, BatchNorm not folded",
         "b_ours": "(b) transferline extract",
         "b_autotune": "(b_autotune) the same, tf.data autotune on",
+        "b_decoded": "(b_decoded) (b) on pixels already decoded",
         "c_baseline": "(c) image_dataset_from_directory + predict",
         "c2_tuned": "(c2) the same, map parallel + prefetch",
         "b_xla": "(b_xla) extract with extract.xla: true",
@@ -309,6 +350,7 @@ def main() -> None:
         "a_plain": ("a/a_plain", "a_ceiling", "a_plain"),
         "b_ours": ("b/a", "b_ours", "a_ceiling"),
         "b_autotune": ("b_autotune/a", "b_autotune", "a_ceiling"),
+        "b_decoded": ("b_decoded/a", "b_decoded", "a_ceiling"),
         "c_baseline": ("b/c", "b_ours", "c_baseline"),
         "c2_tuned": ("b/c2", "b_ours", "c2_tuned"),
         "b_xla": ("b_xla/b", "b_xla", "b_ours"),
