@@ -20,7 +20,7 @@ timed --repeats times, the paths taking turns round by round; medians are report
 
     python bench/extract.py [--backbone mobilenet_v2] [--size 160] [--n 300] [--batch 32] [--xla]
                              [--repeats 7] [--paths a_ceiling,b_ours,b_autotune]
-                             [--mixed-precision auto|on|off] [--formats mixed|jpeg|png]
+                             [--mixed-precision auto|on|bfloat16|off] [--formats mixed|jpeg|png]
 
 --formats picks the generated files' formats: mixed (the default: every other file a JPEG, the
 rest PNG), or all JPEG, or all PNG, to show what each costs to decode.
@@ -81,7 +81,7 @@ def build(backbone: str, size: int, fold: bool = True):
     return build_feature_extractor(backbones.get(backbone), "none", size, "avg", seed=0, fold=fold)
 
 
-def set_precision(mode: str) -> bool:
+def set_precision(mode: str) -> str:
     """`model.mixed_precision` as the extract stage applies it (before any model is built)."""
     from transferline.models import set_precision as apply
 
@@ -296,7 +296,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="rounds (timed runs per path)")
     ap.add_argument(
         "--mixed-precision",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "bfloat16", "off"),
         default="auto",
         help="as model.mixed_precision (auto: on with a GPU)",
     )
@@ -319,7 +319,7 @@ def main() -> None:
 
     import tensorflow as tf
 
-    mixed = set_precision(args.mixed_precision)
+    policy = set_precision(args.mixed_precision)
     names = args.paths.split(",") if args.paths else list(PATHS if args.xla else PATHS[:-1])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "img"
@@ -328,7 +328,7 @@ def main() -> None:
     print(
         f"{args.backbone} at {args.size}px, {args.n} files ({args.formats}), batch {args.batch}, "
         f"{os.cpu_count()} CPUs, {len(tf.config.list_physical_devices('GPU'))} GPUs, "
-        f"{'mixed_float16' if mixed else 'float32'}, TF {tf.__version__}; each path in its own "
+        f"{policy}, TF {tf.__version__}; each path in its own "
         f"process, the paths taking turns; medians of {args.repeats} rounds (min-max); a ratio "
         "is the median of its per-round ratios (both paths timed in the same round)"
     )

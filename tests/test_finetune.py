@@ -291,3 +291,58 @@ def test_epoch_plan_keeps_every_replica_fed():
         finetune.epoch_plan(100, 1, 2)
     with pytest.raises(StageError, match=r"larger than the training split \(20 images\)"):
         finetune.epoch_plan(20, 32, 2)
+
+
+def test_bfloat16_extract_then_finetune(tmp_path):
+    """model.mixed_precision: bfloat16 (CPUs with AMX): float32 features on disk, within
+    bfloat16's rounding of float32's, and finetune takes them for its base's own although its
+    unfolded base rounds differently from extract's folded one."""
+    from transferline import dataset, features
+    from transferline.params import DenseParams, FinetuneParams, LogregParams
+
+    from conftest import split
+
+    raw = make_class_folders(tmp_path / "raw" / "pets", per_class=10).parent
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    dataset.write_split(split(raw), splits)
+    args = {"backbone": "efficientnet_b0", "weights": "none", "image_size": 32, "seed": 0}
+    args |= {"pooling": "avg", "batch_size": 4, "dtype": "float32"}
+    feats = {}
+    try:
+        for mode in ("off", "bfloat16"):
+            (out := tmp_path / f"features_{mode}").mkdir()
+            m = features.extract_dataset(raw, splits, out, **args, mixed_precision=mode)
+            feats[mode] = features.load_split(out, "val")[0]
+        assert m["precision"] == "mixed_bfloat16" and m["mixed_precision"] is True
+        (tmp_path / "head").mkdir()
+        heads.train_from_features(
+            out,
+            tmp_path / "head",
+            head_type="logreg",
+            logreg=LogregParams(),
+            dense=DenseParams(),
+            seed=0,
+        )
+        metrics, history = finetune.run_finetune(
+            raw,
+            splits,
+            out,
+            tmp_path / "head",
+            tmp_path / "ft.keras",
+            FinetuneParams(epochs=1, batch_size=4, unfreeze_layers=2),
+            backbone="efficientnet_b0",
+            weights="none",
+            image_size=32,
+            pooling="avg",
+            mixed_precision="bfloat16",
+            seed=0,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert feats["bfloat16"].dtype == np.float32
+    gap = np.abs(feats["bfloat16"] - feats["off"]).max() / np.abs(feats["off"]).max()
+    assert 0 < gap < 0.05, gap  # rounded, not computed in float32, and close to it
+    assert metrics["precision"] == "mixed_bfloat16" and len(history) == 1
+    # 0.026 measured: over float32's limit of 1e-2, so the limit is bfloat16's own
+    assert 0 < metrics["feature_gap"] < finetune.FEATURE_GAP_LIMIT["mixed_bfloat16"]

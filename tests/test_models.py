@@ -197,3 +197,47 @@ def test_out_of_memory_under_mixed_precision_names_the_parameter_only():
     # any other error passes through as it is
     with pytest.raises(ValueError, match="unrelated"), memory_for_batches("extract.batch_size", 8):
         raise ValueError("unrelated")
+
+
+def test_cpu_flags_read_from_proc_cpuinfo(tmp_path):
+    from transferline.models import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\nbugs\t\t: spectre\n")
+    assert cpu_flags(info) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") is None  # not Linux: unknown, not "none"
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags", "policy", "said"),
+    [
+        ("bfloat16", {"amx_bf16"}, "mixed_bfloat16", ["mixed precision on (mixed_bfloat16)"]),
+        ("bfloat16", {"avx2"}, "mixed_bfloat16", ["mixed precision on", "no bfloat16 instr"]),
+        ("bfloat16", None, "mixed_bfloat16", ["mixed precision on (mixed_bfloat16)"]),
+        ("auto", {"avx512_bf16"}, "float32", ["computes bfloat16 natively"]),
+        ("auto", {"avx2"}, "float32", []),
+        ("on", {"avx2"}, "mixed_float16", ["mixed precision on (mixed_float16)"]),
+        ("off", {"amx_bf16"}, "float32", []),
+    ],
+)
+def test_precision_policy_per_mode_and_cpu(monkeypatch, caplog, mode, flags, policy, said):
+    """On a CPU: auto stays float32 (with a hint where bfloat16 is native), bfloat16 warns
+    where the CPU would emulate it, on is mixed_float16."""
+    from transferline import models
+
+    monkeypatch.setattr(models, "gpus", lambda: [])
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)  # None: unknown (not Linux)
+    caplog.set_level("INFO", logger="transferline.models")
+    try:
+        assert models.set_precision(mode) == policy
+        assert keras.mixed_precision.global_policy().name == policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == len(said), logged
+    for message, part in zip(logged, said, strict=True):
+        assert part in message
+    if "no bfloat16 instr" in " ".join(said):
+        assert (
+            "model.mixed_precision: off" in logged[-1] and caplog.records[-1].levelname == "WARNING"
+        )

@@ -173,16 +173,17 @@ def extract_dataset(
 ) -> dict:
     """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics.
 
-    `mixed_precision` auto|on|off (features are written as `dtype` either way); with several
-    GPUs (or `devices`) every batch is split across them. BatchNormalization is folded into
-    the convolutions (`models.fold_batchnorm`): the same features up to float rounding, faster.
+    `mixed_precision` auto|on|bfloat16|off (features are written as `dtype` either way);
+    with several GPUs (or `devices`) every batch is split across them. BatchNormalization is
+    folded into the convolutions (`models.fold_batchnorm`): the same features up to float
+    rounding, faster.
     """
     import json  # noqa: PLC0415
 
     from transferline import backbones, images, models  # noqa: PLC0415
 
     classes = json.loads((splits_dir / "classes.json").read_text())
-    mixed = models.set_precision(mixed_precision)
+    policy = models.set_precision(mixed_precision)
     strategy = models.distribution(devices)
     with strategy.scope():
         extractor = models.build_feature_extractor(
@@ -225,7 +226,8 @@ def extract_dataset(
         "seconds": round(total_s, 3),
         "images": total_n,
         "per_split": per_split,
-        "mixed_precision": mixed,
+        "mixed_precision": policy != "float32",
+        "precision": policy,
         "xla": xla,
         "replicas": int(strategy.num_replicas_in_sync),
         "batchnorm_folded": models.folded_batchnorms(extractor),

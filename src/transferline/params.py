@@ -207,8 +207,9 @@ class ModelParams(_Strict):
     weights: str = "imagenet"
     image_size: int | None = Field(default=None, ge=1)
     pooling: Literal["avg", "max"] = "avg"
-    # auto: mixed_float16 when a GPU is visible, float32 on CPU (where float16 is slower)
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    # auto: mixed_float16 when a GPU is visible, float32 on CPU (where float16 is slower);
+    # on: mixed_float16; bfloat16: mixed_bfloat16 (CPUs with AMX, GPUs from Ampere on)
+    mixed_precision: Literal["auto", "on", "bfloat16", "off"] = "auto"
 
     @field_validator("backbone")
     @classmethod
