@@ -24,6 +24,7 @@ def run(p: Params) -> None:
             image_size=m.size,
             batch_size=p.extract.batch_size,
         )
+    stagekit.add_val_accuracy(metrics)
     write_json(stagekit.METRICS / "evaluate.json", metrics)
     for name, result in metrics.items():
         stagekit.log.info(
@@ -37,10 +38,10 @@ def run(p: Params) -> None:
     source = "finetune" if finetuned is not None else "head"
     meta = {"image_size": m.size, "source": source, "backbone": m.backbone}
     export.save_classifier(stagekit.CLASSIFIER, classifier, classes, meta)
-    with stagekit.mlflow_run(p, uses_weights=True) as run:
+    with stagekit.mlflow_run(p) as run:
         stagekit.log_everything(run)
         stagekit.log_datasets(run, p.data.dataset)
-        run.set_tags({"device": models.device_description(), "model.source": source})
+        run.set_tags({**models.runtime_tags(), "model.source": source})
         tracking.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
 
 

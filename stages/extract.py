@@ -28,10 +28,9 @@ def run(p: Params) -> None:
     stagekit.log.info(
         "extract: %d images at %.1f img/s", metrics["images"], metrics["images_per_second"]
     )
-    with stagekit.mlflow_run(p, uses_weights=True) as run:
-        run.log_metrics(
-            {k: metrics[k] for k in ("images_per_second", "seconds")}, prefix="extract."
-        )
+    with stagekit.mlflow_run(p) as run:
+        stagekit.log_stage_metrics(run, "extract", metrics)
+        run.set_tags({**models.runtime_tags(), "precision": metrics["precision"]})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 With finetune.enabled false it writes a small skip marker instead, so the DAG stays whole.
 """
 
+import contextlib
+
 from transferline import stagekit
 from transferline.files import write_csv, write_json, write_skip_marker
 from transferline.params import Params
@@ -22,27 +24,28 @@ def run(p: Params) -> None:
     from transferline import finetune, models  # noqa: PLC0415  (TensorFlow: after params)
 
     models.seed_everything(p.seed)
-    metrics, history = finetune.run_finetune(
-        stagekit.RAW,
-        stagekit.SPLITS,
-        stagekit.FEATURES,
-        stagekit.FINETUNE_INIT,
-        stagekit.FINETUNED,
-        f,
-        backbone=p.model.backbone,
-        weights=p.model.weights,
-        image_size=p.model.size,
-        pooling=p.model.pooling,
-        mixed_precision=p.model.mixed_precision,
-        seed=p.seed,
-    )
-    write_json(stagekit.METRICS / "finetune.json", metrics)
-    write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)
-    if not models.is_chief():  # another machine of a TF_CONFIG cluster: the chief logs
-        return
-    with stagekit.mlflow_run(p, uses_weights=True) as run:
-        run.log_metrics(metrics, prefix="finetune.")
-        run.log_history(history, prefix="finetune.history.")
+    chief = models.is_chief()  # another machine of a TF_CONFIG cluster: the chief logs
+    with stagekit.mlflow_run(p) if chief else contextlib.nullcontext() as run:
+        metrics, history = finetune.run_finetune(
+            stagekit.RAW,
+            stagekit.SPLITS,
+            stagekit.FEATURES,
+            stagekit.FINETUNE_INIT,
+            stagekit.FINETUNED,
+            f,
+            backbone=p.model.backbone,
+            weights=p.model.weights,
+            image_size=p.model.size,
+            pooling=p.model.pooling,
+            mixed_precision=p.model.mixed_precision,
+            seed=p.seed,
+            on_epoch=run.epoch_logger("finetune.history.") if run else None,  # live curves
+        )
+        write_json(stagekit.METRICS / "finetune.json", metrics)
+        write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)
+        if run:
+            stagekit.log_stage_metrics(run, "finetune", metrics)
+            run.set_tags({"precision": metrics["precision"]})
 
 
 if __name__ == "__main__":

@@ -32,21 +32,15 @@ def run(p: Params) -> None:
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)
     write_json(stagekit.METRICS / "split.json", metrics)
-    totals = {f"{s}_images": sum(c.values()) for s, c in metrics["counts"].items()}
     stagekit.log.info(
         "split: %s; rejected %d, duplicates %d",
         # per class up to 10 classes (not three dicts of 120 dog breeds on one line)
-        metrics["counts"]
-        if len(result.classes) <= 10
-        else f"{len(result.classes)} classes, {totals}",
+        result.counts if len(result.classes) <= 10 else f"{len(result.classes)} classes, {metrics}",
         metrics["rejected"],
         metrics["duplicates"],
     )
     with stagekit.mlflow_run(p) as run:
-        run.log_metrics(
-            {**totals, **{k: metrics[k] for k in ("rejected", "duplicates", "exif_turned")}},
-            prefix="split.",
-        )
+        stagekit.log_stage_metrics(run, "split", metrics)
         stagekit.log_datasets(run, p.data.dataset)
 
 

@@ -15,26 +15,27 @@ def run(p: Params) -> None:
         from transferline.models import seed_everything  # noqa: PLC0415  (TensorFlow)
 
         seed_everything(p.seed)
-    with atomic_dir(stagekit.HEAD) as tmp:
-        metrics, history = heads.train_from_features(
-            stagekit.FEATURES,
-            tmp,
-            head_type=p.head.type,
-            logreg=p.head.logreg,
-            dense=p.head.dense,
-            seed=p.seed,
-        )
-    with atomic_dir(stagekit.FINETUNE_INIT) as tmp:
-        if p.finetune.enabled:
-            heads.copy_head(stagekit.HEAD, tmp)
-        else:
-            write_json(tmp / "disabled.json", {"finetune.enabled": False})
-    write_json(stagekit.METRICS / "train_head.json", metrics)
-    write_csv(stagekit.PLOTS / "head_history.csv", history)
-    stagekit.log.info("head (%s): val_accuracy %.4f", p.head.type, metrics["val_accuracy"])
     with stagekit.mlflow_run(p) as run:
-        run.log_metrics(metrics, prefix="head.")
-        run.log_history(history, prefix="head.history.")
+        with atomic_dir(stagekit.HEAD) as tmp:
+            metrics, history = heads.train_from_features(
+                stagekit.FEATURES,
+                tmp,
+                head_type=p.head.type,
+                logreg=p.head.logreg,
+                dense=p.head.dense,
+                seed=p.seed,
+                on_epoch=run.epoch_logger("head.history."),  # the dense head's, live
+            )
+        with atomic_dir(stagekit.FINETUNE_INIT) as tmp:
+            if p.finetune.enabled:
+                heads.copy_head(stagekit.HEAD, tmp)
+            else:
+                write_json(tmp / "disabled.json", {"finetune.enabled": False})
+        write_json(stagekit.METRICS / "train_head.json", metrics)
+        write_csv(stagekit.PLOTS / "head_history.csv", history)
+        stagekit.log.info("head (%s): val_accuracy %.4f", p.head.type, metrics["val_accuracy"])
+        stagekit.log_stage_metrics(run, "train_head", metrics)
+        run.log_history(history, prefix="head.history.")  # logreg's one row
 
 
 if __name__ == "__main__":

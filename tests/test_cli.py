@@ -186,7 +186,9 @@ def test_compare_prints_runs_best_first(tmp_path):
         mp.setenv(*next(iter(env.items())))
         ids = {}
         for h, acc in (("resnet50", 0.81), ("vgg16", 0.93)):
-            run = tracking.open_run("cmp", h, {"model.backbone": h}, f"{h}-run")
+            run = tracking.open_run(
+                "cmp", tracking.RunInputs.here(h), {"model.backbone": h}, f"{h}-run"
+            )
             run.log_metrics({"test.head.accuracy": acc})
             tracking.close_run(run)
             ids[h] = run.run_id
@@ -209,6 +211,25 @@ def test_compare_prints_runs_best_first(tmp_path):
     missing = run_cli("compare", "--experiment", "nope", env=env)
     assert missing.returncode == 1 and "no runs in experiment 'nope'" in missing.stderr
     assert "experiments with runs there: cmp (pick one with --experiment)" in missing.stderr
+
+
+def test_compare_fits_160_columns_whatever_the_names(tmp_path, monkeypatch):
+    from transferline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_EXP_NAME", "a-rather-long-experiment-name-of-a-sweep")
+    params = {"model.backbone": "efficientnet_v2_b3", "model.image_size": 300,
+              "head.type": "logreg", "finetune.enabled": True}  # fmt: skip
+    run = tracking.open_run("wide", tracking.RunInputs.here("w"), params, "x" * 60)
+    run.log_metrics({"test.head.accuracy": 0.5, "test.finetune.accuracy": 0.25})
+    tracking.close_run(run)
+    out = run_cli("compare", "--experiment", "wide", env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 160
+    row = lines[2].split()
+    assert row[0] == run.run_id and row[1] == "x" * 23 + "…" and row[2].endswith("…")
+    assert "0.2500" in row and "FINISHED" in row
 
 
 @pytest.mark.parametrize(

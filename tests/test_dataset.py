@@ -508,7 +508,17 @@ def test_write_split_outputs(tmp_path, class_folders):
     assert rows and set(rows[0]) == {"path", "label"}
     with (out / "rejected.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4 == metrics["rejected"]
-    assert metrics["counts"]["test"] == {"cat": 2, "dog": 2}
+    # Headline figures only: the per-class counts are a plain CSV beside the manifests.
+    assert set(metrics) == {"train_images", "val_images", "test_images", "rejected", "duplicates"}
+    assert metrics["test_images"] == 4 and metrics["train_images"] == len(rows)
+    with (out / "counts.csv").open() as f:
+        counts = list(csv.DictReader(f))
+    assert [(r["class"], r["test"]) for r in counts] == [("cat", "2"), ("dog", "2")]
+    assert sum(int(r["train"]) for r in counts) == len(rows)
+    assert json.loads((out / "summary.json").read_text()) == {
+        "layout": result.layout,
+        "exif_turned": 0,
+    }
 
 
 def test_label_map_merges_and_reconciles(tmp_path):
@@ -706,8 +716,12 @@ def test_the_split_stage_reads_data_labels(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     split_json = json.loads((tmp_path / "metrics" / "split.json").read_text())
-    assert split_json["layout"] == "csv" and split_json["rejected"] == 0
-    assert set(split_json["counts"]["train"]) == {"husky", "pug"}
+    assert split_json["rejected"] == 0
+    assert sum(split_json[f"{s}_images"] for s in ("train", "val", "test")) == 20
+    summary = json.loads((tmp_path / "data" / "splits" / "summary.json").read_text())
+    assert summary["layout"] == "csv"
+    counts = (tmp_path / "data" / "splits" / "counts.csv").read_text().splitlines()
+    assert counts[0] == "class,train,val,test" and len(counts) == 3
     rows = (tmp_path / "data" / "splits" / "train.csv").read_text().splitlines()
     assert rows[0] == "path,label" and all(r.startswith("train/") for r in rows[1:])
     owners = {
@@ -748,7 +762,8 @@ def test_splitting_never_imports_tensorflow(tmp_path):
         f"r = dataset.build_split(Path({str(root)!r}), layout='auto', val=0.2, test=0.2, "
         "seed=1, max_per_class=None)\n"
         f"m = dataset.write_split(r, Path({str(tmp_path / 'out')!r}))\n"
-        "print(sum(sum(c.values()) for c in m['counts'].values()), 'tensorflow' in sys.modules)"
+        "n = sum(m[f'{s}_images'] for s in ('train', 'val', 'test'))\n"
+        "print(n, 'tensorflow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["10", "False"], out.stderr

@@ -217,14 +217,16 @@ MACHINE = textwrap.dedent(
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # short last batch
     # 17 images in batches of 8: the last one image, which leaves a machine none unpadded
     val = tf.data.Dataset.from_tensor_slices((x[:17], y[:17])).batch(8)
+    seen = []
     with strategy.scope():
         ext = models.build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
         model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
         start = np.concatenate([np.ravel(w) for w in model.get_weights()])
         result = finetune.finetune_across_machines(
             model, ds, val, strategy, epochs=2, learning_rate=1e-3, unfreeze_layers=4,
-            optimizer="sgd",
+            optimizer="sgd", on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs}),
         )
+    assert seen == result.history  # the live logger gets each epoch as the history has it
     end = np.concatenate([np.ravel(w) for w in model.get_weights()])
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,

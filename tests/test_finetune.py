@@ -64,6 +64,9 @@ def test_combined_model_starts_at_the_logreg_head(tmp_path):
     assert finetune.max_feature_gap(ext, x_img, feats.astype(np.float16)) < 1e-2
 
 
+tracking_keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def test_fine_tuning_never_ends_worse_than_it_started():
     ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
     x, y = images(16)
@@ -74,8 +77,15 @@ def test_fine_tuning_never_ends_worse_than_it_started():
 
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     # A learning rate this large wrecks the model: the starting weights must come back.
-    result = finetune.finetune(model, ds, ds, epochs=2, learning_rate=50.0, unfreeze_layers=2)
+    seen = []  # what a live logger gets as each epoch ends
+    result = finetune.finetune(
+        model, ds, ds, epochs=2, learning_rate=50.0, unfreeze_layers=2,
+        on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs}),
+    )  # fmt: skip
     assert result.best_epoch == -1
+    assert [{k: r[k] for k in tracking_keys} for r in seen] == [
+        {k: r[k] for k in tracking_keys} for r in result.history
+    ]
     for a, b in zip(start, model.weights, strict=True):
         np.testing.assert_array_equal(a, np.array(b))
     assert len(result.history) == 2 and "val_loss" in result.history[0]

@@ -51,33 +51,32 @@ def test_abandoning_a_run_on_a_store_that_is_gone_returns_at_once():
     assert time.perf_counter() - start < 30
 
 
-def test_stages_that_build_a_base_tag_the_run_with_the_weights_files_md5(params, tmp_path):
-    # The run is found by the params' hash, which holds only the file's path: the tag is what
-    # tells a run made with a replaced file. It is the md5 DVC records in the file's .dvc file.
+def test_a_replaced_weights_file_makes_a_new_run_and_the_first_keeps_its_metrics(params, tmp_path):
+    # The params hold only the file's path: its md5 (as DVC records it in the file's .dvc
+    # file) is one of the run's inputs, so a replaced file cannot log into the earlier run.
     weights = tmp_path / "weights" / "base.weights.h5"
     weights.parent.mkdir()
     weights.write_bytes(b"abc")
     params = params.model_copy(
         update={"model": params.model.model_copy(update={"weights": "weights/base.weights.h5"})}
     )
-    with stagekit.mlflow_run(params):  # split, train_head: no base, no tag
-        pass
-    assert stagekit.WEIGHTS_MD5_TAG not in runs(params.mlflow.experiment)[0].data.tags
-    with stagekit.mlflow_run(params, uses_weights=True):
-        pass
-    (run,) = runs(params.mlflow.experiment)
-    assert run.data.tags[stagekit.WEIGHTS_MD5_TAG] == "900150983cd24fb0d6963f7d28e17f72"
-    weights.write_bytes(b"replaced")  # same path, same params, same run: the tag follows
-    with stagekit.mlflow_run(params, uses_weights=True):
-        pass
-    (run,) = runs(params.mlflow.experiment)
-    assert run.data.tags[stagekit.WEIGHTS_MD5_TAG] == "91bb248359043fe98416e259c9bdf10d"
+    with stagekit.mlflow_run(params) as first:
+        first.log_metrics({"accuracy": 0.5}, prefix="test.head.")
+    weights.write_bytes(b"replaced")  # same path, same params
+    with stagekit.mlflow_run(params) as second:
+        second.log_metrics({"accuracy": 0.9}, prefix="test.head.")
+    assert second.run_id != first.run_id
+    by_id = {r.info.run_id: r for r in runs(params.mlflow.experiment)}
+    assert by_id[first.run_id].data.tags["model.weights_md5"] == "900150983cd24fb0d6963f7d28e17f72"
+    assert by_id[first.run_id].data.metrics["test.head.accuracy"] == 0.5
+    assert by_id[second.run_id].data.tags["model.weights_md5"] == "91bb248359043fe98416e259c9bdf10d"
+    assert by_id[second.run_id].data.tags[tracking.DIFFERS_TAG] == f"{first.run_id} (weights)"
 
 
-def test_imagenet_and_random_weights_get_no_md5_tag(params):
-    with stagekit.mlflow_run(params, uses_weights=True):
+def test_imagenet_and_random_weights_are_named_for_what_they_are(params):
+    with stagekit.mlflow_run(params):
         pass
-    assert stagekit.WEIGHTS_MD5_TAG not in runs(params.mlflow.experiment)[0].data.tags
+    assert runs(params.mlflow.experiment)[0].data.tags["model.weights_md5"] == "imagenet"
 
 
 def test_a_stage_samples_the_machine_into_its_run_and_a_failed_one_is_marked(params, monkeypatch):
@@ -177,3 +176,56 @@ def test_a_stage_lets_tensorflow_take_gpu_memory_as_needed_unless_told_otherwise
         == 0
     )
     assert found == [seen]
+
+
+def test_the_dense_head_logs_each_epoch_as_it_ends_and_a_killed_run_keeps_them(params):
+    """Live curves: each epoch's figures are in the MLflow store when the epoch ends, and a
+    stage stopped mid-training (Ctrl-C, SIGTERM) leaves the epochs so far in a FAILED run."""
+    import numpy as np
+
+    from transferline import heads
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    in_store = []
+    with pytest.raises(KeyboardInterrupt), stagekit.mlflow_run(params) as run:
+        logger = run.epoch_logger("head.history.")
+
+        def on_epoch(epoch, logs):
+            logger(epoch, logs)
+            history = client.get_metric_history(run.run_id, "head.history.val_loss")
+            in_store.append([m.step for m in history])
+            if epoch == 2:
+                raise KeyboardInterrupt  # as Ctrl-C, or SIGTERM through the stage harness
+
+        heads.train_dense(
+            x, y, x, y, 2, units=4, dropout=0.0, learning_rate=0.01, epochs=10,
+            batch_size=8, patience=10, on_epoch=on_epoch,
+        )  # fmt: skip
+    assert in_store == [[0], [0, 1], [0, 1, 2]]
+    (done,) = runs(params.mlflow.experiment)
+    assert done.info.status == "FAILED"
+    assert {"head.history.loss", "head.history.accuracy", "head.history.val_accuracy"} <= set(
+        done.data.metrics
+    )
+
+
+def test_sigterm_ends_a_stage_as_ctrl_c_does(params):
+    import signal
+
+    argv = ["--params", str(REPO / "params.yaml")]
+
+    def work(p):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # not reached: the handler ends the stage
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            stagekit.main("finetune", work, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    (run,) = runs(params.mlflow.experiment)
+    assert run.info.status == "FAILED"

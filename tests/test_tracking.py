@@ -29,7 +29,7 @@ def git_in(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_path, monkeypatch):
+def test_context_tags_name_commit_dirty_flag_experiment_and_versions(tmp_path, monkeypatch):
     from importlib import metadata
 
     git = functools.partial(git_in, tmp_path)
@@ -37,19 +37,30 @@ def test_context_tags_name_commit_dirty_flag_experiment_data_and_versions(tmp_pa
     monkeypatch.chdir(tmp_path)
     git("init", "-q")
     (tmp_path / "params.yaml").write_text("seed: 1\n")
-    (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  download:\n    cmd: python stages/download.py\n"
-        "    outs:\n    - path: data/raw\n      md5: 0123abcd.dir\n"
-    )
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "split.py").write_text("print('split')\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "split.json").write_text("{}\n")
     git("add", ".")
     git("commit", "-qm", "first")
+    baseline = git("rev-parse", "HEAD")
     monkeypatch.setenv("DVC_EXP_NAME", "wise-owl")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+    # What `dvc exp run -S` and the stages change is not a dirty tree: DVC records it.
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    (tmp_path / "metrics" / "split.json").write_text('{"rejected": 0}\n')
     tags = tracking.context_tags()
-    assert tags["git.commit"] == git("rev-parse", "HEAD") and tags["git.dirty"] == "false"
-    assert tags["dvc.exp_name"] == "wise-owl" and tags["data.raw_md5"] == "0123abcd.dir"
+    assert tags["git.commit"] == baseline and tags["git.dirty"] == "false"
+    assert tags["dvc.exp_name"] == "wise-owl" and tags["dvc.exp_baseline"] == baseline
+    assert tags["dvc.exp_ref"] == f"refs/exps/{baseline[:2]}/{baseline[2:]}/wise-owl"
+    assert tags["version.python"] == ".".join(map(str, sys.version_info[:3]))
     for pkg in ("tensorflow", "keras", "dvc", "mlflow"):
         assert tags[f"version.{pkg}"] == metadata.version(pkg)
-    (tmp_path / "params.yaml").write_text("seed: 2\n")  # as `dvc exp run -S` leaves it
+    # A code change is, under `dvc exp run` too.
+    (tmp_path / "stages" / "split.py").write_text("print('changed')\n")
+    assert tracking.context_tags()["git.dirty"] == "true"
+    git("checkout", "stages/split.py")
+    # Outside an experiment, an edited params.yaml is not in the commit: dirty.
     monkeypatch.delenv("DVC_EXP_NAME")
     tags = tracking.context_tags()
     assert tags["git.dirty"] == "true" and "dvc.exp_name" not in tags
@@ -65,7 +76,7 @@ def test_runs_carry_mlflows_own_source_tags(tmp_path, monkeypatch):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "evaluate.py").write_text(
         "from transferline import tracking\n"
-        "run = tracking.open_run('exp', 'hash-s', {'seed': 1}, 's')\n"
+        "run = tracking.open_run('exp', tracking.RunInputs.here('hash-s'), {'seed': 1}, 's')\n"
         "tracking.close_run(run)\n"
         "print(run.run_id)\n"
     )
@@ -90,13 +101,19 @@ def test_one_run_per_parameter_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
-    a = tracking.open_run("exp", "hash-a", {"model.backbone": "vgg16"}, "first")
+    a = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-a"), {"model.backbone": "vgg16"}, "first"
+    )
     a.log_metrics({"accuracy": 0.5, "flag": True}, prefix="head.")
     a.log_history([{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}], prefix="h.")
     tracking.close_run(a)
-    again = tracking.open_run("exp", "hash-a", {"model.backbone": "vgg16"}, "first")
+    again = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-a"), {"model.backbone": "vgg16"}, "first"
+    )
     tracking.close_run(again)
-    other = tracking.open_run("exp", "hash-b", {"model.backbone": "vgg19"}, "second")
+    other = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-b"), {"model.backbone": "vgg19"}, "second"
+    )
     tracking.close_run(other)
     assert again.run_id == a.run_id != other.run_id
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
@@ -117,7 +134,7 @@ def test_class_names_mlflow_refuses_are_logged_with_underscores(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = {"data.label_map.Corn_(maize)___healthy": "corn", "model.backbone": "vgg16"}
-    run = tracking.open_run("exp", "hash-p", params, "plants")
+    run = tracking.open_run("exp", tracking.RunInputs.here("hash-p"), params, "plants")
     run.log_metrics(
         {
             "per_class.Corn_(maize)___healthy.f1": 0.9,
@@ -152,7 +169,7 @@ def test_split_manifests_are_the_runs_mlflow_datasets(tmp_path, monkeypatch):
     (tmp_path / "train.csv").write_text("path,label\na/1.png,a\nb/2.png,b\nb/3.png,b\n")
     (tmp_path / "test.csv").write_text("path,label\na/4.png,a\n")
     manifests = {"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"}
-    run = tracking.open_run("exp", "hash-d", {"seed": 1}, "d")
+    run = tracking.open_run("exp", tracking.RunInputs.here("hash-d"), {"seed": 1}, "d")
     run.log_datasets("pets", manifests, "0123abcd.dir")
     run.log_datasets("pets", manifests, "0123abcd.dir")  # evaluate logs them again: no change
     client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
@@ -189,7 +206,9 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
     model = finetune.assemble(ext, heads.build_dense_head(1280, 3, 0, 0.0))
     clf = export.export_classifier(model, 32)
-    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    run = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-m"), {"model.backbone": "mobilenet_v2"}, "m"
+    )
     run.log_metrics({"accuracy": 0.75}, prefix="test.head.")
     run.log_metrics({"loss": 0.5}, prefix="head.")
     uri = tracking.log_classifier(run, clf, ["a", "b", "c"], 32, register_as="pets")
@@ -217,7 +236,9 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     # it means the newest, with the newest metrics.
     # Before it, an evaluate killed mid-upload left a PENDING model: it is deleted first. One
     # that a live process (another evaluate of the same params) is still uploading is kept.
-    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    run = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-m"), {"model.backbone": "mobilenet_v2"}, "m"
+    )
     exp_id = logged.experiment_id
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -249,7 +270,9 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     before = listed()
-    run = tracking.open_run("exp", "hash-m", {"model.backbone": "mobilenet_v2"}, "m")
+    run = tracking.open_run(
+        "exp", tracking.RunInputs.here("hash-m"), {"model.backbone": "mobilenet_v2"}, "m"
+    )
     with monkeypatch.context() as patched, pytest.raises(OSError, match="No space"):
         patched.setattr(mlflow.keras, "save_model", broken_save)
         tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
@@ -302,7 +325,9 @@ def test_latest_runs_best_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for h, acc, ft in (("a", 0.7, None), ("b", 0.6, 0.9), ("c", 0.8, None), ("d", 0.99, None)):
-        run = tracking.open_run("cmp", h, {"model.backbone": h, "head.type": "logreg"}, h)
+        run = tracking.open_run(
+            "cmp", tracking.RunInputs.here(h), {"model.backbone": h, "head.type": "logreg"}, h
+        )
         run.log_metrics({"head.accuracy": acc, **({"finetune.accuracy": ft} if ft else {})},
                         prefix="test.")  # fmt: skip
         tracking.close_run(run, failed=h == "d")
@@ -412,3 +437,53 @@ def test_stages_starting_together_share_a_new_sqlite_store(tmp_path):
     failed = [err[-600:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode]
     assert not failed, failed[0]
     assert all(out.strip() == env["MLFLOW_TRACKING_URI"] for out, _ in results)
+
+
+def test_a_run_stands_for_its_inputs_params_data_code_and_machine(tmp_path, monkeypatch):
+    """Same inputs: one run. Other data, code or machine under the same params: a new run,
+    tagged with what changed, and the earlier run's metrics stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    lock = tmp_path / "dvc.lock"
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "split.py").write_text("print('split')\n")
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+
+    def pipeline(data_md5: str, accuracy: float) -> str:
+        lock.write_text(
+            "schema: '2.0'\nstages:\n  download:\n    outs:\n    - path: data/raw\n"
+            f"      md5: {data_md5}\n"
+        )
+        for stage in ("split", "evaluate"):  # two stages of one pipeline run: one run
+            run = tracking.open_run("exp", tracking.RunInputs.here("p1"), {"seed": 1}, stage)
+            if stage == "evaluate":
+                run.log_metrics({"accuracy": accuracy}, prefix="test.head.")
+            tracking.close_run(run)
+        return run.run_id
+
+    first = pipeline("aaa.dir", 0.5)
+    assert pipeline("aaa.dir", 0.5) == first  # the same inputs again: the same run
+    data = pipeline("bbb.dir", 0.7)  # new images under the same params
+    (tmp_path / "stages" / "split.py").write_text("print('changed')\n")
+    code = pipeline("bbb.dir", 0.8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as on a machine with another device
+    elsewhere = pipeline("bbb.dir", 0.8)
+    assert len({first, data, code, elsewhere}) == 4
+    runs = {
+        r.info.run_id: r
+        for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    }
+    assert len(runs) == 4
+    assert runs[first].data.metrics["test.head.accuracy"] == 0.5  # never replaced
+    assert [m.value for m in client.get_metric_history(first, "test.head.accuracy")] == [0.5, 0.5]
+    assert runs[data].data.tags[tracking.DIFFERS_TAG] == f"{first} (data)"
+    assert runs[data].data.tags["data.raw_md5"] == "bbb.dir"
+    assert runs[code].data.tags[tracking.DIFFERS_TAG] == f"{data} (code)"
+    # The same inputs on another machine: a run of its own, linked to the first computation.
+    assert runs[elsewhere].data.tags[tracking.SAME_INPUTS_TAG] == code
+    assert (
+        runs[elsewhere].data.tags[tracking.INPUTS_TAG] == runs[code].data.tags[tracking.INPUTS_TAG]
+    )
+    assert runs[elsewhere].data.tags["machine"].endswith("(CUDA_VISIBLE_DEVICES=)")
+    assert len({r.data.tags[tracking.HASH_TAG] for r in runs.values()}) == 1

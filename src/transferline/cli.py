@@ -1,5 +1,5 @@
 """`transferline` command line: list backbones, check params, run the offline quickstart,
-predict with a trained model, export it as a SavedModel, compare MLflow runs.
+predict with a trained model, export it as a SavedModel, compare MLflow runs, reproduce one.
 
 TensorFlow is imported only by `predict` and `export`, so `--help`, `check` and `compare`
 answer at once.
@@ -34,6 +34,23 @@ QUICKSTART = {
     "finetune.augment.flip": "false",
     "mlflow.experiment": "quickstart",
 }
+
+# `dvc exp show --only-changed` keeps every column whose values differ, the baseline's row
+# included, which holds no metrics when its results were never committed. These columns are
+# never what tells two experiments apart: the time, the deps' hashes, the split totals and
+# the secondary test figures (all in `dvc metrics show`).
+EXP_SHOW_DROP = (
+    r"Created|.*/.*|weights|.*_images|rejected|duplicates"
+    r"|.*\.(balanced_accuracy|log_loss|roc_auc|top5_accuracy)$"
+)
+
+
+def exp_show_command(fixed: list[str]) -> list[str]:
+    """`dvc exp show` of the headline figures and the params that differ between experiments;
+    `fixed` params (set alike in every experiment, e.g. the quickstart's) are left out too."""
+    drop = "|".join([EXP_SHOW_DROP, *(key.replace(".", r"\.") + "$" for key in fixed)])
+    return ["dvc", "exp", "show", "--only-changed", "--drop", drop]
+
 
 _FALLBACK_IDENTITY = {
     "GIT_AUTHOR_NAME": "transferline quickstart",
@@ -134,7 +151,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.run(cmd, env=experiment_env(), check=False).returncode
+    code = subprocess.run(cmd, env=experiment_env(), check=False).returncode
+    if code == 0:
+        user_set = {item.partition("=")[0] for item in args.set or []}
+        show = exp_show_command([k for k in QUICKSTART if k not in user_set])
+        print(
+            f"Compare the experiments (headline figures, params that differ):\n  {shlex.join(show)}"
+        )
+    return code
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -288,6 +312,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The widest each text column of `compare` may be, so a row stays within 160 columns.
+COMPARE_WIDTHS = {"run": 24, "dvc_exp": 16, "backbone": 16}
+
+
+def fit_columns(table: list[list[str]], widths: dict[str, int]) -> list[str]:
+    """The table's rows as aligned lines; a cell of a column named in `widths` (by its
+    header) is cut to that width with '…'."""
+    limits = [widths.get(h.replace(" ", "_"), 0) for h in table[0]]
+    cut = [
+        [c if not n or len(c) <= n else c[: n - 1] + "…" for c, n in zip(row, limits, strict=True)]
+        for row in table
+    ]
+    sizes = [max(len(row[i]) for row in cut) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, sizes, strict=True)).rstrip() for row in cut]
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from transferline import tracking  # noqa: PLC0415
     from transferline.params import ParamsError, load_params  # noqa: PLC0415
@@ -319,22 +359,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         return 1
     # The run ID first: it is what runs:/ID/model takes (the name is what the UI shows).
-    head = ["run id", "run", "dvc_exp", "backbone", "size", "head", "finetune", "head acc",
-            "ft acc", "ft macro-F1", "status"]  # fmt: skip
-    keys = ["run_id", "run", "dvc_exp", "backbone", "size", "head", "finetune",
-            *tracking.COMPARE_METRICS, "status"]  # fmt: skip
+    # `inputs` is shared by runs of the same params, data, weights and code (another machine).
+    head = ["run id", "run", "dvc_exp", "backbone", "size", "head", "head acc", "ft acc",
+            "ft macro-F1", "inputs", "status"]  # fmt: skip
+    keys = ["run_id", "run", "dvc_exp", "backbone", "size", "head", *tracking.COMPARE_METRICS,
+            "inputs", "status"]  # fmt: skip
     table = [head] + [
         ["-" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
          for k in keys]
         for r in rows
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"experiment {experiment!r}, finished runs first, best test accuracy first:")
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for row in fit_columns(table, COMPARE_WIDTHS):
+        print(row)
     tested = [r for r in rows if r["best"] is not None and r["status"] == "FINISHED"]
     best = tested[0]["run_id"] if tested else "RUN_ID"
     print(f"predict with a run's model: transferline predict runs:/{best}/model IMAGE...")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from transferline import reproduce, tracking  # noqa: PLC0415
+    from transferline.files import repo_root  # noqa: PLC0415
+
+    repo = repo_root()
+    folder = args.run or Path("..") / f"reproduce-{args.run_id[:8]}"
+    try:
+        run = tracking.run_record(args.run_id)
+        recipe = reproduce.plan(run, args.run_id, repo, tracking.tracking_uri())
+        print(reproduce.describe(recipe, str(folder)))
+        if args.run is None:
+            return 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_EXP_")}
+        rows = reproduce.recompute(recipe, repo, args.run, env)
+    except (reproduce.ReproduceError, tracking.TrackingError) as exc:
+        print(f"transferline reproduce: {exc}", file=sys.stderr)
+        return 2
+    table = [["metric", "run", "recomputed", ""]]
+    for key, logged, again in rows:
+        same = again is not None and abs(again - logged) <= reproduce.TOLERANCE
+        shown = "-" if again is None else f"{again:.6f}"
+        table.append([key, f"{logged:.6f}", shown, "same" if same else "DIFFERS"])
+    print("\n".join(fit_columns(table, {})))
+    differ = [r[0] for r in table[1:] if r[3] != "same"]
+    if differ:
+        print(
+            f"{len(differ)} of {len(rows)} metrics differ: the same inputs gave other numbers "
+            "here (another device or precision, GPU non-determinism: compare the tags device "
+            "and precision), or the run's figures are not from its last evaluate.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"all {len(rows)} test metrics recomputed as the run has them ({args.run}).")
     return 0
 
 
@@ -413,6 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--limit", type=positive_int, default=20, help="newest N runs (default 20)"
     )
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser(
+        "reproduce",
+        help="from an MLflow run to its inputs: print the commands that recompute its "
+        "metrics, or (--run DIR) run them in a new git worktree and compare",
+    )
+    p.add_argument("run_id", help="the MLflow run's ID (`transferline compare` lists them)")
+    p.add_argument(
+        "--run",
+        metavar="DIR",
+        type=Path,
+        help="check out the run's revision and data into this new folder, run the pipeline "
+        "there and compare its test metrics with the run's",
+    )
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -24,6 +24,9 @@ import numpy as np
 from transferline.errors import DataError
 from transferline.images import ORIENTATION_FILE, SPLITS, check_images
 
+COUNTS_FILE = "counts.csv"  # in data/splits: class,train,val,test (a DVC plot)
+SUMMARY_FILE = "summary.json"  # in data/splits: layout, images turned upright
+
 log = logging.getLogger(__name__)
 
 SPLIT_DIR_NAMES = {
@@ -1012,11 +1015,13 @@ def build_split(
 
 
 def write_split(result: SplitResult, folder: Path) -> dict:
-    """Manifests, classes.json and rejected.csv into `folder`; returns the split metrics."""
+    """Manifests, classes.json, rejected.csv, the per-class counts (counts.csv: class, train,
+    val, test) and summary.json (layout, images turned upright) into `folder`; returns the
+    split's headline metrics (images per split, rejected, duplicates)."""
     import csv  # noqa: PLC0415
     import json  # noqa: PLC0415
 
-    def table(name: str, header: tuple[str, str], rows: list[tuple[str, object]]) -> None:
+    def table(name: str, header: tuple[str, ...], rows: list[tuple]) -> None:
         with (folder / name).open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
@@ -1026,11 +1031,17 @@ def write_split(result: SplitResult, folder: Path) -> dict:
         table(f"{split}.csv", ("path", "label"), rows)
     table("rejected.csv", ("path", "reason"), result.rejected)
     table(ORIENTATION_FILE, ("path", "orientation"), list(result.orientations.items()))
+    splits = ("train", "val", "test")
+    table(
+        COUNTS_FILE,
+        ("class", *splits),
+        [(c, *(result.counts.get(s, {}).get(c, 0) for s in splits)) for c in result.classes],
+    )
     (folder / "classes.json").write_text(json.dumps(result.classes, indent=2) + "\n")
+    summary = {"layout": result.layout, "exif_turned": len(result.orientations)}
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return {
-        "counts": result.counts,
+        **{f"{s}_images": sum(result.counts.get(s, {}).values()) for s in splits},
         "rejected": len(result.rejected),
         "duplicates": result.duplicates,
-        "layout": result.layout,
-        "exif_turned": len(result.orientations),
     }

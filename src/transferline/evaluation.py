@@ -10,6 +10,7 @@ import numpy as np
 from transferline.errors import StageError
 from transferline.files import atomic_path
 
+PER_CLASS_FILE = "per_class.json"  # in plots/evaluate: {model: [one row per class]}
 TOP_K = 5  # top-5 accuracy, as many-class benchmarks (ImageNet, Stanford Dogs) report it
 
 
@@ -241,20 +242,16 @@ def write_figures(
     classes: list[str],
     paths: list[str],
     image_size: int,
-    report: dict[str, Any],
     orientations: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Predictions CSV, per-class report, confusion matrix, ROC curves and the worst
-    misclassified images of one model; returns the one-vs-rest ROC AUC of each class."""
+    """Predictions CSV, confusion matrix, ROC curves and the worst misclassified images of one
+    model into `plots_dir`; returns the one-vs-rest ROC AUC of each class in the test set."""
     from transferline import images  # noqa: PLC0415
     from transferline.files import write_csv  # noqa: PLC0415
 
     write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
-    write_csv(
-        plots_dir / f"{name}_report.csv",
-        [{"class": c, **v} for c, v in report["per_class"].items()],
-    )
-    title = f"{name}: test accuracy {report['accuracy']:.3f}"
+    accuracy = float((probs.argmax(1) == y_test).mean())
+    title = f"{name}: test accuracy {accuracy:.3f}"
     cm = confusion(y_test, probs.argmax(1), len(classes))
     confusion_png(plots_dir / f"{name}_confusion.png", cm, classes, title)
     rows, auc = roc_table(y_test, probs, classes)
@@ -282,6 +279,21 @@ def write_figures(
     return auc
 
 
+def split_report(report: dict[str, Any], auc: dict[str, float]) -> tuple[dict, list[dict]]:
+    """A model's `classification_metrics` and per-class AUCs as its headline scalars (with the
+    macro AUC as `roc_auc`) and one row per class (`class`, precision, recall, f1, support,
+    roc_auc: empty for a class absent from the test set).
+
+    The headline scalars are what DVC tracks as metrics; the rows are plain outputs and an
+    MLflow table, so `dvc exp show` does not grow a column per class.
+    """
+    headline = {k: v for k, v in report.items() if k not in ("per_class", "n")}
+    # Macro one-vs-rest AUC over the classes present in the test set (None if < 2).
+    headline["roc_auc"] = round(float(np.mean(list(auc.values()))), 6) if auc else None
+    rows = [{"class": c, **v, "roc_auc": auc.get(c, "")} for c, v in report["per_class"].items()]
+    return headline, rows
+
+
 def evaluate_models(
     raw: Path,
     splits_dir: Path,
@@ -296,11 +308,13 @@ def evaluate_models(
     """Test metrics of the head (on cached features) and, unless skipped, the fine-tuned model
     (on the test images); per-model figures and tables into `plots_dir`.
 
-    Returns the metrics and the fine-tuned Keras model (None when fine-tuning was skipped).
+    Returns the headline metrics of each model (`{"head": {...}, "finetune": {...}}`) and the
+    fine-tuned Keras model (None when fine-tuning was skipped); each model's per-class
+    figures go to `{name}_report.csv` and, for both, `per_class.json` in `plots_dir`.
     """
     from transferline import heads, images  # noqa: PLC0415
     from transferline.features import load_split  # noqa: PLC0415
-    from transferline.files import is_skip_marker, read_json  # noqa: PLC0415
+    from transferline.files import is_skip_marker, read_json, write_csv, write_json  # noqa: PLC0415
 
     classes = read_json(features_dir / "meta.json")["classes"]
     x_test, y_test = load_split(features_dir, "test")
@@ -322,14 +336,14 @@ def evaluate_models(
         # Run forward with BatchNormalization folded, as extract does; export the model itself.
         with models.memory_for_batches("extract.batch_size", batch_size):
             results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
-    metrics = {}
+    metrics: dict[str, Any] = {}
+    per_class: dict[str, list[dict]] = {}
     for name, probs in results.items():
-        m = metrics[name] = classification_metrics(y_test, probs, classes)
         auc = write_figures(
-            plots_dir, name, y_test, probs, classes, paths, image_size, m, orientations=turns
+            plots_dir, name, y_test, probs, classes, paths, image_size, orientations=turns
         )
-        # Macro one-vs-rest AUC over the classes present in the test set (None if < 2).
-        m["roc_auc"] = round(float(np.mean(list(auc.values()))), 6) if auc else None
-        for c, v in auc.items():
-            m["per_class"][c]["roc_auc"] = v
+        report = classification_metrics(y_test, probs, classes)
+        metrics[name], per_class[name] = split_report(report, auc)
+        write_csv(plots_dir / f"{name}_report.csv", per_class[name])
+    write_json(plots_dir / PER_CLASS_FILE, per_class)
     return metrics, model

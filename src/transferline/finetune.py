@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from transferline.errors import StageError
+from transferline.heads import EpochHook, epoch_callbacks
 from transferline.models import Preprocess, base_of
 
 if TYPE_CHECKING:
@@ -307,8 +308,10 @@ def finetune(
     class_weight: dict[int, float] | None = None,
     max_minutes: float | None = None,
     patience: int | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
-    """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss."""
+    """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss.
+    `on_epoch(epoch, logs)` is called as each epoch ends (live curves)."""
     import tensorflow as tf  # noqa: PLC0415
 
     unfrozen, lr = unfreeze_and_schedule(
@@ -339,6 +342,7 @@ def finetune(
     limit = TimeLimit(max_minutes) if max_minutes else None
     if limit:
         callbacks.append(limit)
+    callbacks += epoch_callbacks(on_epoch)  # last: the epoch's validation figures are set
     hist = model.fit(
         train_ds,
         validation_data=val_ds,
@@ -378,6 +382,7 @@ def finetune_across_machines(
     steps_per_epoch: int | None = None,
     class_weight: dict[int, float] | None = None,
     patience: int | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
     """`finetune` as a plain tf.distribute training loop, for MultiWorkerMirroredStrategy.
 
@@ -450,6 +455,8 @@ def finetune_across_machines(
                 "val_loss": val_loss,
             }
         )
+        if on_epoch is not None:
+            on_epoch(epoch, {k: v for k, v in history[-1].items() if k != "epoch"})
         log.info(
             "epoch %d/%d - %.0fs - loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f",
             epoch + 1,
@@ -550,11 +557,13 @@ def run_finetune(
     mixed_precision: str,
     seed: int,
     devices: list[str] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Rebuild base + trained head, check the base still yields the cached features, fine-tune
     as the `finetune` section says, save the best model to `out_path`.
 
-    Returns stage metrics and per-epoch history. Models are built in a MirroredStrategy scope
+    Returns stage metrics and per-epoch history; `on_epoch(epoch, logs)` is called as each
+    epoch ends (live curves). Models are built in a MirroredStrategy scope
     over every GPU (or `devices`) when there are several, and in a MultiWorkerMirroredStrategy
     one when TF_CONFIG names several machines (each of which runs this same function).
     """
@@ -621,6 +630,7 @@ def run_finetune(
         "steps_per_epoch": plan.steps,
         "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
         "patience": f.patience,
+        "on_epoch": on_epoch,
     }
     with strategy.scope(), models.memory_for_batches("finetune.batch_size", f.batch_size):
         model = assemble(extractor, heads.keras_head(init_dir))

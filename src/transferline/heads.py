@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ META = "head.json"
 LOGREG_JOBLIB = "head.joblib"
 LOGREG_ARRAYS = "head.npz"
 DENSE_MODEL = "head.keras"
+
+# Called as each training epoch ends with (epoch, that epoch's figures): live curves.
+EpochHook = Callable[[int, Mapping[str, float]], None]
 
 
 def train_logreg(
@@ -149,6 +153,16 @@ def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {i: float(len(y) / (n_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
+def epoch_callbacks(on_epoch: EpochHook | None) -> list[keras.callbacks.Callback]:
+    """`on_epoch` as a Keras callback for `fit` (none without one). Put it last: callbacks
+    before it may set the epoch's validation figures."""
+    import keras  # noqa: PLC0415
+
+    if on_epoch is None:
+        return []
+    return [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch, logs))]
+
+
 def train_dense(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -163,8 +177,10 @@ def train_dense(
     batch_size: int,
     patience: int,
     balanced: bool = False,
+    on_epoch: EpochHook | None = None,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
-    """Train the dense head; returns the best-by-val-loss model and per-epoch history."""
+    """Train the dense head; returns the best-by-val-loss model and per-epoch history.
+    `on_epoch(epoch, logs)` is called as each epoch ends (live curves)."""
     import keras  # noqa: PLC0415
 
     x_train = x_train.astype(np.float32)
@@ -191,7 +207,7 @@ def train_dense(
         batch_size=batch_size,
         shuffle=True,
         class_weight=class_weights(y_train, n_classes) if balanced else None,
-        callbacks=[stop],
+        callbacks=[stop, *epoch_callbacks(on_epoch)],
         verbose=0,
     )
     history = [
@@ -265,11 +281,13 @@ def train_from_features(
     logreg: LogregParams,
     dense: DenseParams,
     seed: int,
+    on_epoch: EpochHook | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Train the configured head on cached features, save it to `out_dir`.
 
-    `logreg` / `dense` are the `head.logreg` / `head.dense` sections. Returns the stage
-    metrics (validation accuracy and loss) and the per-epoch history.
+    `logreg` / `dense` are the `head.logreg` / `head.dense` sections; `on_epoch(epoch, logs)`
+    is called as each of the dense head's epochs ends. Returns the stage metrics (validation
+    accuracy and loss) and the per-epoch history.
     """
     from sklearn.metrics import accuracy_score, log_loss  # noqa: PLC0415
 
@@ -334,6 +352,7 @@ def train_from_features(
             batch_size=dense.batch_size,
             patience=dense.patience,
             balanced=dense.class_weight == "balanced",
+            on_epoch=on_epoch,
         )
         final = scores(
             model.predict(x_train.astype(np.float32), verbose=0),

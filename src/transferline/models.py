@@ -187,6 +187,19 @@ def device_description() -> str:
     return f"{len(found)} x GPU ({', '.join(sorted(set(names)))})"
 
 
+def runtime_tags() -> dict[str, str]:
+    """The device a stage ran on and the CUDA/cuDNN versions TensorFlow was built with
+    ("none" for a CPU-only build), for the MLflow run."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    build = tf.sysconfig.get_build_info()
+    return {
+        "device": device_description(),
+        "version.cuda": str(build.get("cuda_version") or "none"),
+        "version.cudnn": str(build.get("cudnn_version") or "none"),
+    }
+
+
 @contextlib.contextmanager
 def memory_for_batches(param: str, batch_size: int) -> Iterator[None]:
     """TensorFlow's out-of-memory error (what a GPU's allocator raises for a batch too large

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,9 @@ def main(
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.quiet)
     share_gpus()
+    # `kill`, a scheduler's stop or `dvc queue kill` ends the stage as Ctrl-C does: its MLflow
+    # run is marked FAILED with the epochs it logged, and its temporary outputs are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
     log.info("stage %s: start", stage)
     try:
@@ -106,9 +110,6 @@ def main(
     return 0
 
 
-WEIGHTS_MD5_TAG = "model.weights_md5"
-
-
 def check_features(params: Params) -> None:
     """The cached features come from this parameter set's model.*: a stage run by hand (or
     `dvc repro -s`) after a change there, without extract, would otherwise train or report a
@@ -136,8 +137,9 @@ def check_features(params: Params) -> None:
 def _open_run(params: Params):
     from transferline import tracking  # noqa: PLC0415
 
-    name = f"{params.model.backbone}-{params.head.type}-{params.digest()[:6]}"
-    return tracking.open_run(params.mlflow.experiment, params.digest(), params.flat(), name)
+    inputs = tracking.RunInputs.here(params.digest(), params.model.weights)
+    name = f"{params.model.backbone}-{params.head.type}-{inputs.digest()[:6]}"
+    return tracking.open_run(params.mlflow.experiment, inputs, params.flat(), name)
 
 
 @contextlib.contextmanager
@@ -163,22 +165,14 @@ def monitored(params: Params) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def mlflow_run(params: Params, uses_weights: bool = False) -> Iterator:
-    """The MLflow run of this parameter set, closed as failed if the stage fails; the store's
-    errors become one clean paragraph.
-
-    `uses_weights` (extract, finetune, evaluate): tag the run with the MD5 of a `model.weights`
-    file. The run is found by the params' hash, and the params hold only the file's path, so
-    without the tag a replaced file would log into the same run unseen; the tag matches the
-    md5 in the file's `.dvc` file."""
+def mlflow_run(params: Params) -> Iterator:
+    """The MLflow run of this stage's inputs (params, data, weights file, code, machine),
+    closed as failed if the stage fails; the store's errors become one clean paragraph."""
     from transferline import tracking  # noqa: PLC0415
-    from transferline.files import md5_of  # noqa: PLC0415
 
     uri = tracking.tracking_uri()
     with tracking.store_errors(uri):
         run = _open_run(params)
-        if uses_weights and params.model.weights not in ("imagenet", "none"):
-            run.set_tags({WEIGHTS_MD5_TAG: md5_of(Path(params.model.weights))})
     try:
         with tracking.store_errors(uri):
             yield run
@@ -197,21 +191,57 @@ NAMESPACES = {
     "finetune": "finetune.",
     "evaluate": "test.",
 }
+# What each metrics file gives MLflow as scalars, so the headline figures are not lost in a
+# list (None: all of its numbers). The whole file is the run's artifact `metrics/NAME.json`.
+SCALARS: dict[str, tuple[str, ...] | None] = {
+    "split": None,  # images per split, rejected, duplicates
+    "extract": ("images_per_second", "seconds"),
+    "train_head": ("val_accuracy", "val_loss", "C"),  # C: the one C_grid chose
+    "finetune": ("val_accuracy", "val_loss", "best_epoch"),
+    # evaluate.json's val_accuracy is train_head's and finetune's, logged as theirs
+    "evaluate": None,
+}
 HISTORIES = {"head_history.csv": "head.history.", "finetune_history.csv": "finetune.history."}
 
 
+def headline(stem: str, metrics: dict) -> dict[str, float]:
+    """The figures of metrics file `stem` that MLflow gets as scalars (flattened keys)."""
+    from transferline.params import flatten  # noqa: PLC0415
+
+    flat = flatten(metrics)
+    keep = SCALARS[stem]
+    if keep is not None:
+        return {k: v for k, v in flat.items() if k in keep}
+    return {k: v for k, v in flat.items() if not k.endswith("val_accuracy")}
+
+
+def log_stage_metrics(run, stem: str, metrics: dict) -> None:
+    """A stage's headline figures into the run, under the stage's namespace."""
+    run.log_metrics(headline(stem, metrics), prefix=NAMESPACES[stem])
+
+
+def add_val_accuracy(metrics: dict) -> None:
+    """Each model's validation accuracy (train_head's and finetune's) beside its test metrics
+    in evaluate's, so `dvc exp show` has every headline figure of a model together."""
+    from transferline.files import read_json  # noqa: PLC0415
+
+    for name, stem in (("head", "train_head"), ("finetune", "finetune")):
+        if name in metrics:
+            metrics[name]["val_accuracy"] = read_json(METRICS / f"{stem}.json")["val_accuracy"]
+
+
 def log_everything(run) -> None:
-    """Every metrics/*.json, per-epoch curves and figures into the run, so it is whole even
-    when DVC restored earlier stages from its cache."""
+    """The headline figures of every metrics/*.json, per-epoch curves, per-class tables and
+    figures into the run, so it is whole even when DVC restored earlier stages from its
+    cache."""
     import csv  # noqa: PLC0415
 
     from transferline.files import read_json  # noqa: PLC0415
-    from transferline.params import flatten  # noqa: PLC0415
 
-    for stem, prefix in NAMESPACES.items():
+    for stem in NAMESPACES:
         path = METRICS / f"{stem}.json"
         if path.exists():
-            run.log_metrics(flatten(read_json(path)), prefix=prefix)
+            log_stage_metrics(run, stem, read_json(path))
             run.log_artifact(path, "metrics")
     for name, prefix in HISTORIES.items():
         path = PLOTS / name
@@ -220,11 +250,32 @@ def log_everything(run) -> None:
                 rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
             run.log_history(rows, prefix=prefix)
             run.log_artifact(path, "plots")
+    log_tables(run)
     figures = PLOTS / "evaluate"
     for path in sorted(figures.glob("*")) if figures.is_dir() else []:
         run.log_artifact(path, "plots/evaluate")
     for path in (Path("params.yaml"), Path("dvc.lock")):
         run.log_artifact(path)
+
+
+def log_tables(run) -> None:
+    """Per-class test figures of each model and the split's per-class counts as MLflow
+    tables (`tables/NAME.json`)."""
+    import csv  # noqa: PLC0415
+
+    from transferline.evaluation import PER_CLASS_FILE  # noqa: PLC0415
+    from transferline.files import read_json  # noqa: PLC0415
+
+    per_class = PLOTS / "evaluate" / PER_CLASS_FILE
+    for name, rows in (read_json(per_class) if per_class.exists() else {}).items():
+        run.log_table(rows, f"tables/{name}_per_class.json")
+    counts = SPLITS / "counts.csv"
+    if counts.exists():
+        with counts.open(newline="") as f:
+            rows = [
+                {k: v if k == "class" else int(v) for k, v in r.items()} for r in csv.DictReader(f)
+            ]
+        run.log_table(rows, "tables/split_counts.json")
 
 
 def log_datasets(run, dataset: str) -> None:

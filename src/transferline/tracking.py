@@ -1,21 +1,28 @@
-"""MLflow tracking: one run per resolved parameter set. The only module that imports mlflow.
+"""MLflow tracking: one run per set of inputs. The only module that imports mlflow.
 
-Each stage finds the run tagged with the params digest (or creates it) and logs into it, so the
-stages of one `dvc repro` / `dvc exp run` land in one run; evaluate logs the complete picture.
+A run stands for what produced its numbers: the resolved params, the data (DVC's hash of
+data/raw), the weights file, the code, and the machine that computed them (`RunInputs`). Each
+stage finds the run of its inputs (by the tag `transferline.run_key`) or creates it, so the
+stages of one `dvc repro` / `dvc exp run` land in one run and no run's metrics are replaced by
+numbers computed from other inputs; evaluate logs the complete picture.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
+import numbers as numbers_abc
 import os
+import platform
 import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,11 +36,16 @@ from transferline.files import repo_root
 log = logging.getLogger(__name__)
 
 HASH_TAG = "transferline.params_hash"
+INPUTS_TAG = "transferline.inputs"  # params + data + weights + code: runs of the same inputs
+KEY_TAG = "transferline.run_key"  # the inputs and the machine: the run's identity
+SAME_INPUTS_TAG = "transferline.same_inputs_as"  # first run of these inputs, another machine
+DIFFERS_TAG = "transferline.differs_from"  # latest run of these params, and what changed
 WRITER_TAG = "transferline.writer"  # on a logged model: host:pid of the process uploading it
 # A PENDING model whose writer cannot be checked (another host) is taken as abandoned after
 # this long: a day, far longer than uploading even the largest base (~1.4 GB) should take.
 ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
+EPOCH_FIGURES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a training curve's figures
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
 # MLflow refuses a metric or param name holding any other character, and class names become
@@ -202,15 +214,37 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+# Files that DVC itself writes in a run: a change there is not a change of the code. Under
+# `dvc exp run` params.yaml holds DVC's own overrides too (the experiment's commit records them).
+DVC_WRITES = ("dvc.lock", "metrics/", "plots/", "models/", "data/")
+
+
+def git_dirty(under_experiment: bool) -> bool:
+    """Whether tracked files differ from HEAD, apart from what DVC writes in a run (and
+    params.yaml's overrides under `dvc exp run`)."""
+    ours = DVC_WRITES + (("params.yaml",) if under_experiment else ())
+
+    def written_by_dvc(path: str) -> bool:
+        return any(path == o or (o.endswith("/") and path.startswith(o)) for o in ours)
+
+    changed = _git("diff", "--name-only", "HEAD").splitlines()
+    return any(not written_by_dvc(path) for path in changed)
+
+
 def context_tags() -> dict[str, str]:
-    """Commit, dirty flag, DVC experiment name, data hash and package versions."""
+    """What reproduces the run: the commit and a dirty flag, the DVC experiment (name, ref
+    and baseline) under `dvc exp run`, Python and package versions."""
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
     tags = {"git.commit": _git("rev-parse", "HEAD") or "none"}
-    tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    data_hash = dvc_lock_hash("download", "data/raw")
-    if data_hash:
-        tags["data.raw_md5"] = data_hash
+    tags["git.dirty"] = str(git_dirty(under_experiment=bool(exp_name))).lower()
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+        if baseline:
+            tags["dvc.exp_baseline"] = baseline
+            # The ref DVC keeps the experiment's commit under (`dvc exp push/pull` move it).
+            tags["dvc.exp_ref"] = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{exp_name}"
+    tags["version.python"] = platform.python_version()
     for pkg in _PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{pkg}"] = metadata.version(pkg)
@@ -249,8 +283,109 @@ def dvc_lock_hash(stage: str, path: str, lock: Path = Path("dvc.lock")) -> str |
     return None
 
 
+CODE_FILES = ("stages/*.py", "dvc.yaml")  # with every module of the imported package
+
+
+def code_digest(root: Path | None = None) -> str:
+    """Hash of the code that computes a run: the imported transferline package's modules, and
+    the stage scripts and dvc.yaml under `root` (default: the current directory, where DVC
+    runs a stage: the workspace, or the copy `dvc exp run --temp/--queue` runs in)."""
+    package = Path(__file__).resolve().parent
+    files = [(f"transferline/{f.name}", f) for f in sorted(package.glob("*.py"))]
+    base = (root or Path.cwd()).resolve()
+    for pattern in CODE_FILES:
+        files += [(f.relative_to(base).as_posix(), f) for f in sorted(base.glob(pattern))]
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def machine_name() -> str:
+    """The machine that computes a run: its host name, and CUDA_VISIBLE_DEVICES when set (it
+    changes the device, and with it the numbers)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible})"
+    return socket.gethostname() + shown
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """What produces a run's numbers; two sets of stages share a run only if all agree.
+
+    Args:
+        params: digest of the resolved params (`Params.digest()`).
+        data: DVC's hash of data/raw from dvc.lock ("none" before the download stage ran).
+        weights: md5 of a `model.weights` file, or the setting itself (`imagenet`, `none`).
+        code: `code_digest()`.
+        machine: `machine_name()`.
+    """
+
+    params: str
+    data: str
+    weights: str
+    code: str
+    machine: str
+
+    @classmethod
+    def here(cls, params_hash: str, weights: str = "none") -> RunInputs:
+        """The inputs of a stage run in the current directory: `weights` is `model.weights`
+        (a file's md5 is taken)."""
+        is_file = weights not in ("imagenet", "none")
+        return cls(
+            params=params_hash,
+            data=dvc_lock_hash("download", "data/raw") or "none",
+            weights=_md5_cached(*_file_version(Path(weights))) if is_file else weights,
+            code=code_digest(),
+            machine=machine_name(),
+        )
+
+    def digest(self) -> str:
+        """The inputs without the machine: equal for a recomputation elsewhere."""
+        blob = "\0".join((self.params, self.data, self.weights, self.code))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def key(self) -> str:
+        blob = f"{self.digest()}\0{self.machine}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def tags(self) -> dict[str, str]:
+        return {
+            HASH_TAG: self.params,
+            INPUTS_TAG: self.digest(),
+            KEY_TAG: self.key(),
+            "data.raw_md5": self.data,
+            "model.weights_md5": self.weights,
+            "code.digest": self.code,
+            "machine": self.machine,
+        }
+
+
+# What a changed input is called in DIFFERS_TAG and the log, by the tag that holds it.
+_INPUT_NAMES = {
+    "data.raw_md5": "data",
+    "model.weights_md5": "weights",
+    "code.digest": "code",
+    "machine": "machine",
+}
+
+
+def _file_version(path: Path) -> tuple[Path, int, int]:
+    stat = path.stat()
+    return path.resolve(), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _md5_cached(path: Path, mtime_ns: int, size: int) -> str:
+    # A weights file can be large, and each stage asks for its hash; a file replaced since
+    # (another modification time or size) is hashed again.
+    from transferline.files import md5_of  # noqa: PLC0415
+
+    return md5_of(path)
+
+
 class Run:
-    """A handle on the MLflow run of one parameter set."""
+    """A handle on the MLflow run of one set of inputs."""
 
     def __init__(self, client: Any, run_id: str):
         self.client, self.run_id = client, run_id
@@ -262,7 +397,7 @@ class Run:
         numbers = {
             f"{prefix}{k}": float(v)
             for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
+            if isinstance(v, numbers_abc.Real) and not isinstance(v, bool)
         }
         names = mlflow_names(numbers)
         batch = [Metric(names[k], v, now, step) for k, v in numbers.items()]
@@ -270,13 +405,39 @@ class Run:
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_history(self, history: Iterable[Mapping[str, float]], prefix: str) -> None:
-        """Per-epoch curves as MLflow steps."""
+        """Per-epoch curves as MLflow steps. Curves the run already has (logged live by
+        `epoch_logger`, or by an earlier stage) are not logged twice."""
+        have = set(self.client.get_run(self.run_id).data.metrics)
         for row in history:
             self.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"},
+                {k: v for k, v in row.items() if k != "epoch" and f"{prefix}{k}" not in have},
                 step=int(row["epoch"]),
                 prefix=prefix,
             )
+
+    def epoch_logger(self, prefix: str) -> Callable[[int, Mapping[str, float]], None]:
+        """A function of (epoch, logs) that logs the epoch's figures as step `epoch` at once,
+        for a training loop to call as each epoch ends: the UI shows the curves while a long
+        run goes on, and a run that is killed keeps the epochs it finished."""
+
+        def log_epoch(epoch: int, logs: Mapping[str, float] | None) -> None:
+            self.log_metrics(
+                {k: v for k, v in (logs or {}).items() if k in EPOCH_FIGURES},
+                step=epoch,
+                prefix=prefix,
+            )
+
+        return log_epoch
+
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (a JSON artifact the UI shows as a table). Logged once per
+        run: its inputs give the same table, and MLflow appends to an existing one."""
+        folder = artifact_file.rpartition("/")[0] or None
+        if any(a.path == artifact_file for a in self.client.list_artifacts(self.run_id, folder)):
+            return
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = {c: [row.get(c) for row in rows] for c in columns}
+        self.client.log_table(self.run_id, table, artifact_file)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
@@ -341,39 +502,80 @@ def _experiment_id(client: Any, name: str, root: Path) -> str:
 
 def open_run(
     experiment: str,
-    params_hash: str,
+    inputs: RunInputs,
     flat_params: Mapping[str, Any],
     run_name: str,
     root: Path | None = None,
 ) -> Run:
-    """Find the run of this parameter set (by tag) or create it; params and tags logged."""
+    """The run of these inputs, found by its key or created; params and tags logged.
+
+    A new run is tagged with what differs from the latest run of the same params
+    (`transferline.differs_from`) and, when the same inputs were computed on another machine,
+    with that run (`transferline.same_inputs_as`).
+    """
     from mlflow import MlflowClient  # noqa: PLC0415
     from mlflow.entities import Param  # noqa: PLC0415
 
     uri = tracking_uri(root)
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, experiment, root or Path.cwd())
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{HASH_TAG}` = '{params_hash}'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
+    found = _latest_run(client, exp_id, KEY_TAG, inputs.key())
     if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
+        run_id = found.info.run_id
+        if found.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
+        tags = {}
     else:
-        tags = {HASH_TAG: params_hash, "mlflow.runName": run_name}
+        tags = {"mlflow.runName": run_name, **_lineage(client, exp_id, inputs)}
         run_id = client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
         names = mlflow_names(flat_params)
         params = [Param(names[k], str(v)) for k, v in flat_params.items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i : i + 100])
-        log.info("MLflow: new run %s (%s) in %s", run_name, run_id, uri)
+        log.info("MLflow: new run %s (%s) in %s", run_name, run_id, _without_credentials(uri))
     run = Run(client, run_id)
-    run.set_tags({**source_tags(), **context_tags()})
+    run.set_tags({**source_tags(), **context_tags(), **inputs.tags()})
     return run
+
+
+def _latest_run(client: Any, exp_id: str, tag: str, value: str) -> Any:
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{tag}` = '{value}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return found[0] if found else None
+
+
+def _lineage(client: Any, exp_id: str, inputs: RunInputs) -> dict[str, str]:
+    """Tags linking a new run to earlier ones: the same inputs computed on another machine,
+    or the latest run of the same params with what changed since (data, weights, code,
+    machine)."""
+    same = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{INPUTS_TAG}` = '{inputs.digest()}'",
+        max_results=1,
+        order_by=["attributes.start_time ASC"],
+    )
+    if same:
+        log.info(
+            "MLflow: these inputs were computed before on %s (run %s); a new run for this machine",
+            same[0].data.tags.get("machine", "?"),
+            same[0].info.run_id,
+        )
+        return {SAME_INPUTS_TAG: same[0].info.run_id}
+    earlier = _latest_run(client, exp_id, HASH_TAG, inputs.params)
+    if earlier is None:
+        return {}
+    new = inputs.tags()
+    changed = [name for tag, name in _INPUT_NAMES.items() if earlier.data.tags.get(tag) != new[tag]]
+    log.info(
+        "MLflow: a new run for the same params: %s changed since run %s, whose metrics stay",
+        ", ".join(changed) or "inputs",
+        earlier.info.run_id,
+    )
+    return {DIFFERS_TAG: f"{earlier.info.run_id} ({', '.join(changed) or 'inputs'})"}
 
 
 def log_classifier(
@@ -542,6 +744,33 @@ def _runs_named(uri: str, limit: int = 5) -> list[str]:
     return [r.info.run_id for r in found]
 
 
+def run_record(run_id: str, root: Path | None = None) -> dict[str, Any] | None:
+    """A run as plain data (`run_id`, `experiment`, `status`, `deleted`, `tags`, `params`,
+    `metrics`), or None when the store has no run of that ID."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    uri = check_store(root)
+    client = MlflowClient(tracking_uri=uri)
+    with store_errors(uri):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        experiment = client.get_experiment(run.info.experiment_id)
+    return {
+        "run_id": run.info.run_id,
+        "experiment": experiment.name,
+        "status": run.info.status,
+        "deleted": run.info.lifecycle_stage == "deleted",
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+    }
+
+
 def experiments_with_runs(root: Path | None = None, limit: int = 20) -> list[str]:
     """Names of the store's experiments that hold at least one run (at most `limit`), so an
     error about an empty experiment can say which ones to pick from."""
@@ -586,6 +815,7 @@ def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> l
                 "head": p.get("head.type", ""),
                 "finetune": p.get("finetune.enabled", ""),
                 **{k: m.get(k) for k in COMPARE_METRICS},
+                "inputs": t.get(INPUTS_TAG, "")[:6],
                 "best": best,
                 "status": r.info.status,
             }

@@ -148,16 +148,21 @@ def mlflow_server(folder: Path):
         log.close()
 
 
+def count_numbers(tree) -> int:
+    if isinstance(tree, dict):
+        return sum(count_numbers(v) for v in tree.values())
+    return int(isinstance(tree, int | float) and not isinstance(tree, bool))
+
+
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z_]+)'", output))
 
 
 def readme_exp_show() -> list[str]:
-    """The README's `dvc exp show` command that keeps the headline columns only."""
+    """The README's `dvc exp show --only-changed` that keeps the headline columns."""
     text = (REPO / "README.md").read_text()
-    start = text.index("dvc exp show --drop")
-    end = text.index("#", start)
-    return shlex.split(text[start:end].replace("\\\n", " "))
+    start = text.index("dvc exp show --only-changed")
+    return shlex.split(text[start : text.index("\n", start)])
 
 
 def mlflow_runs(repo: Path, experiment: str):
@@ -194,11 +199,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     classes = json.loads((repo / "data/splits/classes.json").read_text())
     assert classes == [str(i) for i in range(10)]
     split = json.loads((repo / "metrics/split.json").read_text())
-    assert {s: sum(c.values()) for s, c in split["counts"].items()} == {
-        "train": 60,
-        "val": 20,
-        "test": 20,
+    assert split == {
+        "train_images": 60,
+        "val_images": 20,
+        "test_images": 20,
+        "rejected": 0,
+        "duplicates": 0,
     }
+    counts = (repo / "data/splits/counts.csv").read_text().splitlines()
+    assert counts[0] == "class,train,val,test" and counts[1] == "0,6,2,2"
     for s, n in {"train": 60, "val": 20, "test": 20}.items():
         assert np.load(repo / f"data/features/{s}_features.npy").shape == (n, 512)
         assert np.load(repo / f"data/features/{s}_labels.npy").shape == (n,)
@@ -210,12 +219,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert extract["images_per_second"] > 0 and extract["seconds"] > 0
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(ev) == {"head", "finetune"}
-    for m in ev.values():
-        assert {"accuracy", "macro_f1", "per_class"} <= set(m) and set(m["per_class"]) == set(
-            classes
-        )
+    headline = {"accuracy", "macro_f1", "balanced_accuracy", "log_loss", "roc_auc"}
+    for m in ev.values():  # headline scalars only: the per-class figures are plain outputs
+        assert set(m) == headline | {"top5_accuracy", "val_accuracy"}
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["balanced_accuracy"] <= 1.0
         assert m["log_loss"] > 0.0
+    per_class = json.loads((repo / "plots/evaluate/per_class.json").read_text())
+    assert [r["class"] for r in per_class["finetune"]] == classes
+    assert {"precision", "recall", "f1", "support", "roc_auc"} <= set(per_class["head"][0])
     assert ev["head"]["accuracy"] >= 0.5  # 20 test digits, random VGG16 features: far above 0.1
     for f in (
         "head_predictions.csv",
@@ -239,7 +250,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
     head = json.loads((repo / "metrics/train_head.json").read_text())
     assert finetune["val_accuracy_before"] == pytest.approx(head["val_accuracy"], abs=0.051)
-    assert finetune["train_images_per_epoch"] == sum(split["counts"]["train"].values())
+    assert finetune["train_images_per_epoch"] == split["train_images"]
+    assert ev["head"]["val_accuracy"] == head["val_accuracy"]
+    assert ev["finetune"]["val_accuracy"] == finetune["val_accuracy"]
+    # DVC tracks the headline figures: a couple of dozen numbers, so `dvc exp show` is legible.
+    dvc_metrics = json.loads(sh([*dvc, "metrics", "show", "--json"], repo))
+    assert count_numbers(dvc_metrics) == 19  # 5 split totals, 7 per model (10 classes: top-5)
 
     # The MLflow run holds params, every stage's metrics, curves and figures.
     client, runs = mlflow_runs(repo, "e2e")
@@ -251,7 +267,18 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert (
         "extract.images_per_second" in run.data.metrics and "head.val_accuracy" in run.data.metrics
     )
+    # The headline figures as scalars (system metrics included), the detail as tables.
+    assert len(run.data.metrics) <= 48 and not any("per_class" in k for k in run.data.metrics)
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert tables == {
+        "tables/head_per_class.json",
+        "tables/finetune_per_class.json",
+        "tables/split_counts.json",
+    }
     assert run.data.tags["git.commit"] and run.data.tags["data.raw_md5"].endswith(".dir")
+    # params.yaml is edited and not committed: under `dvc repro` the commit alone does not
+    # hold what ran (under `dvc exp run` the experiment's commit does).
+    assert run.data.tags["git.dirty"] == "true"
     # MLflow's own source tags, as the UI's Source and Version columns read them.
     assert run.data.tags["mlflow.source.name"] == "stages/evaluate.py"
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git.commit"]
@@ -270,21 +297,24 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "MLmodel" in logged_model_files(client, run)
     assert run.data.tags["device"] == "CPU" and run.data.tags["model.source"] == "finetune"
 
-    # The README's short `dvc exp show`: the headline columns; the first row is the workspace.
+    # The README's `dvc exp show --only-changed`: the headline columns and the params that
+    # differ (here the workspace's from the commit's); the first row is the workspace.
     shown = sh([*dvc, *readme_exp_show()[1:], "--csv"], repo)
     header, row = list(csv.reader(shown.splitlines()))[:2]
-    assert header == [
+    assert header[:9] == [
         "Experiment",
+        "rev",
+        "typ",
         "finetune.accuracy",
         "finetune.macro_f1",
+        "finetune.val_accuracy",
         "head.accuracy",
         "head.macro_f1",
-        "model.backbone",
-        "head.type",
+        "head.val_accuracy",
     ]
-    assert float(row[1]) == pytest.approx(ev["finetune"]["accuracy"], abs=1e-5)
-    assert float(row[3]) == pytest.approx(ev["head"]["accuracy"], abs=1e-5)
-    assert row[5:] == ["vgg16", "logreg"]
+    assert set(header[9:]) <= set(TINY) and "data.dataset" in header
+    assert float(row[3]) == pytest.approx(ev["finetune"]["accuracy"], abs=1e-5)
+    assert float(row[6]) == pytest.approx(ev["head"]["accuracy"], abs=1e-5)
 
     # Nothing left to do: status clean, a second repro runs nothing.
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
@@ -364,8 +394,18 @@ def test_dvc_repro_end_to_end(tmp_path):
     set_params(repo / "params.yaml", {"head.logreg.C": 0.5})
     assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "evaluate"}
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
+    # One run per set of inputs: the first; the code change (dataset.py) and the forced
+    # re-run after it; fine-tuning off; C 0.5. The first run's figures are as it logged them.
     _, runs = mlflow_runs(repo, "e2e")
-    assert len(runs) == 3  # one run per parameter set
+    assert len(runs) == 4
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[run.info.run_id].data.metrics == run.data.metrics
+    (after_code,) = [
+        r for r in runs if r.data.tags.get("transferline.differs_from", "").endswith("(code)")
+    ]
+    assert after_code.data.tags["transferline.differs_from"] == f"{run.info.run_id} (code)"
+    assert after_code.data.tags["git.dirty"] == "false"  # committed before the forced re-run
+    assert after_code.data.metrics["test.head.accuracy"] == run.data.metrics["test.head.accuracy"]
 
 
 def test_readme_quickstart_without_git_identity(tmp_path):
@@ -392,6 +432,11 @@ def test_readme_quickstart_without_git_identity(tmp_path):
     ]
     out = sh(quick, repo, home=home)
     assert "Ran experiment(s): tiny" in out
+    # It ends with the `dvc exp show` that compares experiments: the quickstart's own
+    # overrides left out with the rest, those the user set (-S) kept.
+    shown = shlex.split(out[out.index("Compare the experiments") :].splitlines()[1])
+    assert shown[:4] == ["dvc", "exp", "show", "--only-changed"]
+    assert r"mlflow\.experiment$" in shown[5] and "finetune\\.epochs$" not in shown[5]
     names = sh([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo, home=home)
     assert "tiny" in names.split()
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
