@@ -287,12 +287,16 @@ CODE_FILES = ("stages/*.py", "dvc.yaml")  # with every module of the imported pa
 
 
 def code_digest(root: Path | None = None) -> str:
-    """Hash of the code that computes a run: the imported transferline package's modules, and
-    the stage scripts and dvc.yaml under `root` (default: the current directory, where DVC
-    runs a stage: the workspace, or the copy `dvc exp run --temp/--queue` runs in)."""
-    package = Path(__file__).resolve().parent
-    files = [(f"transferline/{f.name}", f) for f in sorted(package.glob("*.py"))]
+    """Hash of the code that computes a run: the package's modules, the stage scripts and
+    dvc.yaml under `root` (default: the current directory, where DVC runs a stage: the
+    workspace, or the copy `dvc exp run --temp/--queue` runs in). The modules are those under
+    `root`/src/transferline, the files DVC tracks as the stages' deps; the imported package's
+    where there is no such folder."""
     base = (root or Path.cwd()).resolve()
+    package = base / "src" / "transferline"
+    if not package.is_dir():
+        package = Path(__file__).resolve().parent
+    files = [(f"transferline/{f.name}", f) for f in sorted(package.glob("*.py"))]
     for pattern in CODE_FILES:
         files += [(f.relative_to(base).as_posix(), f) for f in sorted(base.glob(pattern))]
     digest = hashlib.sha256()
