@@ -20,10 +20,8 @@ def run(p: Params) -> None:
             metrics, history = heads.train_from_features(
                 stagekit.FEATURES,
                 tmp,
-                head_type=p.head.type,
-                logreg=p.head.logreg,
-                dense=p.head.dense,
-                seed=p.seed,
+                p.head,
+                p.seed,
                 on_epoch=run.epoch_logger("head.history."),  # the dense head's, live
             )
         with atomic_dir(stagekit.FINETUNE_INIT) as tmp:

@@ -6,6 +6,7 @@ from transferline import backbones, finetune, heads
 from transferline.errors import StageError
 from transferline.images import make_image_dataset
 from transferline.models import base_of, build_feature_extractor
+from transferline.params import LogregParams
 
 from conftest import make_class_folders
 
@@ -57,7 +58,7 @@ def test_combined_model_starts_at_the_logreg_head(tmp_path):
     ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=3)
     x_img = np.concatenate(list(make_image_dataset(paths, None, 32, 8)))
     feats = ext.predict(x_img, verbose=0)
-    clf = heads.train_logreg(feats, y, C=1.0, max_iter=2000, class_weight=None, seed=0)
+    clf = heads.train_logreg((feats, y), LogregParams(C=1.0, max_iter=2000), seed=0)
     heads.save_logreg(tmp_path, clf, ["cat", "dog"], {})
     model = finetune.assemble(ext, heads.keras_head(tmp_path))
     np.testing.assert_allclose(model.predict(x_img, verbose=0), clf.predict_proba(feats), atol=1e-4)
@@ -308,7 +309,7 @@ def test_bfloat16_extract_then_finetune(tmp_path):
     bfloat16's rounding of float32's, and finetune takes them for its base's own although its
     unfolded base rounds differently from extract's folded one."""
     from transferline import dataset, features
-    from transferline.params import DenseParams, FinetuneParams, LogregParams
+    from transferline.params import FinetuneParams, HeadParams
 
     from conftest import split
 
@@ -326,14 +327,7 @@ def test_bfloat16_extract_then_finetune(tmp_path):
             feats[mode] = features.load_split(out, "val")[0]
         assert m["precision"] == "mixed_bfloat16" and m["mixed_precision"] is True
         (tmp_path / "head").mkdir()
-        heads.train_from_features(
-            out,
-            tmp_path / "head",
-            head_type="logreg",
-            logreg=LogregParams(),
-            dense=DenseParams(),
-            seed=0,
-        )
+        heads.train_from_features(out, tmp_path / "head", HeadParams(), seed=0)
         metrics, history = finetune.run_finetune(
             raw,
             splits,

@@ -241,3 +241,14 @@ def test_precision_policy_per_mode_and_cpu(monkeypatch, caplog, mode, flags, pol
         assert (
             "model.mixed_precision: off" in logged[-1] and caplog.records[-1].levelname == "WARNING"
         )
+
+
+def test_the_bfloat16_hint_prints_its_percent_sign_once(monkeypatch, caplog):
+    from transferline import models
+
+    monkeypatch.setattr(models, "gpus", lambda: [])
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
+    caplog.set_level("INFO", logger="transferline.models")
+    assert models.set_precision("auto") == "float32"
+    (hint,) = [r.getMessage() for r in caplog.records]
+    assert "up to about 2% of the largest" in hint and "%%" not in hint

@@ -184,6 +184,7 @@ def test_the_dense_head_logs_each_epoch_as_it_ends_and_a_killed_run_keeps_them(p
     import numpy as np
 
     from transferline import heads
+    from transferline.params import DenseParams
 
     x = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
     y = (x[:, 0] > 0).astype("int64")
@@ -199,10 +200,8 @@ def test_the_dense_head_logs_each_epoch_as_it_ends_and_a_killed_run_keeps_them(p
             if epoch == 2:
                 raise KeyboardInterrupt  # as Ctrl-C, or SIGTERM through the stage harness
 
-        heads.train_dense(
-            x, y, x, y, 2, units=4, dropout=0.0, learning_rate=0.01, epochs=10,
-            batch_size=8, patience=10, on_epoch=on_epoch,
-        )  # fmt: skip
+        dense = DenseParams(units=4, dropout=0.0, learning_rate=0.01, epochs=10, batch_size=8)
+        heads.train_dense((x, y), (x, y), 2, dense, on_epoch=on_epoch)
     assert in_store == [[0], [0, 1], [0, 1, 2]]
     (done,) = runs(params.mlflow.experiment)
     assert done.info.status == "FAILED"

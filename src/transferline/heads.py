@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import keras
     from sklearn.pipeline import Pipeline
 
-    from transferline.params import DenseParams, LogregParams
+    from transferline.params import DenseParams, HeadParams, LogregParams
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +35,54 @@ DENSE_MODEL = "head.keras"
 EpochHook = Callable[[int, Mapping[str, float]], None]
 
 
-def train_logreg(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    *,
-    C: float,
-    max_iter: int,
-    class_weight: str | None,
-    seed: int,
-) -> Pipeline:
+# A split's cached features and their labels.
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def train_logreg(train: Split, logreg: LogregParams, seed: int, C: float | None = None) -> Pipeline:
+    """StandardScaler + LogisticRegression fitted on `train`.
+
+    Args:
+        train: features and labels.
+        logreg: the `head.logreg` section (C, max_iter, class_weight).
+        seed: the solver's random state.
+        C: this C instead of `logreg.C` (the C search's candidates).
+    """
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
     from sklearn.pipeline import make_pipeline  # noqa: PLC0415
     from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
-    clf = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=seed),
+    solver = LogisticRegression(
+        C=logreg.C if C is None else C,
+        max_iter=logreg.max_iter,
+        class_weight=logreg.class_weight,
+        random_state=seed,
     )
-    clf.fit(x_train.astype(np.float32), y_train)
+    clf = make_pipeline(StandardScaler(), solver)
+    clf.fit(train[0].astype(np.float32), train[1])
     return clf
 
 
 def search_logreg(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    grid: list[float],
-    *,
-    max_iter: int,
-    class_weight: str | None,
-    seed: int,
+    train: Split, val: Split, logreg: LogregParams, seed: int
 ) -> tuple[Pipeline, float, dict[float, float]]:
-    """Fit one head per C; keep the lowest validation log-loss (ties: the smaller C, the
-    stronger regularisation). Returns the head, its C and the loss of every C."""
+    """Fit one head per C of `logreg.C_grid`; keep the lowest validation log-loss (ties: the
+    smaller C, the stronger regularisation). Returns the head, its C and the loss of every C."""
     from sklearn.metrics import log_loss  # noqa: PLC0415
 
-    if not grid:
+    if not logreg.C_grid:
         raise ValueError("search_logreg needs at least one C")
-    labels = sorted(set(y_train.tolist()) | set(y_val.tolist()))
+    (x_val, y_val), labels = val, sorted(set(train[1].tolist()) | set(val[1].tolist()))
     losses: dict[float, float] = {}
     best: tuple[float, float, Pipeline] | None = None
-    for c in sorted(set(grid)):
-        clf = train_logreg(
-            x_train, y_train, C=c, max_iter=max_iter, class_weight=class_weight, seed=seed
-        )
+    for c in sorted(set(logreg.C_grid)):
+        clf = train_logreg(train, logreg, seed, C=c)
         loss = float(log_loss(y_val, clf.predict_proba(x_val.astype(np.float32)), labels=labels))
         losses[c] = loss
         log.info("logreg C=%g: val log-loss %.4f", c, loss)
         if best is None or loss < best[0]:
             best = (loss, c, clf)
-    _, best_c, best_clf = best  # type: ignore[misc]  (grid is non-empty)
+    _, best_c, best_clf = best  # type: ignore[misc]  (the grid is non-empty)
     return best_clf, best_c, losses
 
 
@@ -123,7 +120,13 @@ def build_dense_head(
     import keras  # noqa: PLC0415
 
     x = inputs = keras.Input((dim,), name="features")
-    if mean is not None:
+    if mean is not None and variance is not None:
+        scale = feature_scale(variance)
+        if scale != 1.0:
+            # Normalization divides by max(std, 1e-7): features ~1e-12 in scale (a randomly
+            # initialised base's) would all come out ~0. Scaled first, they keep their spread.
+            x = keras.layers.Rescaling(1.0 / scale, name="feature_scale")(x)
+            mean, variance = mean / scale, variance / scale**2
         x = keras.layers.Normalization(mean=mean, variance=variance, name="feature_norm")(x)
     if units:
         x = keras.layers.Dense(units, activation="relu", name="head_hidden")(x)
@@ -133,6 +136,18 @@ def build_dense_head(
         x
     )
     return keras.Model(inputs, out, name="head")
+
+
+SMALLEST_STD = 1e-5  # a channel's std below this is near Keras' epsilon (1e-7): scale first
+
+
+def feature_scale(variance: np.ndarray) -> float:
+    """1.0 for features whose channels' standard deviations are all well above Keras'
+    epsilon, else their geometric mean (over channels that vary), to divide the features by."""
+    std = np.sqrt(variance[variance > 0].astype(np.float64))
+    if std.size == 0 or std.min() >= SMALLEST_STD:
+        return 1.0
+    return float(np.exp(np.log(std).mean()))
 
 
 def softmax_head(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
@@ -164,47 +179,53 @@ def epoch_callbacks(on_epoch: EpochHook | None) -> list[keras.callbacks.Callback
 
 
 def train_dense(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    train: Split,
+    val: Split,
     n_classes: int,
-    *,
-    units: int,
-    dropout: float,
-    learning_rate: float,
-    epochs: int,
-    batch_size: int,
-    patience: int,
-    balanced: bool = False,
+    dense: DenseParams,
     on_epoch: EpochHook | None = None,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
-    """Train the dense head; returns the best-by-val-loss model and per-epoch history.
-    `on_epoch(epoch, logs)` is called as each epoch ends (live curves)."""
+    """Train the dense head with early stopping on validation loss.
+
+    Args:
+        train, val: features and labels.
+        n_classes: the number of classes.
+        dense: the `head.dense` section.
+        on_epoch: called with (epoch, that epoch's figures) as each epoch ends.
+
+    Returns:
+        The best-by-val-loss model and the per-epoch history.
+    """
     import keras  # noqa: PLC0415
 
-    x_train = x_train.astype(np.float32)
+    x_train, y_train = train[0].astype(np.float32), train[1]
     variance = x_train.var(axis=0)
     # Like StandardScaler: a channel constant on the training set (a dead ReLU) keeps scale 1,
     # instead of being divided by epsilon and exploding on the first non-zero value.
     variance = np.where(variance > 0, variance, 1.0)
     model = build_dense_head(
-        x_train.shape[1], n_classes, units, dropout, mean=x_train.mean(axis=0), variance=variance
+        x_train.shape[1],
+        n_classes,
+        dense.units,
+        dense.dropout,
+        mean=x_train.mean(axis=0),
+        variance=variance,
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(dense.learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True
+        monitor="val_loss", patience=dense.patience, restore_best_weights=True
     )
+    balanced = dense.class_weight == "balanced"
     hist = model.fit(
         x_train,
         y_train,
-        validation_data=(x_val.astype(np.float32), y_val),
-        epochs=epochs,
-        batch_size=batch_size,
+        validation_data=(val[0].astype(np.float32), val[1]),
+        epochs=dense.epochs,
+        batch_size=dense.batch_size,
         shuffle=True,
         class_weight=class_weights(y_train, n_classes) if balanced else None,
         callbacks=[stop, *epoch_callbacks(on_epoch)],
@@ -276,88 +297,63 @@ def copy_head(src: Path, dest: Path) -> None:
 def train_from_features(
     features_dir: Path,
     out_dir: Path,
-    *,
-    head_type: str,
-    logreg: LogregParams,
-    dense: DenseParams,
+    head: HeadParams,
     seed: int,
     on_epoch: EpochHook | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Train the configured head on cached features, save it to `out_dir`.
+    """Train the configured head on cached features and save it to `out_dir`.
 
-    `logreg` / `dense` are the `head.logreg` / `head.dense` sections; `on_epoch(epoch, logs)`
-    is called as each of the dense head's epochs ends. Returns the stage metrics (validation
-    accuracy and loss) and the per-epoch history.
+    Args:
+        features_dir: extract's output (`{split}_features.npy`, labels, meta.json).
+        out_dir: where the head is saved.
+        head: the `head` section.
+        seed: the logreg solver's random state.
+        on_epoch: called with (epoch, figures) as each of the dense head's epochs ends.
+
+    Returns:
+        The stage metrics (train/validation accuracy and loss, epochs, and the chosen C for
+        logreg) and the per-epoch history.
     """
-    from sklearn.metrics import accuracy_score, log_loss  # noqa: PLC0415
-
     from transferline.features import load_split  # noqa: PLC0415
 
     meta = read_json(Path(features_dir) / "meta.json")
     classes: list[str] = meta["classes"]
-    labels = list(range(len(classes)))
-    x_train, y_train = load_split(features_dir, "train")
-    x_val, y_val = load_split(features_dir, "val")
-    saved = {"feature_dim": int(x_train.shape[1]), "backbone": meta["backbone"]}
-
-    def scores(probs_train: np.ndarray, probs_val: np.ndarray) -> dict[str, float]:
-        return {
-            "accuracy": float(accuracy_score(y_train, probs_train.argmax(1))),
-            "loss": float(log_loss(y_train, probs_train, labels=labels)),
-            "val_accuracy": float(accuracy_score(y_val, probs_val.argmax(1))),
-            "val_loss": float(log_loss(y_val, probs_val, labels=labels)),
-        }
-
-    chosen: dict[str, float] = {}
-    if head_type == "logreg" and logreg.C_grid:
-        clf, best_c, _ = search_logreg(
-            x_train,
-            y_train,
-            x_val,
-            y_val,
-            logreg.C_grid,
-            max_iter=logreg.max_iter,
-            class_weight=logreg.class_weight,
-            seed=seed,
-        )
-        chosen = {"C": best_c}
-    elif head_type == "logreg":
-        clf = train_logreg(
-            x_train,
-            y_train,
-            C=logreg.C,
-            max_iter=logreg.max_iter,
-            class_weight=logreg.class_weight,
-            seed=seed,
-        )
-        chosen = {"C": logreg.C}
-    if head_type == "logreg":
-        final = scores(
-            clf.predict_proba(x_train.astype(np.float32)),
-            clf.predict_proba(x_val.astype(np.float32)),
-        )
+    train, val = load_split(features_dir, "train"), load_split(features_dir, "val")
+    saved = {"feature_dim": int(train[0].shape[1]), "backbone": meta["backbone"]}
+    if head.type == "logreg":
+        clf, chosen = _fit_logreg(train, val, head.logreg, seed)
+        final = _scores(train, val, clf.predict_proba, len(classes))
         history = [{"epoch": 0, **final}]
         save_logreg(out_dir, clf, classes, {**saved, **final, **chosen})
     else:
-        model, history = train_dense(
-            x_train,
-            y_train,
-            x_val,
-            y_val,
-            len(classes),
-            units=dense.units,
-            dropout=dense.dropout,
-            learning_rate=dense.learning_rate,
-            epochs=dense.epochs,
-            batch_size=dense.batch_size,
-            patience=dense.patience,
-            balanced=dense.class_weight == "balanced",
-            on_epoch=on_epoch,
-        )
-        final = scores(
-            model.predict(x_train.astype(np.float32), verbose=0),
-            model.predict(x_val.astype(np.float32), verbose=0),
-        )
+        model, history = train_dense(train, val, len(classes), head.dense, on_epoch)
+        final = _scores(train, val, lambda x: model.predict(x, verbose=0), len(classes))
+        chosen = {}
         save_dense(out_dir, model, classes, {**saved, **final})
     metrics = {**{k: round(v, 6) for k, v in final.items()}, "epochs": len(history), **chosen}
     return metrics, history
+
+
+def _fit_logreg(
+    train: Split, val: Split, logreg: LogregParams, seed: int
+) -> tuple[Pipeline, dict[str, float]]:
+    """The logreg head, searched over `C_grid` when it has values; and the C it used."""
+    if logreg.C_grid:
+        clf, best_c, _ = search_logreg(train, val, logreg, seed)
+        return clf, {"C": best_c}
+    return train_logreg(train, logreg, seed), {"C": logreg.C}
+
+
+def _scores(
+    train: Split, val: Split, predict: Callable[[np.ndarray], np.ndarray], n_classes: int
+) -> dict[str, float]:
+    """Accuracy and log-loss of a head's probabilities on the training and validation splits."""
+    from sklearn.metrics import accuracy_score, log_loss  # noqa: PLC0415
+
+    labels = list(range(n_classes))
+    scores = {}
+    for prefix, (x, y) in (("", train), ("val_", val)):
+        probs = predict(x.astype(np.float32))
+        scores[f"{prefix}accuracy"] = float(accuracy_score(y, probs.argmax(1)))
+        scores[f"{prefix}loss"] = float(log_loss(y, probs, labels=labels))
+    return scores

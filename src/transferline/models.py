@@ -94,7 +94,7 @@ def set_precision(mode: str) -> str:
         log.info(
             "this CPU computes bfloat16 natively: model.mixed_precision: bfloat16 may extract "
             "features several times faster, fine-tuning less so (measure with "
-            "bench/precision.py; features differ from float32's by up to about 2%% of the "
+            "bench/precision.py; features differ from float32's by up to about 2% of the "
             "largest)"
         )
     return policy
