@@ -83,7 +83,7 @@ def build(backbone: str, size: int, fold: bool = True):
 
 def set_precision(mode: str) -> str:
     """`model.mixed_precision` as the extract stage applies it (before any model is built)."""
-    from transferline.models import set_precision as apply
+    from transferline.runtime import set_precision as apply
 
     return apply(mode)
 

@@ -9,9 +9,9 @@ from transferline.params import Params
 
 def run(p: Params) -> None:
     stagekit.check_features(p)
-    from transferline import evaluation, export, models  # noqa: PLC0415  (TensorFlow)
+    from transferline import evaluation, export, runtime  # noqa: PLC0415  (TensorFlow)
 
-    models.seed_everything(p.seed)
+    runtime.seed_everything(p.seed)
     m = p.model
     with atomic_dir(stagekit.PLOTS / "evaluate") as tmp:
         metrics, finetuned = evaluation.evaluate_models(
@@ -41,7 +41,7 @@ def run(p: Params) -> None:
     with stagekit.mlflow_run(p) as run:
         stagekit.log_everything(run)
         stagekit.log_datasets(run, p.data.dataset)
-        run.set_tags({**models.runtime_tags(), "model.source": source})
+        run.set_tags({**runtime.runtime_tags(), "model.source": source})
         tracking.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
 
 

@@ -6,9 +6,9 @@ from transferline.params import Params
 
 
 def run(p: Params) -> None:
-    from transferline import features, models  # noqa: PLC0415  (TensorFlow: after params)
+    from transferline import features, runtime  # noqa: PLC0415  (TensorFlow: after params)
 
-    models.seed_everything(p.seed)
+    runtime.seed_everything(p.seed)
     with atomic_dir(stagekit.FEATURES) as tmp:
         metrics = features.extract_dataset(
             stagekit.RAW,
@@ -30,7 +30,7 @@ def run(p: Params) -> None:
     )
     with stagekit.mlflow_run(p) as run:
         stagekit.log_stage_metrics(run, "extract", metrics)
-        run.set_tags({**models.runtime_tags(), "precision": metrics["precision"]})
+        run.set_tags({**runtime.runtime_tags(), "precision": metrics["precision"]})
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ def run(p: Params) -> None:
         stagekit.log.info("finetune: skipped (finetune.enabled is false)")
         return
     stagekit.check_features(p)
-    from transferline import finetune, models  # noqa: PLC0415  (TensorFlow: after params)
+    from transferline import finetune, runtime  # noqa: PLC0415  (TensorFlow: after params)
 
-    models.seed_everything(p.seed)
-    chief = models.is_chief()  # another machine of a TF_CONFIG cluster: the chief logs
+    runtime.seed_everything(p.seed)
+    chief = runtime.is_chief()  # another machine of a TF_CONFIG cluster: the chief logs
     with stagekit.mlflow_run(p) if chief else contextlib.nullcontext() as run:
         metrics, history = finetune.run_finetune(
             stagekit.RAW,

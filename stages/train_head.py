@@ -12,7 +12,7 @@ from transferline.params import Params
 def run(p: Params) -> None:
     stagekit.check_features(p)
     if p.head.type == "dense":
-        from transferline.models import seed_everything  # noqa: PLC0415  (TensorFlow)
+        from transferline.runtime import seed_everything  # noqa: PLC0415  (TensorFlow)
 
         seed_everything(p.seed)
     with stagekit.mlflow_run(p) as run:

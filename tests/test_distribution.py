@@ -24,10 +24,10 @@ SCRIPT = textwrap.dedent(
     )
     import keras
     import numpy as np
-    from transferline import backbones, features, finetune, heads, models
+    from transferline import backbones, features, finetune, heads, models, runtime
 
-    models.seed_everything(0)
-    strategy = models.distribution(["/cpu:0", "/cpu:1"])
+    runtime.seed_everything(0)
+    strategy = runtime.distribution(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (13, 32, 32, 3)).astype("float32")  # 13: uneven last batch
     y = (np.arange(13) % 2).astype("int64")
@@ -160,15 +160,15 @@ TWO = {"cluster": {"worker": ["h1:1", "h2:1"]}, "task": {"type": "worker", "inde
 
 
 def test_tf_config_parsing(monkeypatch):
-    from transferline import models
+    from transferline import runtime
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert models.cluster_task() is None
+    assert runtime.cluster_task() is None
     one = {"cluster": {"worker": ["h1:1"]}, "task": {"type": "worker", "index": 0}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(one))
-    assert models.cluster_task() is None  # a one-machine cluster trains alone
+    assert runtime.cluster_task() is None  # a one-machine cluster trains alone
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))
-    assert models.cluster_task() == ("worker", 1, 2)
+    assert runtime.cluster_task() == ("worker", 1, 2)
     for bad in (
         "{not json",
         json.dumps({"task": {"type": "worker", "index": 0}}),
@@ -176,37 +176,37 @@ def test_tf_config_parsing(monkeypatch):
     ):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(StageError, match="TF_CONFIG is not a usable cluster"):
-            models.cluster_task()
+            runtime.cluster_task()
 
 
 def test_is_chief(monkeypatch):
-    from transferline import models
+    from transferline import runtime
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert models.is_chief()
+    assert runtime.is_chief()
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO))  # worker 1 of 2
-    assert not models.is_chief()
+    assert not runtime.is_chief()
     monkeypatch.setenv("TF_CONFIG", json.dumps({**TWO, "task": {"type": "worker", "index": 0}}))
-    assert models.is_chief()
+    assert runtime.is_chief()
     with_chief = {"cluster": {"chief": ["h0:1"], "worker": ["h1:1"]}}
     monkeypatch.setenv(
         "TF_CONFIG", json.dumps({**with_chief, "task": {"type": "worker", "index": 0}})
     )
-    assert not models.is_chief()
+    assert not runtime.is_chief()
     monkeypatch.setenv(
         "TF_CONFIG", json.dumps({**with_chief, "task": {"type": "chief", "index": 0}})
     )
-    assert models.is_chief()
+    assert runtime.is_chief()
 
 
 MACHINE = textwrap.dedent(
     """
     import json
     import numpy as np
-    from transferline import models
+    from transferline import models, runtime
 
-    models.seed_everything(0)  # as the finetune stage does, before the strategy
-    strategy = models.distribution(multi_worker=True)
+    runtime.seed_everything(0)  # as the finetune stage does, before the strategy
+    strategy = runtime.distribution(multi_worker=True)
     import tensorflow as tf
     from transferline import backbones, finetune, heads
 
@@ -230,7 +230,7 @@ MACHINE = textwrap.dedent(
     end = np.concatenate([np.ravel(w) for w in model.get_weights()])
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
-        "chief": models.is_chief(),
+        "chief": runtime.is_chief(),
         "moved": (end - start).tolist()[-64:] + [float(np.abs(end - start).sum())],
         "val_loss": [result.val_before["loss"], *(h["val_loss"] for h in result.history)],
         "val_accuracy": [h["val_accuracy"] for h in result.history],

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from transferline import backbones, dataset, features, images
+from transferline import backbones, dataset, feature_files, features, images
 from transferline.errors import DataError, StageError
 from transferline.models import build_feature_extractor
 
@@ -109,7 +109,7 @@ def test_extract_dataset_writes_every_split_and_meta(tmp_path):
     assert meta["classes"] == ["cat", "dog"] and meta["feature_dim"] == 512
     assert meta["pooling"] == "max" and meta["dtype"] == "float16"
     for split, n in (("train", 12), ("val", 4), ("test", 4)):
-        x, y = features.load_split(out, split)
+        x, y = feature_files.load_split(out, split)
         assert x.shape == (n, 512) and x.dtype == np.float16
         assert sorted(np.bincount(y)) == [n // 2, n // 2]
     assert metrics["images"] == 20 and set(metrics["per_split"]) == {"train", "val", "test"}

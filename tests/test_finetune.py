@@ -308,7 +308,7 @@ def test_bfloat16_extract_then_finetune(tmp_path):
     """model.mixed_precision: bfloat16 (CPUs with AMX): float32 features on disk, within
     bfloat16's rounding of float32's, and finetune takes them for its base's own although its
     unfolded base rounds differently from extract's folded one."""
-    from transferline import dataset, features
+    from transferline import dataset, feature_files, features
     from transferline.params import FinetuneParams, HeadParams
 
     from conftest import split
@@ -324,7 +324,7 @@ def test_bfloat16_extract_then_finetune(tmp_path):
         for mode in ("off", "bfloat16"):
             (out := tmp_path / f"features_{mode}").mkdir()
             m = features.extract_dataset(raw, splits, out, **args, mixed_precision=mode)
-            feats[mode] = features.load_split(out, "val")[0]
+            feats[mode] = feature_files.load_split(out, "val")[0]
         assert m["precision"] == "mixed_bfloat16" and m["mixed_precision"] is True
         (tmp_path / "head").mkdir()
         heads.train_from_features(out, tmp_path / "head", HeadParams(), seed=0)

@@ -182,7 +182,7 @@ def test_out_of_memory_under_mixed_precision_names_the_parameter_only():
     import tensorflow as tf
 
     from transferline.errors import StageError
-    from transferline.models import memory_for_batches
+    from transferline.runtime import memory_for_batches
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -200,7 +200,7 @@ def test_out_of_memory_under_mixed_precision_names_the_parameter_only():
 
 
 def test_cpu_flags_read_from_proc_cpuinfo(tmp_path):
-    from transferline.models import cpu_flags
+    from transferline.runtime import cpu_flags
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\nbugs\t\t: spectre\n")
@@ -223,13 +223,13 @@ def test_cpu_flags_read_from_proc_cpuinfo(tmp_path):
 def test_precision_policy_per_mode_and_cpu(monkeypatch, caplog, mode, flags, policy, said):
     """On a CPU: auto stays float32 (with a hint where bfloat16 is native), bfloat16 warns
     where the CPU would emulate it, on is mixed_float16."""
-    from transferline import models
+    from transferline import runtime
 
-    monkeypatch.setattr(models, "gpus", lambda: [])
-    monkeypatch.setattr(models, "cpu_flags", lambda: flags)  # None: unknown (not Linux)
-    caplog.set_level("INFO", logger="transferline.models")
+    monkeypatch.setattr(runtime, "gpus", lambda: [])
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)  # None: unknown (not Linux)
+    caplog.set_level("INFO", logger="transferline.runtime")
     try:
-        assert models.set_precision(mode) == policy
+        assert runtime.set_precision(mode) == policy
         assert keras.mixed_precision.global_policy().name == policy
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -244,11 +244,11 @@ def test_precision_policy_per_mode_and_cpu(monkeypatch, caplog, mode, flags, pol
 
 
 def test_the_bfloat16_hint_prints_its_percent_sign_once(monkeypatch, caplog):
-    from transferline import models
+    from transferline import runtime
 
-    monkeypatch.setattr(models, "gpus", lambda: [])
-    monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
-    caplog.set_level("INFO", logger="transferline.models")
-    assert models.set_precision("auto") == "float32"
+    monkeypatch.setattr(runtime, "gpus", lambda: [])
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16"})
+    caplog.set_level("INFO", logger="transferline.runtime")
+    assert runtime.set_precision("auto") == "float32"
     (hint,) = [r.getMessage() for r in caplog.records]
     assert "up to about 2% of the largest" in hint and "%%" not in hint

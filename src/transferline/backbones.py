@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from transferline.errors import WeightsError
+
 if TYPE_CHECKING:
     import keras
 
@@ -132,10 +134,6 @@ REGISTRY: dict[str, Backbone] = {b.key: b for b in _ENTRIES}
 def get(key: str) -> Backbone:
     """Registry entry for `key`; params validation has already rejected unknown keys."""
     return REGISTRY[key]
-
-
-class WeightsError(RuntimeError):
-    """The requested weights cannot be loaded (offline, missing or mismatched file)."""
 
 
 def build_base(

@@ -261,7 +261,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     from transferline import export  # noqa: PLC0415
     from transferline.errors import StageError  # noqa: PLC0415
-    from transferline.models import memory_for_batches  # noqa: PLC0415
+    from transferline.runtime import memory_for_batches  # noqa: PLC0415
 
     try:
         with memory_for_batches("--batch-size", args.batch_size):

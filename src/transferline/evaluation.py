@@ -313,7 +313,7 @@ def evaluate_models(
     figures go to `{name}_report.csv` and, for both, `per_class.json` in `plots_dir`.
     """
     from transferline import heads, images  # noqa: PLC0415
-    from transferline.features import load_split  # noqa: PLC0415
+    from transferline.feature_files import load_split  # noqa: PLC0415
     from transferline.files import is_skip_marker, read_json, write_csv, write_json  # noqa: PLC0415
 
     classes = read_json(features_dir / "meta.json")["classes"]
@@ -329,12 +329,12 @@ def evaluate_models(
     if not is_skip_marker(finetuned):
         import keras  # noqa: PLC0415
 
-        from transferline import models  # noqa: PLC0415  (also registers Preprocess)
+        from transferline import models, runtime  # noqa: PLC0415  (models registers Preprocess)
 
         model = keras.saving.load_model(finetuned)
         batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         # Run forward with BatchNormalization folded, as extract does; export the model itself.
-        with models.memory_for_batches("extract.batch_size", batch_size):
+        with runtime.memory_for_batches("extract.batch_size", batch_size):
             results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
     metrics: dict[str, Any] = {}
     per_class: dict[str, list[dict]] = {}

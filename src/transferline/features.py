@@ -180,11 +180,11 @@ def extract_dataset(
     """
     import json  # noqa: PLC0415
 
-    from transferline import backbones, images, models  # noqa: PLC0415
+    from transferline import backbones, images, models, runtime  # noqa: PLC0415
 
     classes = json.loads((splits_dir / "classes.json").read_text())
-    policy = models.set_precision(mixed_precision)
-    strategy = models.distribution(devices)
+    policy = runtime.set_precision(mixed_precision)
+    strategy = runtime.distribution(devices)
     with strategy.scope():
         extractor = models.build_feature_extractor(
             backbones.get(backbone), weights, image_size, pooling, seed, fold=True
@@ -195,7 +195,7 @@ def extract_dataset(
         paths, labels, turns = images.split_arrays(raw, splits_dir, split, classes)
         batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
         with (
-            models.memory_for_batches("extract.batch_size", batch_size),
+            runtime.memory_for_batches("extract.batch_size", batch_size),
             undecodable_named(paths, raw, split),
         ):
             per_split[split] = extract_to_npy(
@@ -232,10 +232,3 @@ def extract_dataset(
         "replicas": int(strategy.num_replicas_in_sync),
         "batchnorm_folded": models.folded_batchnorms(extractor),
     }
-
-
-def load_split(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.load(features_dir / f"{split}_features.npy"),
-        np.load(features_dir / f"{split}_labels.npy"),
-    )

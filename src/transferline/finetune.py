@@ -567,20 +567,20 @@ def run_finetune(
     over every GPU (or `devices`) when there are several, and in a MultiWorkerMirroredStrategy
     one when TF_CONFIG names several machines (each of which runs this same function).
     """
-    from transferline import backbones, heads, images, models  # noqa: PLC0415
+    from transferline import backbones, heads, images, models, runtime  # noqa: PLC0415
     from transferline.files import atomic_path, read_json  # noqa: PLC0415
 
     # With a TF_CONFIG naming several machines, each of them runs this function in lockstep
     # (MultiWorkerMirroredStrategy, created before any other TensorFlow work).
-    workers = models.cluster_task()
+    workers = runtime.cluster_task()
     if workers and f.max_minutes:
         raise StageError(
             "finetune.max_minutes cannot be used when fine-tuning on several machines "
             "(TF_CONFIG is set): each machine's clock would stop it at a different step and "
             "the others would wait for it forever. Set finetune.max_minutes to null."
         )
-    strategy = models.distribution(devices, multi_worker=True)
-    policy = models.set_precision(mixed_precision)
+    strategy = runtime.distribution(devices, multi_worker=True)
+    policy = runtime.set_precision(mixed_precision)
     classes = read_json(features_dir / "meta.json")["classes"]
     train_paths, y_train, train_turns = images.split_arrays(raw, splits_dir, "train", classes)
     plan = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
@@ -632,7 +632,7 @@ def run_finetune(
         "patience": f.patience,
         "on_epoch": on_epoch,
     }
-    with strategy.scope(), models.memory_for_batches("finetune.batch_size", f.batch_size):
+    with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
         model = assemble(extractor, heads.keras_head(init_dir))
         if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
             result = finetune_across_machines(model, train_ds, val_ds, strategy, **common)

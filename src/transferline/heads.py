@@ -314,9 +314,9 @@ def train_from_features(
         The stage metrics (train/validation accuracy and loss, epochs, and the chosen C for
         logreg) and the per-epoch history.
     """
-    from transferline.features import load_split  # noqa: PLC0415
+    from transferline.feature_files import load_split, read_meta  # noqa: PLC0415
 
-    meta = read_json(Path(features_dir) / "meta.json")
+    meta = read_meta(features_dir)
     classes: list[str] = meta["classes"]
     train, val = load_split(features_dir, "train"), load_split(features_dir, "val")
     saved = {"feature_dim": int(train[0].shape[1]), "backbone": meta["backbone"]}

@@ -25,13 +25,10 @@ from pydantic import (
 )
 
 from transferline import backbones
+from transferline.errors import ParamsError
 
 PRESETS = ("cats_vs_dogs", "chest_ct", "digits")
 _KAGGLE_RE = re.compile(r"^kaggle://(datasets/[^/\s]+/[^/\s]+|competitions/[^/\s]+)/?$")
-
-
-class ParamsError(ValueError):
-    """params.yaml is missing, unreadable or holds a bad value."""
 
 
 class _Strict(BaseModel):

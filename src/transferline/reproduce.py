@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferline.errors import StageError
+from transferline.errors import ReproduceError
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,6 @@ PARAMS_HASH_TAG = "transferline.params_hash"  # as tracking.HASH_TAG (no mlflow 
 # Every stage after download, forced: the data come from DVC (cache or remote), not the source.
 REPRO = ["dvc", "repro", "--force", "--downstream", "split"]
 TOLERANCE = 1e-6  # the metrics files round to 6 decimals
-
-
-class ReproduceError(StageError):
-    """A run cannot be reproduced here; the message names what is missing and how to get it."""
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from transferline.errors import SourceError
 from transferline.files import repo_root
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-
-
-class SourceError(RuntimeError):
-    """The data set cannot be fetched; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from transferline import logs
-from transferline.backbones import WeightsError
-from transferline.errors import DataError, StageError
-from transferline.params import Params, ParamsError, load_params
-from transferline.sources import SourceError
+from transferline.errors import StageError, TransferlineError
+from transferline.params import Params, load_params
 
 log = logging.getLogger("transferline")
 
@@ -31,7 +29,6 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 
 
-KNOWN_ERRORS = (ParamsError, SourceError, DataError, WeightsError, StageError)
 # each stage's outputs that other stages read -> the stage that writes them
 PRODUCERS = {
     RAW: "download",
@@ -89,7 +86,7 @@ def main(
         monitor = monitored(params) if tracked else contextlib.nullcontext()
         with logs.native_log_filtered(enabled=not args.verbose), monitor:
             body(params)
-    except KNOWN_ERRORS as exc:
+    except TransferlineError as exc:
         print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # an input another stage writes (a script run by hand)

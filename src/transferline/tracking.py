@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from transferline.errors import StageError
+from transferline.errors import TrackingError
 from transferline.files import repo_root
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,6 @@ _RENAMED_REPORTED: list[str] = []
 
 def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
-
-
-class TrackingError(StageError):
-    """The MLflow store cannot be reached or written; the message names it and the fix."""
 
 
 def describe_store_error(uri: str, exc: BaseException) -> str:
