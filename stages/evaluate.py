@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: test metrics of the head and the fine-tuned model -> metrics/evaluate.json,
-plots/evaluate/; the winning model exported to models/classifier/ (raw images of any size in,
-class probabilities out) and logged to MLflow with the complete picture of this parameter set."""
+plots/evaluate/; the fine-tuned model (base + head when fine-tuning is off) exported to
+models/classifier/ (raw images of any size in, class probabilities out) and logged to MLflow
+with the complete picture of the run."""
 
 from transferline import stagekit, tracking
 from transferline.files import atomic_dir, write_json

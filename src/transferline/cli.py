@@ -472,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes MODEL (models/classifier or an MLflow model URI, as for predict) "
         "to OUT, a new folder, as a TensorFlow SavedModel with two signatures: serve "
         "(float32 RGB images of any size, 0..255) and serve_bytes (encoded JPEG, PNG, GIF, "
-        "BMP or WebP files). Each returns probabilities, label and probability.",
+        "BMP or WebP files, decoded by TensorFlow: the pipeline reads BMP and transparent "
+        "WebP with PIL, so send those as pixels). Each returns probabilities, label and "
+        "probability.",
     )
     p.add_argument("model", metavar="MODEL")
     p.add_argument("out", metavar="OUT", help="a new folder, e.g. exported/classifier/1")

@@ -104,8 +104,8 @@ def _rel(path: Path, rel_to: Path) -> str:
 
 def _rel_files(folder: Path, rel_to: Path) -> list[str]:
     """Every visible file below `folder` (hidden files and system folders skipped), as posix
-    paths relative to `rel_to`, made as strings: a Path per file took most of the time
-    listing 100,000 files took."""
+    paths relative to `rel_to`."""
+    # Strings, not a Path per file: those dominate the listing of a large data set.
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
@@ -926,7 +926,8 @@ def build_split(
     workers: int | None = None,
     exclude: Sequence[str] = (),
 ) -> SplitResult:
-    """Detect the layout, validate every file once, drop duplicates, split. Touches no file.
+    """Detect the layout, validate every file once (each is read), drop duplicates, split.
+    Writes and changes no file.
 
     Manifest paths are relative to `rel_to` (default: `root`). `group_pattern`: a regex whose
     match in an image's path (its first group, else the whole match) is the image's group.

@@ -195,10 +195,9 @@ def write_predictions_csv(
 def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
     """The confusion matrix as a heat map, counts in the cells up to MAX_CELL_TEXT classes.
 
-    The figure stops growing at 24 inches and the class names shrink: grown with the class
-    count, with a number in every cell, 200 classes (CUB-200) took 103 s and 3.6 GB for one
-    PNG, and 1,000 would not fit in memory. `dvc plots` draws the counts from the predictions
-    CSV at any size.
+    The figure stops growing at 24 inches and the class names shrink (a figure grown with the
+    class count would take minutes and gigabytes for hundreds of classes); `dvc plots` draws
+    the counts from the predictions CSV at any size.
     """
     plt = _pyplot()
     n = len(classes)

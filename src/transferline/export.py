@@ -252,10 +252,12 @@ def save_saved_model(classifier: Classifier, folder: Path) -> None:
     - `serve` (also `serving_default`): `images`, float32 RGB batches (0..255) of any height
       and width, as the Keras file takes;
     - `serve_bytes`: `image_bytes`, a batch of encoded JPEG, PNG, GIF, BMP or WebP files,
-      each decoded, resized and turned as the pipeline does (`images.decode_tf_bytes`,
-      bilinear, a JPEG's EXIF orientation through `jpeg_orientation`), so a client
-      sends the file, a phone's sideways-stored portrait photo too, instead of its pixels as
-      JSON numbers.
+      each decoded by TensorFlow in the graph (`images.decode_tf_bytes`), resized (bilinear)
+      and turned by a JPEG's EXIF orientation (`jpeg_orientation`), so a client sends the
+      file, a phone's sideways-stored portrait photo too, instead of its pixels as JSON
+      numbers. For JPEG, PNG, GIF and opaque WebP that is how the pipeline decodes them; the
+      pipeline reads BMP and transparent or animated WebP with PIL, and TensorFlow's decoder
+      can give other pixels for those (a palette BMP as grey): send them as pixels (`serve`).
 
     Both return `probabilities` (one per class), `label` (the likeliest class's name) and
     `probability` (its probability). Decoding is TensorFlow's own, in the graph: the EXIF

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Formats the pipeline reads: TensorFlow decodes them in `load_image`, except what `needs_pil`
-# picks out (TIFF, AVIF, HEIF; WebP with transparency or animation), which PIL decodes (HEIF
+# picks out (TIFF, AVIF, HEIF, BMP; WebP with transparency or animation), which PIL decodes (HEIF
 # through pi-heif). MPO is a camera's JPEG with more pictures (e.g. a depth map) after the
 # photo; both decode the photo.
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF", "HEIF"}
@@ -320,7 +320,7 @@ def check_images(
     Each worker holds one file at a time, so memory does not grow with the data set. Worker
     processes by default; `threads` for a process that must not fork (TensorFlow loaded, as
     in predict): PIL and the hash release the GIL while they work, so threads still spread
-    most of it over the cores (1.7x on 2 cores against one worker).
+    most of it over the cores.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -437,9 +437,10 @@ _ORIENTATION_STEPS = {
 
 
 def decode_tf_bytes(data: tf.Tensor) -> tf.Tensor:
-    """An encoded image's RGB uint8 pixels, as TensorFlow decodes them: the files `needs_pil`
-    does not pick out (JPEG, PNG, GIF's first frame, BMP, WebP), in a graph of TensorFlow ops
-    only, so a SavedModel can decode too (`export.save_saved_model`)."""
+    """An encoded image's RGB uint8 pixels, as TensorFlow decodes them, in a graph of
+    TensorFlow ops only, so a SavedModel can decode too (`export.save_saved_model`). The
+    pipeline uses it for the files `needs_pil` does not pick out: JPEG, PNG, GIF's first frame
+    and opaque still WebP (BMP and transparent or animated WebP go through PIL)."""
     import tensorflow as tf  # noqa: PLC0415
 
     return tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -511,15 +512,12 @@ def make_image_dataset(
     training=True here and never saved with the model). `drop_remainder` leaves out the short
     last batch (see `finetune.epoch_plan`). `orientations` (EXIF, 1..8 per path, from
     `split_arrays` or `check_images`) turns camera images upright; a set with none to turn
-    keeps the plain decode, as does a set with no file for PIL to decode (`needs_pil`: read
-    from each file's header here; a tf.cond on every image cost 3 to 8% of decode speed,
-    `bench/extract.py`'s 300 files, decode only).
+    keeps the plain decode, as does a set with no file for PIL to decode (`needs_pil`, read
+    from each file's header here rather than a tf.cond on every image, which slows decoding).
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
-    batches ahead): with it on, deleting a finished iterator blocked for up to 2.3 s on this
-    project's 2-core machine, a stall paid by every extract split and every epoch; turning it
-    off took the extract path from 0.78 to 0.94 of the forward-only ceiling
-    (`bench/extract.py --repeats 15 --paths a_ceiling,b_ours,b_autotune`).
+    batches ahead): with it on, deleting a finished iterator can block for seconds, a stall
+    paid by every extract split and every epoch (`bench/extract.py --paths b_autotune`).
     """
     import tensorflow as tf  # noqa: PLC0415
 

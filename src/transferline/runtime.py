@@ -62,10 +62,9 @@ def set_precision(mode: str) -> str:
 
     auto is mixed_float16 only with a GPU: on a CPU float16 is slower and gains nothing.
     bfloat16 (mixed_bfloat16) is for CPUs that compute it natively (AMX on Xeons since Sapphire
-    Rapids: extraction 1.6x as fast as float32 for mobilenet_v2, 3.9x for resnet50, while
-    fine-tuning, its BatchNormalization in float32, ran 0.87x and 1.29x; bench/precision.py)
-    and for GPUs from Ampere on; it needs no loss scaling. Heads keep a float32 softmax, and
-    features are cast to `extract.dtype` when written.
+    Rapids; `bench/precision.py` measures it) and for GPUs from Ampere on; it needs no loss
+    scaling. Heads keep a float32 softmax, and features are cast to `extract.dtype` when
+    written.
     """
     on_gpu = bool(gpus())
     policy = {"on": "mixed_float16", "bfloat16": "mixed_bfloat16", "off": "float32"}.get(

@@ -49,9 +49,8 @@ EPOCH_FIGURES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a training c
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 _PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
 # MLflow refuses a metric or param name holding any other character, and class names become
-# such names (`test.head.per_class.CLASS.f1`, `data.label_map.CLASS`): PlantVillage's
-# `Corn_(maize)___healthy` and `Pepper,_bell___healthy` failed evaluate. Also not ':' (refused
-# on Windows) or '/' ('a//b' is refused as a path that is not unique).
+# param names (`data.label_map.CLASS`, e.g. `Corn_(maize)___healthy`). Also not ':' (refused on
+# Windows) or '/' ('a//b' is refused as a path that is not unique).
 _NOT_IN_A_NAME = re.compile(r"[^\w.\- ]")
 
 
