@@ -3,7 +3,7 @@ plots/evaluate/; the fine-tuned model (base + head when fine-tuning is off) expo
 models/classifier/ (raw images of any size in, class probabilities out) and logged to MLflow
 with the complete picture of the run."""
 
-from transferline import stagekit, tracking
+from transferline import stagekit, tracking_models
 from transferline.files import atomic_dir, write_json
 from transferline.params import Params
 
@@ -43,7 +43,7 @@ def run(p: Params) -> None:
         stagekit.log_everything(run)
         stagekit.log_datasets(run, p.data.dataset)
         run.set_tags({**runtime.runtime_tags(), "model.source": source})
-        tracking.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
+        tracking_models.log_classifier(run, classifier, classes, m.size, p.mlflow.register_as)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ import yaml
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "transferline"
-NOT_OUTPUTS = {"logs", "errors", "stagekit", "params", "files", "cli", "tracking", "reproduce"}
+NOT_OUTPUTS = {"logs", "errors", "stagekit", "params", "files", "cli", "reproduce"} | {
+    "tracking",
+    "tracking_identity",
+    "tracking_models",
+    "tracking_queries",
+}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from transferline import tracking
+from transferline import tracking, tracking_identity, tracking_models, tracking_queries
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -49,7 +49,7 @@ def test_context_tags_name_commit_dirty_flag_experiment_and_versions(tmp_path, m
     # What `dvc exp run -S` and the stages change is not a dirty tree: DVC records it.
     (tmp_path / "params.yaml").write_text("seed: 2\n")
     (tmp_path / "metrics" / "split.json").write_text('{"rejected": 0}\n')
-    tags = tracking.context_tags()
+    tags = tracking_identity.context_tags()
     assert tags["git.commit"] == baseline and tags["git.dirty"] == "false"
     assert tags["dvc.exp_name"] == "wise-owl" and tags["dvc.exp_baseline"] == baseline
     assert tags["dvc.exp_ref"] == f"refs/exps/{baseline[:2]}/{baseline[2:]}/wise-owl"
@@ -58,11 +58,11 @@ def test_context_tags_name_commit_dirty_flag_experiment_and_versions(tmp_path, m
         assert tags[f"version.{pkg}"] == metadata.version(pkg)
     # A code change is, under `dvc exp run` too.
     (tmp_path / "stages" / "split.py").write_text("print('changed')\n")
-    assert tracking.context_tags()["git.dirty"] == "true"
+    assert tracking_identity.context_tags()["git.dirty"] == "true"
     git("checkout", "stages/split.py")
     # Outside an experiment, an edited params.yaml is not in the commit: dirty.
     monkeypatch.delenv("DVC_EXP_NAME")
-    tags = tracking.context_tags()
+    tags = tracking_identity.context_tags()
     assert tags["git.dirty"] == "true" and "dvc.exp_name" not in tags
 
 
@@ -211,7 +211,7 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     )
     run.log_metrics({"accuracy": 0.75}, prefix="test.head.")
     run.log_metrics({"loss": 0.5}, prefix="head.")
-    uri = tracking.log_classifier(run, clf, ["a", "b", "c"], 32, register_as="pets")
+    uri = tracking_models.log_classifier(run, clf, ["a", "b", "c"], 32, register_as="pets")
     tracking.close_run(run)
 
     # A LoggedModel of the run, as mlflow.keras.log_model makes one: the UI's Models column.
@@ -228,7 +228,7 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     assert {m.key: m.value for m in logged.metrics} == {"test.head.accuracy": 0.75}
     history = client.get_metric_history(run.run_id, "test.head.accuracy")
     assert [m.value for m in history] == [0.75]
-    by_run = tracking.load_pyfunc(f"runs:/{run.run_id}/model")
+    by_run = tracking_models.load_pyfunc(f"runs:/{run.run_id}/model")
     assert by_run.metadata.model_id == logged.model_id
     assert by_run.metadata.saved_input_example_info["type"] == "ndarray"
 
@@ -245,15 +245,21 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     here = socket.gethostname()
     killed, uploading = (
         client.create_logged_model(
-            exp_id, name="model", source_run_id=run.run_id, tags={tracking.WRITER_TAG: writer}
+            exp_id,
+            name="model",
+            source_run_id=run.run_id,
+            tags={tracking_models.WRITER_TAG: writer},
         )
         for writer in (f"{here}:{gone.pid}", f"{here}:{os.getpid()}")
     )
     run.log_metrics({"accuracy": 0.5}, prefix="test.head.")
-    newer = tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
+    newer = tracking_models.log_classifier(run, clf, ["a", "b", "c"], 32)
     tracking.close_run(run)
     assert newer != uri
-    assert f"models:/{tracking.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}" == newer
+    assert (
+        f"models:/{tracking_models.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}"
+        == newer
+    )
     newest = client.get_logged_model(newer.removeprefix("models:/"))
     assert {m.key: m.value for m in newest.metrics} == {"test.head.accuracy": 0.5}
 
@@ -275,14 +281,17 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
     )
     with monkeypatch.context() as patched, pytest.raises(OSError, match="No space"):
         patched.setattr(mlflow.keras, "save_model", broken_save)
-        tracking.log_classifier(run, clf, ["a", "b", "c"], 32)
+        tracking_models.log_classifier(run, clf, ["a", "b", "c"], 32)
     tracking.close_run(run, failed=True)
     assert listed() == before
     outputs = client.get_run(run.run_id).outputs.model_outputs
     assert {f"models:/{o.model_id}" for o in outputs} == {uri, newer}
-    assert f"models:/{tracking.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}" == newer
+    assert (
+        f"models:/{tracking_models.load_pyfunc(f'runs:/{run.run_id}/model').metadata.model_id}"
+        == newer
+    )
 
-    pyfunc = tracking.load_pyfunc(uri)
+    pyfunc = tracking_models.load_pyfunc(uri)
     assert pyfunc.metadata.metadata == {"classes": ["a", "b", "c"], "image_size": 32}
     raw = np.random.default_rng(0).integers(0, 256, (2, 45, 60, 3)).astype("float32")
     probs = pyfunc.predict(raw)  # raw RGB of another size: resized and preprocessed inside
@@ -307,12 +316,14 @@ def test_logged_classifier_round_trips_through_pyfunc(tmp_path, monkeypatch):
 
 
 def test_a_pending_model_from_another_host_is_abandoned_only_after_a_day():
-    day_ms = tracking.ABANDONED_AFTER_S * 1000
+    day_ms = tracking_models.ABANDONED_AFTER_S * 1000
     for writer in ("other-host:123", "", "no-pid"):
-        assert not tracking._upload_abandoned(writer, day_ms - 1)
-        assert tracking._upload_abandoned(writer, day_ms + 1)
+        assert not tracking_models._upload_abandoned(writer, day_ms - 1)
+        assert tracking_models._upload_abandoned(writer, day_ms + 1)
     # A live writer on this host is never abandoned, however old its model.
-    assert not tracking._upload_abandoned(f"{socket.gethostname()}:{os.getpid()}", 10 * day_ms)
+    assert not tracking_models._upload_abandoned(
+        f"{socket.gethostname()}:{os.getpid()}", 10 * day_ms
+    )
 
 
 def keras_resize(x, size):
@@ -331,12 +342,12 @@ def test_latest_runs_best_first(tmp_path, monkeypatch):
         run.log_metrics({"head.accuracy": acc, **({"finetune.accuracy": ft} if ft else {})},
                         prefix="test.")  # fmt: skip
         tracking.close_run(run, failed=h == "d")
-    rows = tracking.latest_runs("cmp")
+    rows = tracking_queries.latest_runs("cmp")
     # 0.9 (fine-tuned), 0.8, 0.7; then the failed run, whatever its accuracy
     assert [r["backbone"] for r in rows] == ["b", "c", "a", "d"]
     assert rows[-1]["status"] == "FAILED"
     assert rows[0]["test.head.accuracy"] == 0.6 and rows[1]["test.finetune.accuracy"] is None
-    assert tracking.latest_runs("no-such-experiment") == []
+    assert tracking_queries.latest_runs("no-such-experiment") == []
 
 
 def test_unreachable_server_is_one_clear_error_at_once(monkeypatch):

@@ -329,7 +329,7 @@ def fit_columns(table: list[list[str]], widths: dict[str, int]) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from transferline import tracking  # noqa: PLC0415
+    from transferline import tracking, tracking_queries  # noqa: PLC0415
     from transferline.params import ParamsError, load_params  # noqa: PLC0415
 
     experiment = args.experiment
@@ -344,9 +344,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except tracking.TrackingError as exc:
         print(f"transferline compare: {exc}", file=sys.stderr)
         return 2
-    rows = tracking.latest_runs(experiment, args.limit)
+    rows = tracking_queries.latest_runs(experiment, args.limit)
     if not rows:
-        others = tracking.experiments_with_runs()
+        others = tracking_queries.experiments_with_runs()
         hint = (
             f"; experiments with runs there: {', '.join(others)} (pick one with --experiment)"
             if others
@@ -362,8 +362,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # `inputs` is shared by runs of the same params, data, weights and code (another machine).
     head = ["run id", "run", "dvc_exp", "backbone", "size", "head", "head acc", "ft acc",
             "ft macro-F1", "inputs", "status"]  # fmt: skip
-    keys = ["run_id", "run", "dvc_exp", "backbone", "size", "head", *tracking.COMPARE_METRICS,
-            "inputs", "status"]  # fmt: skip
+    metrics = tracking_queries.COMPARE_METRICS
+    keys = ["run_id", "run", "dvc_exp", "backbone", "size", "head", *metrics, "inputs",
+            "status"]  # fmt: skip
     table = [head] + [
         ["-" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
          for k in keys]
@@ -379,13 +380,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from transferline import reproduce, tracking  # noqa: PLC0415
+    from transferline import reproduce, tracking, tracking_queries  # noqa: PLC0415
     from transferline.files import repo_root  # noqa: PLC0415
 
     repo = repo_root()
     folder = args.run or Path("..") / f"reproduce-{args.run_id[:8]}"
     try:
-        run = tracking.run_record(args.run_id)
+        run = tracking_queries.run_record(args.run_id)
         recipe = reproduce.plan(run, args.run_id, repo, tracking.tracking_uri())
         print(reproduce.describe(recipe, str(folder)))
         if args.run is None:

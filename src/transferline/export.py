@@ -117,9 +117,9 @@ def load_classifier(path: str | Path) -> Classifier:
     text = str(path)
     local = Path(text)
     if "://" in text or text.startswith(("runs:/", "models:/")) or (local / "MLmodel").is_file():
-        from transferline import tracking  # noqa: PLC0415
+        from transferline import tracking_models  # noqa: PLC0415
 
-        model = tracking.load_pyfunc(text)
+        model = tracking_models.load_pyfunc(text)
         meta = model.metadata.metadata or {}
         if "classes" not in meta:
             raise FileNotFoundError(

@@ -1,9 +1,10 @@
 """From an MLflow run back to its inputs, and its metrics computed again.
 
-A run's tags name what produced it (tracking.py): the DVC experiment's ref or the commit, the
-params hash and the data's DVC hash. `plan` checks that this clone holds them and lists the
-commands; `recompute` runs them in a new git worktree, so the workspace is never touched, with
-the data from the DVC cache or remote, and compares the recomputed test metrics with the run's.
+A run's tags name what produced it (tracking_identity.py): the DVC experiment's ref or the
+commit, the params hash and the data's DVC hash. `plan` checks that this clone holds them and
+lists the commands; `recompute` runs them in a new git worktree, so the workspace is never
+touched, with the data from the DVC cache or remote, and compares the recomputed test metrics
+with the run's.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferline.errors import ReproduceError
+from transferline.tracking_identity import HASH_TAG
 
 log = logging.getLogger(__name__)
 
-PARAMS_HASH_TAG = "transferline.params_hash"  # as tracking.HASH_TAG (no mlflow import here)
 # Every stage after download, forced: the data come from DVC (cache or remote), not the source.
 REPRO = ["dvc", "repro", "--force", "--downstream", "split"]
 TOLERANCE = 1e-6  # the metrics files round to 6 decimals
@@ -71,7 +72,7 @@ def _exp_rev(repo: Path, tags: dict[str, str]) -> str:
 
 
 def plan(run: dict | None, run_id: str, repo: Path, store: str) -> Recipe:
-    """The recipe of `run` (tracking.run_record's dict; None: no such run in `store`), after
+    """The recipe of `run` (tracking_queries.run_record's dict; None: no such run in `store`), after
     checking that `repo` holds its revision. Raises ReproduceError naming what is missing."""
     if run is None:
         raise ReproduceError(
@@ -85,7 +86,7 @@ def plan(run: dict | None, run_id: str, repo: Path, store: str) -> Recipe:
             f"run {run_id} in {store} is deleted. Restore it first (`mlflow runs restore "
             f"--run-id {run_id}` with MLFLOW_TRACKING_URI set to that store)."
         )
-    if PARAMS_HASH_TAG not in tags:
+    if HASH_TAG not in tags:
         raise ReproduceError(
             f"run {run_id} (experiment {run['experiment']!r} in {store}) was not logged by "
             "transferline's stages: it has no `transferline.params_hash` tag, so nothing says "
@@ -113,7 +114,7 @@ def plan(run: dict | None, run_id: str, repo: Path, store: str) -> Recipe:
     if not metrics:
         warnings.append("the run has no test metrics (its evaluate stage did not log)")
     return Recipe(
-        run_id, rev, source, metrics, tags[PARAMS_HASH_TAG], tags.get("data.raw_md5", ""), warnings
+        run_id, rev, source, metrics, tags[HASH_TAG], tags.get("data.raw_md5", ""), warnings
     )
 
 

@@ -277,11 +277,11 @@ def log_tables(run) -> None:
 
 def log_datasets(run, dataset: str) -> None:
     """The split manifests as the run's MLflow datasets, named after `data.dataset`."""
-    from transferline import sources, tracking  # noqa: PLC0415
+    from transferline import sources, tracking_identity  # noqa: PLC0415
 
     manifests = {s: SPLITS / f"{s}.csv" for s in ("train", "val", "test")}
     run.log_datasets(
         sources.dataset_name(dataset),
         {s: path for s, path in manifests.items() if path.exists()},
-        tracking.dvc_lock_hash("download", "data/raw"),
+        tracking_identity.dvc_lock_hash("download", "data/raw"),
     )

@@ -11,43 +11,35 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import functools
 import hashlib
 import logging
 import numbers as numbers_abc
 import os
-import platform
 import re
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-
 from transferline.errors import TrackingError
 from transferline.files import repo_root
+from transferline.tracking_identity import (
+    DIFFERS_TAG,
+    HASH_TAG,
+    INPUT_NAMES,
+    INPUTS_TAG,
+    KEY_TAG,
+    SAME_INPUTS_TAG,
+    RunInputs,
+    context_tags,
+)
 
 log = logging.getLogger(__name__)
 
-HASH_TAG = "transferline.params_hash"
-INPUTS_TAG = "transferline.inputs"  # params + data + weights + code: runs of the same inputs
-KEY_TAG = "transferline.run_key"  # the inputs and the machine: the run's identity
-SAME_INPUTS_TAG = "transferline.same_inputs_as"  # first run of these inputs, another machine
-DIFFERS_TAG = "transferline.differs_from"  # latest run of these params, and what changed
-WRITER_TAG = "transferline.writer"  # on a logged model: host:pid of the process uploading it
-# A PENDING model whose writer cannot be checked (another host) is taken as abandoned after
-# this long: a day, far longer than uploading even the largest base (~1.4 GB) should take.
-ABANDONED_AFTER_S = 24 * 3600
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 EPOCH_FIGURES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a training curve's figures
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
-_PACKAGES = ("tensorflow", "keras", "dvc", "mlflow", "scikit-learn", "transferline")
 # MLflow refuses a metric or param name holding any other character, and class names become
 # param names (`data.label_map.CLASS`, e.g. `Corn_(maize)___healthy`). Also not ':' (refused on
 # Windows) or '/' ('a//b' is refused as a path that is not unique).
@@ -199,53 +191,6 @@ def store_errors(uri: str) -> Iterator[None]:
         raise TrackingError(describe_store_error(uri, exc)) from exc
 
 
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=20, check=False
-        )
-    except OSError:
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-# Files that DVC itself writes in a run: a change there is not a change of the code. Under
-# `dvc exp run` params.yaml holds DVC's own overrides too (the experiment's commit records them).
-DVC_WRITES = ("dvc.lock", "metrics/", "plots/", "models/", "data/")
-
-
-def git_dirty(under_experiment: bool) -> bool:
-    """Whether tracked files differ from HEAD, apart from what DVC writes in a run (and
-    params.yaml's overrides under `dvc exp run`)."""
-    ours = DVC_WRITES + (("params.yaml",) if under_experiment else ())
-
-    def written_by_dvc(path: str) -> bool:
-        return any(path == o or (o.endswith("/") and path.startswith(o)) for o in ours)
-
-    changed = _git("diff", "--name-only", "HEAD").splitlines()
-    return any(not written_by_dvc(path) for path in changed)
-
-
-def context_tags() -> dict[str, str]:
-    """What reproduces the run: the commit and a dirty flag, the DVC experiment (name, ref
-    and baseline) under `dvc exp run`, Python and package versions."""
-    exp_name = os.environ.get("DVC_EXP_NAME", "")
-    tags = {"git.commit": _git("rev-parse", "HEAD") or "none"}
-    tags["git.dirty"] = str(git_dirty(under_experiment=bool(exp_name))).lower()
-    if exp_name:
-        tags["dvc.exp_name"] = exp_name
-        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
-        if baseline:
-            tags["dvc.exp_baseline"] = baseline
-            # The ref DVC keeps the experiment's commit under (`dvc exp push/pull` move it).
-            tags["dvc.exp_ref"] = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{exp_name}"
-    tags["version.python"] = platform.python_version()
-    for pkg in _PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"version.{pkg}"] = metadata.version(pkg)
-    return tags
-
-
 def source_tags() -> dict[str, str]:
     """MLflow's own context tags, resolved as `mlflow.start_run` and `log_model` resolve them:
     user, source script and type, git commit, branch and remote, and any installed
@@ -265,122 +210,6 @@ def _without_credentials(url: str) -> str:
     if not parts.scheme or "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def dvc_lock_hash(stage: str, path: str, lock: Path = Path("dvc.lock")) -> str | None:
-    try:
-        data = yaml.safe_load(lock.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    for out in data.get("stages", {}).get(stage, {}).get("outs", []):
-        if out.get("path") == path:
-            return out.get("md5")
-    return None
-
-
-CODE_FILES = ("stages/*.py", "dvc.yaml")  # with every module of the imported package
-
-
-def code_digest(root: Path | None = None) -> str:
-    """Hash of the code that computes a run: the package's modules, the stage scripts and
-    dvc.yaml under `root` (default: the current directory, where DVC runs a stage: the
-    workspace, or the copy `dvc exp run --temp/--queue` runs in). The modules are those under
-    `root`/src/transferline, the files DVC tracks as the stages' deps; the imported package's
-    where there is no such folder."""
-    base = (root or Path.cwd()).resolve()
-    package = base / "src" / "transferline"
-    if not package.is_dir():
-        package = Path(__file__).resolve().parent
-    files = [(f"transferline/{f.name}", f) for f in sorted(package.glob("*.py"))]
-    for pattern in CODE_FILES:
-        files += [(f.relative_to(base).as_posix(), f) for f in sorted(base.glob(pattern))]
-    digest = hashlib.sha256()
-    for name, path in files:
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def machine_name() -> str:
-    """The machine that computes a run: its host name, and CUDA_VISIBLE_DEVICES when set (it
-    changes the device, and with it the numbers)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible})"
-    return socket.gethostname() + shown
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInputs:
-    """What produces a run's numbers; two sets of stages share a run only if all agree.
-
-    Args:
-        params: digest of the resolved params (`Params.digest()`).
-        data: DVC's hash of data/raw from dvc.lock ("none" before the download stage ran).
-        weights: md5 of a `model.weights` file, or the setting itself (`imagenet`, `none`).
-        code: `code_digest()`.
-        machine: `machine_name()`.
-    """
-
-    params: str
-    data: str
-    weights: str
-    code: str
-    machine: str
-
-    @classmethod
-    def here(cls, params_hash: str, weights: str = "none") -> RunInputs:
-        """The inputs of a stage run in the current directory: `weights` is `model.weights`
-        (a file's md5 is taken)."""
-        is_file = weights not in ("imagenet", "none")
-        return cls(
-            params=params_hash,
-            data=dvc_lock_hash("download", "data/raw") or "none",
-            weights=_md5_cached(*_file_version(Path(weights))) if is_file else weights,
-            code=code_digest(),
-            machine=machine_name(),
-        )
-
-    def digest(self) -> str:
-        """The inputs without the machine: equal for a recomputation elsewhere."""
-        blob = "\0".join((self.params, self.data, self.weights, self.code))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def key(self) -> str:
-        blob = f"{self.digest()}\0{self.machine}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def tags(self) -> dict[str, str]:
-        return {
-            HASH_TAG: self.params,
-            INPUTS_TAG: self.digest(),
-            KEY_TAG: self.key(),
-            "data.raw_md5": self.data,
-            "model.weights_md5": self.weights,
-            "code.digest": self.code,
-            "machine": self.machine,
-        }
-
-
-# What a changed input is called in DIFFERS_TAG and the log, by the tag that holds it.
-_INPUT_NAMES = {
-    "data.raw_md5": "data",
-    "model.weights_md5": "weights",
-    "code.digest": "code",
-    "machine": "machine",
-}
-
-
-def _file_version(path: Path) -> tuple[Path, int, int]:
-    stat = path.stat()
-    return path.resolve(), stat.st_mtime_ns, stat.st_size
-
-
-@functools.lru_cache(maxsize=8)
-def _md5_cached(path: Path, mtime_ns: int, size: int) -> str:
-    # A weights file can be large, and each stage asks for its hash; a file replaced since
-    # (another modification time or size) is hashed again.
-    from transferline.files import md5_of  # noqa: PLC0415
-
-    return md5_of(path)
 
 
 class Run:
@@ -568,261 +397,13 @@ def _lineage(client: Any, exp_id: str, inputs: RunInputs) -> dict[str, str]:
     if earlier is None:
         return {}
     new = inputs.tags()
-    changed = [name for tag, name in _INPUT_NAMES.items() if earlier.data.tags.get(tag) != new[tag]]
+    changed = [name for tag, name in INPUT_NAMES.items() if earlier.data.tags.get(tag) != new[tag]]
     log.info(
         "MLflow: a new run for the same params: %s changed since run %s, whose metrics stay",
         ", ".join(changed) or "inputs",
         earlier.info.run_id,
     )
     return {DIFFERS_TAG: f"{earlier.info.run_id} ({', '.join(changed) or 'inputs'})"}
-
-
-def log_classifier(
-    run: Run,
-    model: Any,
-    classes: list[str],
-    image_size: int,
-    register_as: str | None = None,
-) -> str:
-    """Log the exported classifier as an MLflow LoggedModel of this run; returns its URI.
-
-    It is what `mlflow.keras.log_model(name="model")` makes: a Keras-flavour model with the
-    run's params, linked to the run as an output (the UI's Models column, `runs:/ID/model`),
-    with the run's test metrics attached. The signature takes float32 RGB batches of any
-    height and width (0..255) and returns one probability per class; the class names are in
-    the model's metadata. Requirements are given, not inferred (inferring re-loads the model
-    in a subprocess). Not `log_model` itself: with an input example, mlflow.keras.save_model
-    writes it before it creates the model folder and fails (mlflow/mlflow#16183, still open
-    in 3.17), so here the folder is made first and the steps of `Model.log` are taken with
-    the public client API. The model is linked to the run once it is whole; a failed upload's
-    model is deleted at once, a killed one's (still PENDING) at the run's next log, so that
-    `runs:/ID/model` goes back to the last whole model.
-    """
-    import tempfile  # noqa: PLC0415
-
-    import mlflow  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: PLC0415
-    from mlflow.models import Model, ModelSignature  # noqa: PLC0415
-    from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
-
-    client = run.client
-    source = client.get_run(run.run_id)
-    _delete_unfinished_models(client, source.info.experiment_id, run.run_id)
-    logged = client.create_logged_model(
-        source.info.experiment_id,
-        name="model",
-        source_run_id=run.run_id,
-        params=dict(source.data.params),
-        model_type="image-classifier",
-        tags={**source_tags(), WRITER_TAG: f"{socket.gethostname()}:{os.getpid()}"},
-    )
-    model_id = logged.model_id
-    try:
-        latest = [  # the current value of each, re-logged as it is (so not duplicated)
-            max(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
-            for key in source.data.metrics
-            if key.startswith("test.")
-        ]
-        tested = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest]
-        if tested:
-            client.log_batch(run.run_id, metrics=tested)
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
-            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
-        )
-        example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
-        requirements = [
-            f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")
-        ]
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "model"
-            folder.mkdir()
-            mlflow.keras.save_model(
-                model,
-                str(folder),
-                mlflow_model=Model(
-                    artifact_path=logged.artifact_location,
-                    model_uuid=model_id,
-                    run_id=run.run_id,
-                    model_id=model_id,
-                ),
-                signature=signature,
-                input_example=example.astype("float32"),
-                pip_requirements=requirements,
-                metadata={"classes": classes, "image_size": image_size},
-            )
-            client.log_model_artifacts(model_id, str(folder))
-        client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=0)])
-    except BaseException:
-        # Half-uploaded: out of sight, so runs:/ID/model keeps meaning the last whole model.
-        with contextlib.suppress(Exception):
-            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
-            client.delete_logged_model(model_id)
-        raise
-    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    uri = f"models:/{model_id}"
-    if register_as:
-        mlflow.set_tracking_uri(client.tracking_uri)
-        version = mlflow.register_model(uri, register_as)
-        log.info("MLflow: registered %s version %s", register_as, version.version)
-    log.info("MLflow: model logged as %s (also runs:/%s/model)", uri, run.run_id)
-    return uri
-
-
-def _delete_unfinished_models(client: Any, experiment_id: str, run_id: str) -> None:
-    """Delete this run's PENDING models that no upload will finish: left by an evaluate killed
-    mid-upload (MLflow resolves runs:/ID/model to the run's newest model whatever its state).
-    One still being uploaded, by another evaluate of the same params, is left alone."""
-    from mlflow.entities import LoggedModelStatus  # noqa: PLC0415
-
-    now_ms = time.time() * 1000
-    for model in client.search_logged_models([experiment_id], filter_string="name = 'model'"):
-        if model.source_run_id != run_id or model.status != LoggedModelStatus.PENDING:
-            continue
-        if _upload_abandoned(model.tags.get(WRITER_TAG, ""), now_ms - model.creation_timestamp):
-            log.warning("MLflow: deleting unfinished model %s of this run", model.model_id)
-            client.delete_logged_model(model.model_id)
-
-
-def _upload_abandoned(writer: str, age_ms: float) -> bool:
-    """Whether a PENDING model's upload is over: its writer process (host:pid) on this host
-    has exited; one on another host (or untagged) is judged by age alone."""
-    host, _, pid = writer.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and os.name == "posix":
-        try:  # signal 0 only checks (on Windows os.kill would terminate it, hence POSIX only)
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        return False
-    return age_ms > ABANDONED_AFTER_S * 1000
-
-
-def load_pyfunc(uri: str):
-    """An MLflow model (runs:/..., models:/name/version, a path) as a pyfunc model, from the
-    same store the pipeline logs to."""
-    import mlflow  # noqa: PLC0415
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-
-    # A store that is down fails at once (TrackingError), not after MLflow's retries.
-    in_store = uri.startswith(("runs:/", "models:/"))
-    mlflow.set_tracking_uri(check_store() if in_store else tracking_uri())
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        named = []
-        with contextlib.suppress(Exception):  # only a hint: the error below stands without it
-            named = _runs_named(uri)
-        if named:
-            raise ValueError(
-                f"{uri}: {uri.split('/')[1]!r} is a run's name, and runs:/ takes its ID: "
-                + " or ".join(f"runs:/{i}/{uri.split('/', 2)[2]}" for i in named)
-                + " (`transferline compare` lists both)."
-            ) from exc
-        raise ValueError(
-            f"{uri}: MLflow cannot load it ({_one_line(exc)}). Check the run ID or the model's "
-            "name and version (`transferline compare` lists the runs; `mlflow ui` shows both)."
-        ) from exc
-
-
-def _runs_named(uri: str, limit: int = 5) -> list[str]:
-    """IDs of the runs whose name is the ID part of runs:/NAME/..., where a name was given
-    for an ID (the UI and `transferline compare` show both); [] for any other URI."""
-    from mlflow import MlflowClient  # noqa: PLC0415
-
-    parts = uri.split("/", 2)
-    if parts[0] != "runs:" or len(parts) < 3 or not parts[1] or "'" in parts[1]:
-        return []
-    client = MlflowClient()
-    ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
-    found = client.search_runs(
-        ids, filter_string=f"attributes.run_name = '{parts[1]}'", max_results=limit
-    )
-    return [r.info.run_id for r in found]
-
-
-def run_record(run_id: str, root: Path | None = None) -> dict[str, Any] | None:
-    """A run as plain data (`run_id`, `experiment`, `status`, `deleted`, `tags`, `params`,
-    `metrics`), or None when the store has no run of that ID."""
-    from mlflow import MlflowClient  # noqa: PLC0415
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-
-    uri = check_store(root)
-    client = MlflowClient(tracking_uri=uri)
-    with store_errors(uri):
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
-        experiment = client.get_experiment(run.info.experiment_id)
-    return {
-        "run_id": run.info.run_id,
-        "experiment": experiment.name,
-        "status": run.info.status,
-        "deleted": run.info.lifecycle_stage == "deleted",
-        "tags": dict(run.data.tags),
-        "params": dict(run.data.params),
-        "metrics": dict(run.data.metrics),
-    }
-
-
-def experiments_with_runs(root: Path | None = None, limit: int = 20) -> list[str]:
-    """Names of the store's experiments that hold at least one run (at most `limit`), so an
-    error about an empty experiment can say which ones to pick from."""
-    from mlflow import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(tracking_uri=tracking_uri(root))
-    names = []
-    for exp in client.search_experiments(max_results=1000):
-        if len(names) == limit:
-            break
-        if client.search_runs([exp.experiment_id], max_results=1):
-            names.append(exp.name)
-    return sorted(names)
-
-
-COMPARE_METRICS = ("test.head.accuracy", "test.finetune.accuracy", "test.finetune.macro_f1")
-
-
-def latest_runs(experiment: str, limit: int = 20, root: Path | None = None) -> list[dict]:
-    """The newest runs of `experiment`, finished ones first, each group best test accuracy
-    first (fine-tuned, else head)."""
-    from mlflow import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(tracking_uri=tracking_uri(root))
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs(
-        [exp.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
-    )
-    rows = []
-    for r in runs:
-        m, p, t = r.data.metrics, r.data.params, r.data.tags
-        best = m.get("test.finetune.accuracy", m.get("test.head.accuracy"))
-        rows.append(
-            {
-                "run_id": r.info.run_id,
-                "run": r.info.run_name or "",
-                "dvc_exp": t.get("dvc.exp_name", ""),
-                "backbone": p.get("model.backbone", ""),
-                "size": p.get("model.image_size", ""),
-                "head": p.get("head.type", ""),
-                "finetune": p.get("finetune.enabled", ""),
-                **{k: m.get(k) for k in COMPARE_METRICS},
-                "inputs": t.get(INPUTS_TAG, "")[:6],
-                "best": best,
-                "status": r.info.status,
-            }
-        )
-    # Finished runs first: a run whose last stage failed may hold metrics and a model from
-    # before the failure, not of its params as they stand.
-    rows.sort(key=lambda r: (r["status"] != "FINISHED", 1.0 if r["best"] is None else -r["best"]))
-    return rows
 
 
 SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins
