@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferline import dataset
+from transferline import dataset, layouts
 from transferline.dataset import Candidate
 from transferline.errors import DataError
 from transferline.images import SPLITS
@@ -99,7 +99,7 @@ def test_filename_prefix_layout_like_the_competition(tmp_path):
     ],
 )
 def test_label_from_a_file_name(name, label):
-    assert dataset.label_from_filename(name) == label
+    assert layouts.label_from_filename(name) == label
 
 
 def test_presplit_chest_ct_labels_reconciled(tmp_path):
@@ -340,7 +340,7 @@ def test_a_data_sets_parts_or_versions_are_not_taken_for_classes(tmp_path):
      ("trainer", None), ("testcat", None)],
 )  # fmt: skip
 def test_split_folder_names(name, split_name):
-    assert dataset.split_of(name) == split_name
+    assert layouts.split_of(name) == split_name
 
 
 def test_training_set_and_test_set_folders_are_given_splits(tmp_path):

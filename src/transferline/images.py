@@ -2,7 +2,7 @@
 split's manifest.
 
 The extract, finetune and evaluate stages (and `transferline predict`) read images through this
-module, and DVC lists it, not `dataset.py` (layouts and splitting), as their dependency: a
+module, and DVC lists it, not `dataset.py`, `layouts.py` or `labels_csv.py`, as their dependency: a
 change to how the split is made re-runs the split stage, and extraction only when the manifests
 it writes change. TensorFlow is imported inside the loaders only: the split stage, which uses
 the checks, never imports it.
