@@ -2,7 +2,7 @@
 
 Makes N JPEGs from three encodings of one random 64x48 image (baseline, progressive, quality
 95), each either cut short (to 50-100% of its bytes) or with 1, 2 or 4 bytes changed, seeded.
-Each goes through `images.check_image` (what the split does); each one it passes is decoded
+Each goes through `checks.check_image` (what the split does); each one it passes is decoded
 by TensorFlow as extract decodes it. Prints the counts. Usage:
 
     python bench/damaged_jpegs.py [--n 10000] [--seed 11]
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from transferline import images
+from transferline import checks
 
 
 def encodings() -> list[bytes]:
@@ -61,7 +61,7 @@ def main() -> None:
         for i in range(args.n):
             data = damaged(rng, clean)
             path.write_bytes(data)
-            if not images.check_image(path).ok:
+            if not checks.check_image(path).ok:
                 continue
             passed += 1
             try:

@@ -1,7 +1,7 @@
 """Benchmark the split stage's image validation (not a test).
 
 Generates N small JPEG/PNG files (default 25,000 at 64 px) in a temporary folder, then times
-`images.check_images` with 1 worker and with every core, and reports peak RSS of this process
+`checks.check_images` with 1 worker and with every core, and reports peak RSS of this process
 and of the worker processes. Usage:
 
     python bench/validate_images.py [--n 25000] [--size 64]
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from transferline import images
+from transferline import checks
 
 
 def make_files(root: Path, n: int, size: int) -> list[Path]:
@@ -52,11 +52,11 @@ def main() -> None:
         for workers in (1, os.cpu_count() or 1):
             t = time.perf_counter()
             cpu0 = os.times()
-            checks = images.check_images(paths, workers=workers)
+            checked = checks.check_images(paths, workers=workers)
             wall = time.perf_counter() - t
             cpu1 = os.times()
             cpu = sum(cpu1[:4]) - sum(cpu0[:4])  # user+system, self and children
-            assert all(c.ok for c in checks)
+            assert all(c.ok for c in checked)
             print(
                 f"workers={workers}: {len(paths) / wall:,.0f} images/s, {wall:.1f} s wall, "
                 f"CPU {cpu / wall:.2f} cores busy"

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from transferline import dataset, layouts
-from transferline.dataset import Candidate
 from transferline.errors import DataError
 from transferline.images import SPLITS
+from transferline.layouts import Candidate
 
 from conftest import (
     COLORS,

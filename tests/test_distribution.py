@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     )
     import keras
     import numpy as np
-    from transferline import backbones, features, finetune, heads, models, runtime
+    from transferline import backbones, features, finetune, heads, models, replicas, runtime
 
     runtime.seed_everything(0)
     strategy = runtime.distribution(["/cpu:0", "/cpu:1"])
@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
     ]
     # as run_finetune batches the training split: 1 image in the last batch of 4 would
     # leave a replica with none, and its depthwise gradient with garbage
-    plan = finetune.epoch_plan(13, 4, strategy.num_replicas_in_sync)
+    plan = replicas.epoch_plan(13, 4, strategy.num_replicas_in_sync)
     train = tf.data.Dataset.from_tensor_slices((x, y))
     train = train.batch(4, drop_remainder=plan.drop_remainder)
     with strategy.scope():
@@ -136,7 +136,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 )
 def test_upstream_convolution_of_an_empty_batch():
     """Why extraction and validation pad every batch for the replicas
-    (features.padded_for_replicas) and finetune.epoch_plan leaves out the short last training
+    (features.padded_for_replicas) and replicas.epoch_plan leaves out the short last training
     batch: a replica can get no image. TensorFlow's oneDNN convolution (seen on a Xeon with
     AVX-512 and AMX) returns its input for an empty batch, not an empty output of its own
     shape; on other CPUs (earlier CI machines) its depthwise-convolution filter gradient for

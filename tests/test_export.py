@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferline import backbones, export, finetune, heads, images
+from transferline import backbones, checks, export, finetune, heads, images
 from transferline.models import Preprocess, base_of, build_feature_extractor, folded_batchnorms
 
 from conftest import add_broken_files, make_class_folders, randomize_batchnorm, save_turned
@@ -186,7 +186,7 @@ def test_saved_model_serves_pixels_and_encoded_files(classifier_dir, tmp_path):
         files.append(path)
     blobs = tf.constant([p.read_bytes() for p in files])
     got = served.signatures["serve_bytes"](image_bytes=blobs)["probabilities"].numpy()
-    turns = [c.orientation for c in images.check_images(files, threads=True)]
+    turns = [c.orientation for c in checks.check_images(files, threads=True)]
     assert turns == [1, 1, 6, 3]
     (batch,) = list(
         images.make_image_dataset([str(p) for p in files], None, 32, 4, orientations=turns)
@@ -261,7 +261,7 @@ def test_jpeg_orientation_in_the_graph_reads_what_pil_reads(tmp_path):
     for name, data in files.items():
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.img"
         path.write_bytes(data)
-        check = images.check_image(path)
+        check = checks.check_image(path)
         assert check.ok, (name, check.reason)
         assert int(read(tf.constant(data))) == (check.orientation or 1), name
     assert [int(read(tf.constant(files[f"II {v}"]))) for v in range(10)] == [1, *range(1, 9), 1]
@@ -280,7 +280,7 @@ def test_predict_files_names_a_file_tensorflow_cannot_decode_and_labels_the_othe
     at = damaged.index(b"IDAT")
     damaged[at + 4 + int.from_bytes(damaged[at - 4 : at], "big")] ^= 0xFF  # the IDAT's CRC
     (root / "cat" / "cat001.png").write_bytes(bytes(damaged))
-    monkeypatch.setattr(images, "tensorflow_damage", lambda data: "")
+    monkeypatch.setattr(checks, "tensorflow_damage", lambda data: "")
     files = sorted(root.rglob("*.png"))
     rows = export.predict_files(export.load_classifier(classifier_dir), files, batch_size=2)
     by_name = {r["path"].split("/")[-1]: r for r in rows}

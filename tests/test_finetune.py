@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferline import backbones, finetune, heads
+from transferline import backbones, finetune, heads, replicas
 from transferline.errors import StageError
 from transferline.images import make_image_dataset
 from transferline.models import base_of, build_feature_extractor
@@ -293,15 +293,15 @@ def test_training_loop_for_several_machines_under_mixed_precision():
 
 
 def test_epoch_plan_keeps_every_replica_fed():
-    plan = finetune.EpochPlan
-    assert finetune.epoch_plan(100, 32, 1) == plan(4, False, 100)  # one device: all train
-    assert finetune.epoch_plan(100, 32, 2) == plan(3, True, 96)  # 4 wait, others each epoch
-    assert finetune.epoch_plan(96, 32, 4) == plan(3, True, 96)
-    assert finetune.epoch_plan(3, 3, 2) == plan(1, True, 3)  # 2 + 1 images: no replica empty
+    plan = replicas.EpochPlan
+    assert replicas.epoch_plan(100, 32, 1) == plan(4, False, 100)  # one device: all train
+    assert replicas.epoch_plan(100, 32, 2) == plan(3, True, 96)  # 4 wait, others each epoch
+    assert replicas.epoch_plan(96, 32, 4) == plan(3, True, 96)
+    assert replicas.epoch_plan(3, 3, 2) == plan(1, True, 3)  # 2 + 1 images: no replica empty
     with pytest.raises(StageError, match=r"finetune.batch_size 1 is smaller than the 2 replicas"):
-        finetune.epoch_plan(100, 1, 2)
+        replicas.epoch_plan(100, 1, 2)
     with pytest.raises(StageError, match=r"larger than the training split \(20 images\)"):
-        finetune.epoch_plan(20, 32, 2)
+        replicas.epoch_plan(20, 32, 2)
 
 
 def test_bfloat16_extract_then_finetune(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferline import dataset, images
+from transferline import checks, dataset, images
 from transferline.errors import DataError
 
 from conftest import add_broken_files, make_class_folders, make_image, save_turned, split
@@ -42,13 +42,13 @@ def test_parallel_validation_matches_serial(tmp_path):
     root = make_class_folders(tmp_path / "many", per_class=40)
     add_broken_files(root / "cat")
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    serial = images.check_images(files, workers=1)
+    serial = checks.check_images(files, workers=1)
     assert len(files) >= 64 and not all(c.ok for c in serial)  # big enough for a pool
-    assert images.check_images(files, workers=2) == serial
-    assert images.check_images(files, workers=2, threads=True) == serial  # predict's
+    assert checks.check_images(files, workers=2) == serial
+    assert checks.check_images(files, workers=2, threads=True) == serial  # predict's
 
 
-_CHECK_IMAGE = images.check_image
+_CHECK_IMAGE = checks.check_image
 _PYTEST_PID = os.getpid()
 
 
@@ -68,18 +68,18 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_others_are_checked(
 ):
     root = make_class_folders(tmp_path / "many", per_class=60)
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    serial = images.check_images(files, workers=1)
+    serial = checks.check_images(files, workers=1)
     # 120 files, chunks of 16: a worker dies on file 5; files 0-95 (what two workers may have
     # held) are checked one at a time, where file 70 kills that worker too; a new pool takes
     # files 96-119, and dies on 110.
     dying = (5, 70, 110)
     for i in dying:
         files[i] = files[i].rename(files[i].with_name(f"die{i}.png"))
-    monkeypatch.setattr(images, "check_image", _check_or_die)
-    checks = images.check_images(files, workers=2)
-    assert [i for i, c in enumerate(checks) if c.reason == images.WORKER_DIED] == list(dying)
-    assert not checks[5].ok and checks[5].digest == serial[5].digest
-    assert [c for i, c in enumerate(checks) if i not in dying] == [
+    monkeypatch.setattr(checks, "check_image", _check_or_die)
+    checked = checks.check_images(files, workers=2)
+    assert [i for i, c in enumerate(checked) if c.reason == checks.WORKER_DIED] == list(dying)
+    assert not checked[5].ok and checked[5].digest == serial[5].digest
+    assert [c for i, c in enumerate(checked) if i not in dying] == [
         c for i, c in enumerate(serial) if i not in dying
     ]
     assert f"the worker process died on {files[110]}; leaving it out" in caplog.text
@@ -117,7 +117,7 @@ def test_cmyk_16_bit_and_mpo_decode_to_the_right_rgb(tmp_path):
     assert Image.open(tmp_path / "i16.png").mode == "I;16"
     assert Image.open(tmp_path / "camera.jpg").format == "MPO"
     paths = [str(tmp_path / name) for name in ("cmyk.jpg", "i16.png", "camera.jpg")]
-    assert [images.check_image(p).reason for p in paths] == ["", "", ""]
+    assert [checks.check_image(p).reason for p in paths] == ["", "", ""]
     (x,) = list(images.make_image_dataset(paths, None, 8, batch_size=3))
     x = x.numpy()
     np.testing.assert_allclose(x[0, 4, 4], (200, 100, 30), atol=2)
@@ -141,7 +141,7 @@ def test_webp_photos_decode_like_pil_and_pil_decodes_the_webp_tf_cannot(tmp_path
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
     names = ["photo.webp", "lossless.webp", "named_wrong.jpg", "logo.webp", "logo_lossy.webp"]
     paths = [str(tmp_path / n) for n in [*names, "anim.webp"]]
-    assert [images.check_image(p).reason for p in paths] == [""] * 6
+    assert [checks.check_image(p).reason for p in paths] == [""] * 6
     heads = [images.needs_pil(Path(p).read_bytes()[:32]) for p in paths]
     assert heads == [False, False, False, True, True, True]
     with pytest.raises(tf.errors.InvalidArgumentError):  # why PIL decodes logo.webp
@@ -170,13 +170,13 @@ def test_tiff_decodes_as_the_same_pixels_in_png_do(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "turned.tif", tiffinfo={images.EXIF_ORIENTATION: 3})
     Image.fromarray(gray16.astype(np.float32)).save(tmp_path / "float.tif")
     names = ["rgb.png", "rgb.tif", "lzw.tiff", "gray16.png", "gray16.tif", "turned.tif"]
-    checks = [images.check_image(tmp_path / n) for n in names]
-    assert [c.reason for c in checks] == [""] * 6
-    assert checks[5].orientation == 1  # PIL turns a TIFF by its own tag while decoding it
-    float_tiff = images.check_image(tmp_path / "float.tif")
+    checked = [checks.check_image(tmp_path / n) for n in names]
+    assert [c.reason for c in checked] == [""] * 6
+    assert checked[5].orientation == 1  # PIL turns a TIFF by its own tag while decoding it
+    float_tiff = checks.check_image(tmp_path / "float.tif")
     assert not float_tiff.ok and float_tiff.reason.startswith("32-bit float TIFF")
     paths = [str(tmp_path / n) for n in names]
-    turns = [c.orientation for c in checks]
+    turns = [c.orientation for c in checked]
     (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=6, orientations=turns))
     got = got.numpy()
     np.testing.assert_array_equal(got[1], got[0])
@@ -203,8 +203,8 @@ def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
         exif = img.getexif()
         exif[images.EXIF_ORIENTATION] = 9  # no such orientation: used as stored
         img.save(broken, exif=exif)
-    assert images.check_image(broken).orientation == 0
-    assert images.check_image(root / "cat/o6.png").orientation == 6
+    assert checks.check_image(broken).orientation == 0
+    assert checks.check_image(root / "cat/o6.png").orientation == 6
     result = split(root, val=0.2, test=0.2)
     assert "corrupt EXIF), e.g. dog/bad_tag.png: they are used as stored" in caplog.text
     assert result.orientations == {f"{c}/o{o}.png": o for c in ("cat", "dog") for o in range(2, 9)}
@@ -250,7 +250,7 @@ def test_unreadable_exif_never_costs_a_usable_image(tmp_path, monkeypatch):
         raise KeyError("a maker note PIL cannot parse")
 
     monkeypatch.setattr(Image.Image, "getexif", broken)
-    check = images.check_image(path)
+    check = checks.check_image(path)
     assert check.ok and check.orientation == 0  # used as stored
 
 
@@ -258,7 +258,7 @@ def test_exif_orientation_of_a_jpeg_is_read(tmp_path):
     upright = np.zeros((16, 24, 3), np.uint8)
     upright[:, :8] = 255  # white on the left
     path = save_turned(tmp_path / "photo.jpg", upright, 6, fmt="JPEG")
-    check = images.check_image(path)
+    check = checks.check_image(path)
     assert check.ok and check.orientation == 6
     (x,) = list(images.make_image_dataset([str(path)], None, 24, 1, orientations=[6]))
     x = x.numpy()[0]
@@ -277,20 +277,20 @@ def test_avif_decodes_like_pil_and_unread_formats_say_what_to_do(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "photo.avif", quality=90)
     Image.fromarray(rgb).save(tmp_path / "turned.avif", quality=90, exif=exif)
     paths = [str(tmp_path / n) for n in ("photo.avif", "turned.avif")]
-    checks = [images.check_image(p) for p in paths]
-    assert [(c.ok, c.orientation) for c in checks] == [(True, 1), (True, 6)]
+    checked = [checks.check_image(p) for p in paths]
+    assert [(c.ok, c.orientation) for c in checked] == [(True, 1), (True, 6)]
     assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
     expected = []
     for p in paths:  # PIL's pixels turned upright as photo viewers show them, then our resize
         with Image.open(p) as img:
             upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
         expected.append(tf.image.resize(upright, (16, 16)).numpy())
-    turns = [c.orientation for c in checks]
+    turns = [c.orientation for c in checked]
     (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=2, orientations=turns))
     np.testing.assert_allclose(got.numpy(), np.stack(expected), atol=1e-3)
 
     (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
-    assert images.check_image(tmp_path / "scan.dcm").reason.startswith("DICOM (a medical scan)")
+    assert checks.check_image(tmp_path / "scan.dcm").reason.startswith("DICOM (a medical scan)")
 
 
 def test_heic_photos_decode_upright(tmp_path):
@@ -312,12 +312,12 @@ def test_heic_photos_decode_upright(tmp_path):
     turned.save(tmp_path / "portrait.HEIC", quality=95, exif=exif.tobytes())
     Image.fromarray(rgb).save(tmp_path / "b.avif", quality=95)
     paths = [str(tmp_path / n) for n in ("a.heic", "portrait.HEIC", "b.avif")]
-    checks = [images.check_image(p) for p in paths]
-    assert [(c.ok, c.reason, c.orientation) for c in checks] == [(True, "", 1)] * 3
+    checked = [checks.check_image(p) for p in paths]
+    assert [(c.ok, c.reason, c.orientation) for c in checked] == [(True, "", 1)] * 3
     assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
     assert images.pil_rgb(paths[1]).shape == (40, 24, 3)  # upright: portrait
     (tmp_path / "cut.heic").write_bytes(Path(paths[0]).read_bytes()[:200])
-    assert images.check_image(tmp_path / "cut.heic").reason.startswith("HEIC/HEIF that libheif")
+    assert checks.check_image(tmp_path / "cut.heic").reason.startswith("HEIC/HEIF that libheif")
     (got,) = list(images.make_image_dataset(paths, None, 16, batch_size=3))
     for x, want in zip(got.numpy(), (rgb, np.rot90(rgb, k=-1), rgb), strict=True):
         want = tf.image.resize(want, (16, 16)).numpy()
@@ -335,7 +335,7 @@ def test_bmp_of_any_depth_decodes_like_pil(tmp_path):
     rgb.quantize(16).save(tmp_path / "palette.bmp")
     rgb.convert("1").save(tmp_path / "mono.bmp")
     paths = [str(tmp_path / n) for n in ("rgb24.bmp", "palette.bmp", "mono.bmp")]
-    assert [images.check_image(p).reason for p in paths] == ["", "", ""]
+    assert [checks.check_image(p).reason for p in paths] == ["", "", ""]
     assert all(images.needs_pil(Path(p).read_bytes()[:32]) for p in paths)
     tf_palette = tf.io.decode_image(Path(paths[1]).read_bytes(), channels=3).numpy()
     with Image.open(paths[1]) as img:
@@ -394,13 +394,13 @@ def test_files_tensorflow_refuses_are_rejected_at_the_split(tmp_path):
     damaged, fine = _damaged(tmp_path)
     for name, (data, reason) in damaged.items():
         (tmp_path / name).write_bytes(data)
-        check = images.check_image(tmp_path / name)
+        check = checks.check_image(tmp_path / name)
         assert not check.ok and check.reason.startswith(reason), (name, check)
         with pytest.raises(tf.errors.InvalidArgumentError):
             tf.io.decode_image(data, channels=3, expand_animations=False)
     for name, data in fine.items():
         (tmp_path / name).write_bytes(data)
-        assert images.check_image(tmp_path / name).ok, name
+        assert checks.check_image(tmp_path / name).ok, name
         tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
@@ -409,17 +409,17 @@ def test_pil_exceptions_beyond_oserror_and_huge_images_are_reasons(tmp_path, mon
 
     path = make_image(tmp_path / "a.png", (10, 20, 30))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x16 = 256 pixels, over twice it
-    check = images.check_image(path)
+    check = checks.check_image(path)
     assert not check.ok and check.reason.startswith("too many pixels to decode safely")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # over it, under twice it: a warning
-    assert images.check_image(path).ok
+    assert checks.check_image(path).ok
     assert not [w for w in recwarn if "PIL" in w.filename]  # held back, once per file else
 
     def broken(self):
         raise EOFError("Decoder plugin generated an error")  # as pi-heif raises on a cut file
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
-    check = images.check_image(path)
+    check = checks.check_image(path)
     assert not check.ok and "Decoder plugin generated an error" in check.reason
 
 
@@ -437,17 +437,17 @@ def test_what_libtiff_prints_on_a_damaged_tiff_goes_into_the_reason(tmp_path, ca
     make_class_folders(tmp_path, per_class=40)
     files = sorted(tmp_path.rglob("*.*"))
     capfd.readouterr()
-    quiet = images.check_image(tmp_path / "scan.tif", native_stderr=True)
+    quiet = checks.check_image(tmp_path / "scan.tif", native_stderr=True)
     # libtiff's words (not on the terminal), without the name PIL gives its in-memory file
     assert quiet.reason.startswith("corrupt or truncated image: decoder error -2 (Using code")
     assert "tempfile.tif" not in quiet.reason and capfd.readouterr().err == ""
-    loud = images.check_image(tmp_path / "scan.tif")  # predict's threads: stderr left alone
+    loud = checks.check_image(tmp_path / "scan.tif")  # predict's threads: stderr left alone
     assert loud.reason == "corrupt or truncated image: decoder error -2"
     assert "Using code not yet in table" in capfd.readouterr().err
     for workers in (1, 2):  # the split: in its own process, and in worker processes
-        checks = images.check_images(files, workers=workers)
-        assert checks[files.index(tmp_path / "scan.tif")] == quiet
-        assert sum(not c.ok for c in checks) == 1
+        checked = checks.check_images(files, workers=workers)
+        assert checked[files.index(tmp_path / "scan.tif")] == quiet
+        assert sum(not c.ok for c in checked) == 1
     assert capfd.readouterr().err == ""
     print("after", file=sys.stderr)  # stderr works again, here and in C
     os.write(2, b"fd 2\n")
@@ -494,7 +494,7 @@ def test_damaged_files_are_rejected_with_a_reason_or_decode(tmp_path):
                 data[rng.randrange(len(data))] = rng.randrange(256)
         path = tmp_path / f"{i}.img"
         path.write_bytes(bytes(data))
-        check = images.check_image(path)  # raises nothing
+        check = checks.check_image(path)  # raises nothing
         if not check.ok:
             assert check.reason
             continue

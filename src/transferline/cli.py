@@ -211,7 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def expand_paths(items: list[str]) -> tuple[list[Path], list[str]]:
     """Files as given, folders walked for image files (hidden/system files skipped);
     returns the files and the arguments that do not exist."""
-    from transferline.dataset import IMAGE_SUFFIXES, is_hidden  # noqa: PLC0415
+    from transferline.layouts import IMAGE_SUFFIXES, is_hidden  # noqa: PLC0415
 
     files, missing = [], []
     for item in items:

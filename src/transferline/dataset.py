@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transferline.checks import check_images
 from transferline.errors import DataError
-from transferline.images import ORIENTATION_FILE, SPLITS, check_images
+from transferline.images import ORIENTATION_FILE, SPLITS
 from transferline.labels_csv import LabelsCsv, csv_candidates
 from transferline.layouts import Candidate, Layout, folder_candidates, relabel
 

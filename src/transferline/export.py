@@ -163,7 +163,7 @@ _EXIF_MAX_ENTRIES = 512  # IFD0 entries looked at (cameras write a dozen or two)
 
 def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
     """The EXIF orientation (int32, 1..8) of one encoded file, read in the graph as
-    `images.check_image` reads it through PIL: IFD0's tag 0x0112 in the first APP1 "Exif"
+    `checks.check_image` reads it through PIL: IFD0's tag 0x0112 in the first APP1 "Exif"
     segment before the scan.
     1 (as stored) for anything else: not a JPEG, no EXIF, no such tag, a value outside 1..8.
 
@@ -341,24 +341,26 @@ def predict_files(
     instead of stopping the others. Decoding and resizing are the pipeline's own."""
     import tensorflow as tf  # noqa: PLC0415
 
-    from transferline import images  # noqa: PLC0415
+    from transferline import checks, images  # noqa: PLC0415
 
-    checks = images.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
+    checked = checks.check_images(paths, threads=True)  # no fork: TensorFlow is loaded
     try:
-        probs = _predict_usable(classifier, paths, checks, batch_size)
+        probs = _predict_usable(classifier, paths, checked, batch_size)
     except tf.errors.OpError:  # a file PIL read and TensorFlow cannot decode: which?
-        bad = dict(images.undecodable([str(p) for p, c in zip(paths, checks, strict=True) if c.ok]))
+        bad = dict(
+            images.undecodable([str(p) for p, c in zip(paths, checked, strict=True) if c.ok])
+        )
         if not bad:
             raise
-        checks = [
-            images.Check(False, f"TensorFlow cannot decode it: {bad[str(p)]}", c.digest)
+        checked = [
+            checks.Check(False, f"TensorFlow cannot decode it: {bad[str(p)]}", c.digest)
             if c.ok and str(p) in bad
             else c
-            for p, c in zip(paths, checks, strict=True)
+            for p, c in zip(paths, checked, strict=True)
         ]
-        probs = _predict_usable(classifier, paths, checks, batch_size)
+        probs = _predict_usable(classifier, paths, checked, batch_size)
     rows, k = [], 0
-    for path, check in zip(paths, checks, strict=True):
+    for path, check in zip(paths, checked, strict=True):
         if not check.ok:
             rows.append(
                 {"path": str(path), "label": None, "probability": None, "error": check.reason}
