@@ -41,6 +41,7 @@ def measure(args: argparse.Namespace, policy: str) -> dict[str, float]:
 
     from transferline import backbones, finetune, heads, models
     from transferline.features import compiled_forward
+    from transferline.params import FinetuneParams
 
     keras.mixed_precision.set_global_policy(policy)
     spec = backbones.get(args.backbone)
@@ -70,14 +71,8 @@ def measure(args: argparse.Namespace, policy: str) -> dict[str, float]:
         dim = int(ext.output_shape[-1])
         full = finetune.assemble(ext, heads.build_dense_head(dim, 2, 0, 0.0))
         t = time.perf_counter()
-        finetune.finetune(
-            full,
-            train,
-            val,
-            epochs=args.epochs,
-            learning_rate=1e-4,
-            unfreeze_layers=args.unfreeze,
-        )
+        f = FinetuneParams(epochs=args.epochs, learning_rate=1e-4, unfreeze_layers=args.unfreeze)
+        finetune.finetune(full, train, val, f)
         return args.epochs * args.n / (time.perf_counter() - t)
 
     tuned = statistics.median(finetune_once() for _ in range(args.repeats))

@@ -1,7 +1,7 @@
 """DVC stage `extract`: the frozen base over every split -> data/features/*.npy + meta.json."""
 
 from transferline import stagekit
-from transferline.files import atomic_dir, write_json
+from transferline.files import DataDirs, atomic_dir, write_json
 from transferline.params import Params
 
 
@@ -10,20 +10,8 @@ def run(p: Params) -> None:
 
     runtime.seed_everything(p.seed)
     with atomic_dir(stagekit.FEATURES) as tmp:
-        metrics = features.extract_dataset(
-            stagekit.RAW,
-            stagekit.SPLITS,
-            tmp,
-            backbone=p.model.backbone,
-            weights=p.model.weights,
-            image_size=p.model.size,
-            pooling=p.model.pooling,
-            batch_size=p.extract.batch_size,
-            dtype=p.extract.dtype,
-            seed=p.seed,
-            mixed_precision=p.model.mixed_precision,
-            xla=p.extract.xla,
-        )
+        data = DataDirs(stagekit.RAW, stagekit.SPLITS, tmp)
+        metrics = features.extract_dataset(data, p.model, p.extract, p.seed)
     write_json(stagekit.METRICS / "extract.json", metrics)
     stagekit.log.info(
         "extract: %d images at %.1f img/s", metrics["images"], metrics["images_per_second"]

@@ -6,7 +6,7 @@ With finetune.enabled false it writes a small skip marker instead, so the DAG st
 import contextlib
 
 from transferline import stagekit
-from transferline.files import write_csv, write_json, write_skip_marker
+from transferline.files import atomic_path, write_csv, write_json, write_skip_marker
 from transferline.params import Params
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
@@ -26,21 +26,16 @@ def run(p: Params) -> None:
     runtime.seed_everything(p.seed)
     chief = runtime.is_chief()  # another machine of a TF_CONFIG cluster: the chief logs
     with stagekit.mlflow_run(p) if chief else contextlib.nullcontext() as run:
-        metrics, history = finetune.run_finetune(
-            stagekit.RAW,
-            stagekit.SPLITS,
-            stagekit.FEATURES,
+        metrics, history, model = finetune.run_finetune(
+            stagekit.DATA,
             stagekit.FINETUNE_INIT,
-            stagekit.FINETUNED,
+            p.model,
             f,
-            backbone=p.model.backbone,
-            weights=p.model.weights,
-            image_size=p.model.size,
-            pooling=p.model.pooling,
-            mixed_precision=p.model.mixed_precision,
-            seed=p.seed,
+            p.seed,
             on_epoch=run.epoch_logger("finetune.history.") if run else None,  # live curves
         )
+        with atomic_path(stagekit.FINETUNED, suffix=".keras") as tmp:
+            model.save(tmp)
         write_json(stagekit.METRICS / "finetune.json", metrics)
         write_csv(stagekit.PLOTS / "finetune_history.csv", history, header=HISTORY_COLUMNS)
         if run:

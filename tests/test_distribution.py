@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import numpy as np
     from transferline import backbones, features, finetune, heads, models, replicas, runtime
+    from transferline.params import FinetuneParams
 
     runtime.seed_everything(0)
     strategy = runtime.distribution(["/cpu:0", "/cpu:1"])
@@ -66,10 +67,8 @@ SCRIPT = textwrap.dedent(
         bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
         stats = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
         start = model(x, training=False).numpy()  # one device: the model called directly
-        result = finetune.finetune(
-            model, train, ds, epochs=3, learning_rate=1e-3, unfreeze_layers=4,
-            steps_per_epoch=plan.steps,
-        )
+        f = FinetuneParams(epochs=3, learning_rate=1e-3, unfreeze_layers=4)
+        result = finetune.finetune(model, train, ds, f, finetune.TrainPlan(plan.steps))
     after = [np.array(v) for l in bn for v in (l.moving_mean, l.moving_variance)]
     end = model(x, training=False).numpy()  # the best epoch's weights, restored
 
@@ -209,6 +208,7 @@ MACHINE = textwrap.dedent(
     strategy = runtime.distribution(multi_worker=True)
     import tensorflow as tf
     from transferline import backbones, finetune, heads
+    from transferline.params import FinetuneParams
 
     rng = np.random.default_rng(0)  # the same files on every machine, as after `dvc pull`
     y = np.arange(20) % 2
@@ -222,9 +222,10 @@ MACHINE = textwrap.dedent(
         ext = models.build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
         model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
         start = np.concatenate([np.ravel(w) for w in model.get_weights()])
+        f = FinetuneParams(epochs=2, learning_rate=1e-3, unfreeze_layers=4, optimizer="sgd")
         result = finetune.finetune_across_machines(
-            model, ds, val, strategy, epochs=2, learning_rate=1e-3, unfreeze_layers=4,
-            optimizer="sgd", on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs}),
+            model, ds, val, strategy, f,
+            on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs}),
         )
     assert seen == result.history  # the live logger gets each epoch as the history has it
     end = np.concatenate([np.ravel(w) for w in model.get_weights()])

@@ -5,7 +5,9 @@ import pytest
 
 from transferline import backbones, dataset, feature_files, features, images
 from transferline.errors import DataError, StageError
+from transferline.files import DataDirs
 from transferline.models import build_feature_extractor
+from transferline.params import ExtractParams, ModelParams
 
 from conftest import make_class_folders
 
@@ -83,7 +85,7 @@ def test_batches_are_padded_for_the_replicas_and_the_padding_is_marked():
     assert [(len(a), int(r.numpy().sum())) for a, r in alone] == [(5, 5), (5, 5), (5, 3)]
 
 
-TINY_VGG = {"backbone": "vgg16", "weights": "none", "image_size": 32, "seed": 0}
+TINY_VGG = ModelParams(backbone="vgg16", weights="none", image_size=32)
 
 
 def split_pets(tmp_path):
@@ -103,7 +105,10 @@ def split_pets(tmp_path):
 def test_extract_dataset_writes_every_split_and_meta(tmp_path):
     raw, splits, out = split_pets(tmp_path)
     metrics = features.extract_dataset(
-        raw, splits, out, **TINY_VGG, pooling="max", batch_size=4, dtype="float16"
+        DataDirs(raw, splits, out),
+        TINY_VGG.model_copy(update={"pooling": "max"}),
+        ExtractParams(batch_size=4, dtype="float16"),
+        seed=0,
     )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["feature_dim"] == 512
@@ -137,7 +142,7 @@ def test_a_batch_too_large_for_the_device_names_extract_batch_size(tmp_path, mon
     monkeypatch.setattr(features, "compiled_forward", out_of_memory)
     with pytest.raises(StageError) as info:
         features.extract_dataset(
-            raw, splits, out, **TINY_VGG, pooling="avg", batch_size=8, dtype="float32"
+            DataDirs(raw, splits, out), TINY_VGG, ExtractParams(batch_size=8), 0
         )
     assert str(info.value) == (
         "out of memory on CPU with batches of 8 images (TensorFlow: OOM when allocating tensor "
@@ -158,7 +163,7 @@ def test_an_image_tensorflow_cannot_decode_is_named_with_the_way_to_leave_it_out
     (raw / name).write_bytes(bytes(damaged))
     with pytest.raises(DataError) as info:
         features.extract_dataset(
-            raw, splits, out, **TINY_VGG, pooling="avg", batch_size=4, dtype="float32"
+            DataDirs(raw, splits, out), TINY_VGG, ExtractParams(batch_size=4), 0
         )
     message = str(info.value)
     assert message.startswith("1 of the 4 val images cannot be decoded by TensorFlow")

@@ -4,9 +4,10 @@ import pytest
 
 from transferline import backbones, finetune, heads, replicas
 from transferline.errors import StageError
+from transferline.files import DataDirs
 from transferline.images import make_image_dataset
 from transferline.models import base_of, build_feature_extractor
-from transferline.params import LogregParams
+from transferline.params import ExtractParams, FinetuneParams, LogregParams, ModelParams
 
 from conftest import make_class_folders
 
@@ -79,10 +80,10 @@ def test_fine_tuning_never_ends_worse_than_it_started():
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     # A learning rate this large wrecks the model: the starting weights must come back.
     seen = []  # what a live logger gets as each epoch ends
+    f = FinetuneParams(epochs=2, learning_rate=50.0, unfreeze_layers=2)
     result = finetune.finetune(
-        model, ds, ds, epochs=2, learning_rate=50.0, unfreeze_layers=2,
-        on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs}),
-    )  # fmt: skip
+        model, ds, ds, f, on_epoch=lambda epoch, logs: seen.append({"epoch": epoch, **logs})
+    )
     assert result.best_epoch == -1
     assert [{k: r[k] for k in tracking_keys} for r in seen] == [
         {k: r[k] for k in tracking_keys} for r in result.history
@@ -135,10 +136,7 @@ def test_time_limit_stops_cleanly_after_the_first_batch():
 
     x, y = images(16)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    result = finetune.finetune(
-        tiny_model(),
-        ds,
-        ds,
+    f = FinetuneParams(
         epochs=5,
         learning_rate=1e-5,
         unfreeze_layers=1,
@@ -147,6 +145,7 @@ def test_time_limit_stops_cleanly_after_the_first_batch():
         warmup_epochs=0.5,
         optimizer="adamw",
     )
+    result = finetune.finetune(tiny_model(), ds, ds, f)
     assert result.stopped_by_time
     assert len(result.history) == 1 and "val_loss" in result.history[0]  # validated, then stop
 
@@ -178,9 +177,8 @@ def test_early_stopping_ends_when_val_loss_stops_improving():
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     # A huge learning rate: no epoch beats the starting val loss, so patience 2 stops after 2
     # epochs (Keras' EarlyStopping would go on: the loss keeps falling from its huge level).
-    result = finetune.finetune(
-        tiny_model(), ds, ds, epochs=6, learning_rate=50.0, unfreeze_layers=1, patience=2
-    )
+    f = FinetuneParams(epochs=6, learning_rate=50.0, unfreeze_layers=1, patience=2)
+    result = finetune.finetune(tiny_model(), ds, ds, f)
     assert len(result.history) == 2 and result.best_epoch == -1
 
 
@@ -211,18 +209,10 @@ def test_training_loop_for_several_machines_matches_fit(weighted, optimizer, sch
             else {}
         )
         start = [np.array(w) for w in model.weights]
-        result = loop(
-            model,
-            ds,
-            ds,
-            epochs=2,
-            learning_rate=lr,
-            unfreeze_layers=4,
-            optimizer=optimizer,
-            schedule=schedule,
-            class_weight=cw,
-            **extra,
+        f = FinetuneParams(
+            epochs=2, learning_rate=lr, unfreeze_layers=4, optimizer=optimizer, schedule=schedule
         )
+        result = loop(model, ds, ds, **extra, f=f, plan=finetune.TrainPlan(class_weight=cw))
         moved = [np.array(w) - s for w, s in zip(model.weights, start, strict=True)]
         runs.append((result, np.concatenate([m.ravel() for m in moved])))
     (fit, fit_w), (own, own_w) = runs
@@ -249,17 +239,10 @@ def test_time_limit_refused_across_machines_before_any_work(tmp_path, monkeypatc
     f = FinetuneParams(max_minutes=5)
     with pytest.raises(StageError, match=r"finetune.max_minutes.*several machines"):
         finetune.run_finetune(
-            tmp_path / "raw",
-            tmp_path / "splits",
-            tmp_path / "features",
+            DataDirs(tmp_path / "raw", tmp_path / "splits", tmp_path / "features"),
             tmp_path / "init",
-            tmp_path / "out.keras",
+            ModelParams(backbone="vgg16", weights="none", image_size=32, mixed_precision="off"),
             f,
-            backbone="vgg16",
-            weights="none",
-            image_size=32,
-            pooling="avg",
-            mixed_precision="off",
             seed=0,
         )
 
@@ -275,16 +258,8 @@ def test_training_loop_for_several_machines_under_mixed_precision():
     try:
         ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
         model = finetune.assemble(ext, heads.build_dense_head(512, 2, 0, 0.0))
-        result = finetune.finetune_across_machines(
-            model,
-            ds,
-            ds,
-            tf.distribute.get_strategy(),
-            epochs=2,
-            learning_rate=1e-4,
-            unfreeze_layers=4,
-            optimizer="adamw",
-        )
+        f = FinetuneParams(epochs=2, learning_rate=1e-4, unfreeze_layers=4, optimizer="adamw")
+        result = finetune.finetune_across_machines(model, ds, ds, tf.distribute.get_strategy(), f)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     losses = [h["val_loss"] for h in result.history]
@@ -317,29 +292,26 @@ def test_bfloat16_extract_then_finetune(tmp_path):
     splits = tmp_path / "splits"
     splits.mkdir()
     dataset.write_split(split(raw), splits)
-    args = {"backbone": "efficientnet_b0", "weights": "none", "image_size": 32, "seed": 0}
-    args |= {"pooling": "avg", "batch_size": 4, "dtype": "float32"}
+    model = ModelParams(backbone="efficientnet_b0", weights="none", image_size=32)
     feats = {}
     try:
         for mode in ("off", "bfloat16"):
             (out := tmp_path / f"features_{mode}").mkdir()
-            m = features.extract_dataset(raw, splits, out, **args, mixed_precision=mode)
+            m = features.extract_dataset(
+                DataDirs(raw, splits, out),
+                model.model_copy(update={"mixed_precision": mode}),
+                ExtractParams(batch_size=4),
+                seed=0,
+            )
             feats[mode] = feature_files.load_split(out, "val")[0]
         assert m["precision"] == "mixed_bfloat16" and m["mixed_precision"] is True
         (tmp_path / "head").mkdir()
         heads.train_from_features(out, tmp_path / "head", HeadParams(), seed=0)
-        metrics, history = finetune.run_finetune(
-            raw,
-            splits,
-            out,
+        metrics, history, _ = finetune.run_finetune(
+            DataDirs(raw, splits, out),
             tmp_path / "head",
-            tmp_path / "ft.keras",
+            model.model_copy(update={"mixed_precision": "bfloat16"}),
             FinetuneParams(epochs=1, batch_size=4, unfreeze_layers=2),
-            backbone="efficientnet_b0",
-            weights="none",
-            image_size=32,
-            pooling="avg",
-            mixed_precision="bfloat16",
             seed=0,
         )
     finally:

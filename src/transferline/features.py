@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
+    from transferline.files import DataDirs
+    from transferline.params import ExtractParams, ModelParams
+
 log = logging.getLogger(__name__)
 
 
@@ -156,79 +159,97 @@ def undecodable_named(paths: list[str], raw: Path, split: str) -> Iterator[None]
 
 
 def extract_dataset(
-    raw: Path,
-    splits_dir: Path,
-    out_dir: Path,
-    *,
-    backbone: str,
-    weights: str,
-    image_size: int,
-    pooling: str,
-    batch_size: int,
-    dtype: str,
+    data: DataDirs,
+    model: ModelParams,
+    extract: ExtractParams,
     seed: int,
-    mixed_precision: str = "off",
     devices: list[str] | None = None,
-    xla: bool = False,
 ) -> dict:
-    """Features and labels of every split into `out_dir` (+ meta.json); returns stage metrics.
+    """Features and labels of every split, and meta.json, into `data.features`.
 
-    `mixed_precision` auto|on|bfloat16|off (features are written as `dtype` either way);
-    with several GPUs (or `devices`) every batch is split across them. BatchNormalization is
-    folded into the convolutions (`models.fold_batchnorm`): the same features up to float
-    rounding, faster.
+    Args:
+        data: the images, the split manifests, and where `{split}_features.npy`,
+            `{split}_labels.npy` and meta.json go.
+        model: the `model` section (backbone, weights, size, pooling, mixed precision).
+        extract: the `extract` section (batch size, the features' dtype, XLA).
+        seed: seeds the base's initialisation (`weights: none`).
+        devices: the devices to split every batch across (default: every GPU).
+
+    Returns:
+        The stage metrics: images per second and seconds (in all and per split), the
+        precision policy, replicas and the BatchNormalizations folded.
     """
     import json  # noqa: PLC0415
 
-    from transferline import backbones, images, models, runtime  # noqa: PLC0415
+    from transferline import backbones, models, runtime  # noqa: PLC0415
 
-    classes = json.loads((splits_dir / "classes.json").read_text())
-    policy = runtime.set_precision(mixed_precision)
+    classes = json.loads((data.splits / "classes.json").read_text())
+    policy = runtime.set_precision(model.mixed_precision)
     strategy = runtime.distribution(devices)
     with strategy.scope():
+        # BatchNormalization folded into the convolutions: the same features up to rounding.
         extractor = models.build_feature_extractor(
-            backbones.get(backbone), weights, image_size, pooling, seed, fold=True
+            backbones.get(model.backbone), model.weights, model.size, model.pooling, seed, fold=True
         )
-    forward = compiled_forward(extractor, strategy, xla)  # traced once, used for every split
-    per_split, total_n, total_s = {}, 0, 0.0
+    per_split = _extract_splits(extractor, data, classes, model.size, extract, strategy)
+    meta = {
+        "backbone": model.backbone,
+        "weights": model.weights,
+        "image_size": model.size,
+        "pooling": model.pooling,
+        "dtype": extract.dtype,
+        "classes": classes,
+        "feature_dim": int(extractor.output_shape[-1]),
+        "seed": seed,
+    }
+    (data.features / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    total_n = sum(m["images"] for m in per_split.values())
+    total_s = sum(m["seconds"] for m in per_split.values())
+    return {
+        "images_per_second": round(total_n / total_s, 2) if total_s else 0.0,
+        "seconds": round(total_s, 3),
+        "images": total_n,
+        "per_split": per_split,  # images, seconds and images per second of each split
+        "mixed_precision": policy != "float32",
+        "precision": policy,
+        "xla": extract.xla,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "batchnorm_folded": models.folded_batchnorms(extractor),
+    }
+
+
+def _extract_splits(
+    extractor: keras.Model,
+    data: DataDirs,
+    classes: list[str],
+    size: int,
+    extract: ExtractParams,
+    strategy,
+) -> dict[str, dict]:
+    """Each split's features and labels into `data.features`; per split its images, seconds
+    and images per second."""
+    from transferline import images, runtime  # noqa: PLC0415
+
+    forward = compiled_forward(extractor, strategy, extract.xla)  # traced once for every split
+    per_split = {}
     for split in images.SPLITS:
-        paths, labels, turns = images.split_arrays(raw, splits_dir, split, classes)
-        batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
+        paths, labels, turns = images.split_arrays(data.raw, data.splits, split, classes)
+        batches = images.make_image_dataset(
+            paths, None, size, extract.batch_size, orientations=turns
+        )
         with (
-            runtime.memory_for_batches("extract.batch_size", batch_size),
-            undecodable_named(paths, raw, split),
+            runtime.memory_for_batches("extract.batch_size", extract.batch_size),
+            undecodable_named(paths, data.raw, split),
         ):
             per_split[split] = extract_to_npy(
                 extractor,
                 batches,
                 len(paths),
-                out_dir / f"{split}_features.npy",
-                dtype,
+                data.features / f"{split}_features.npy",
+                extract.dtype,
                 desc=split,
                 forward=forward,
             )
-        np.save(out_dir / f"{split}_labels.npy", labels)
-        total_n += len(paths)
-        total_s += per_split[split]["seconds"]
-    meta = {
-        "backbone": backbone,
-        "weights": weights,
-        "image_size": image_size,
-        "pooling": pooling,
-        "dtype": dtype,
-        "classes": classes,
-        "feature_dim": int(extractor.output_shape[-1]),
-        "seed": seed,
-    }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return {
-        "images_per_second": round(total_n / total_s, 2) if total_s else 0.0,
-        "seconds": round(total_s, 3),
-        "images": total_n,
-        "per_split": per_split,
-        "mixed_precision": policy != "float32",
-        "precision": policy,
-        "xla": xla,
-        "replicas": int(strategy.num_replicas_in_sync),
-        "batchnorm_folded": models.folded_batchnorms(extractor),
-    }
+        per_split[split]["images"] = len(paths)
+        np.save(data.features / f"{split}_labels.npy", labels)
+    return per_split

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,13 @@ def is_skip_marker(path: Path) -> bool:
         return bool(read_json(path).get(SKIPPED_KEY))
     except (ValueError, UnicodeDecodeError, AttributeError):
         return False
+
+
+@dataclass(frozen=True)
+class DataDirs:
+    """Where a stage finds the pipeline's data: the raw images, the split manifests
+    (data/splits) and the cached features (data/features)."""
+
+    raw: Path
+    splits: Path
+    features: Path

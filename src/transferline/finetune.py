@@ -20,6 +20,7 @@ from transferline.errors import StageError
 from transferline.heads import EpochHook, epoch_callbacks
 from transferline.models import Preprocess, base_of
 from transferline.replicas import (
+    EpochPlan,
     ReplicatedValidation,
     epoch_plan,
     loss_accuracy,
@@ -28,7 +29,8 @@ from transferline.replicas import (
 )
 
 if TYPE_CHECKING:
-    from transferline.params import FinetuneParams
+    from transferline.files import DataDirs
+    from transferline.params import FinetuneParams, ModelParams
 
 log = logging.getLogger(__name__)
 
@@ -200,25 +202,28 @@ def compile_model(model: keras.Model, learning_rate, optimizer: str = "adam") ->
     )
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the training data decide for a run: steps per epoch (None: the dataset's length)
+    and the class weights (None: all 1)."""
+
+    steps_per_epoch: int | None = None
+    class_weight: dict[int, float] | None = None
+
+
 def unfreeze_and_schedule(
-    model: keras.Model,
-    train_ds,
-    *,
-    epochs: int,
-    learning_rate: float,
-    unfreeze_layers: int,
-    unfreeze_from: str | None,
-    schedule: str,
-    warmup_epochs: float,
-    steps_per_epoch: int | None,
+    model: keras.Model, train_ds, f: FinetuneParams, plan: TrainPlan
 ) -> tuple[list[str], object]:
     """Unfreeze the top of the base and build the learning-rate schedule over the whole run:
-    the start both training loops (`finetune`, `finetune_across_machines`) share."""
-    unfrozen = unfreeze_top(base_of(model), unfreeze_layers, unfreeze_from)
+    the start both training loops (`finetune`, `finetune_across_machines`) share.
+
+    Returns the unfrozen layers' names and the learning rate (a number or a schedule).
+    """
+    unfrozen = unfreeze_top(base_of(model), f.unfreeze_layers, f.unfreeze_from)
     log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
-    steps = steps_per_epoch or int(train_ds.cardinality())
+    steps = plan.steps_per_epoch or int(train_ds.cardinality())
     lr = learning_rate_schedule(
-        learning_rate, schedule, round(warmup_epochs * steps), max(1, epochs * steps)
+        f.learning_rate, f.schedule, round(f.warmup_epochs * steps), max(1, f.epochs * steps)
     )
     return unfrozen, lr
 
@@ -231,40 +236,11 @@ def warn_if_start_kept(best_epoch: int, start_loss: float) -> None:
         )
 
 
-def finetune(
-    model: keras.Model,
-    train_ds,
-    val_ds,
-    *,
-    epochs: int,
-    learning_rate: float,
-    unfreeze_layers: int,
-    unfreeze_from: str | None = None,
-    optimizer: str = "adam",
-    schedule: str = "constant",
-    warmup_epochs: float = 0.0,
-    steps_per_epoch: int | None = None,
-    class_weight: dict[int, float] | None = None,
-    max_minutes: float | None = None,
-    patience: int | None = None,
-    on_epoch: EpochHook | None = None,
-) -> FinetuneResult:
-    """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss.
-    `on_epoch(epoch, logs)` is called as each epoch ends (live curves)."""
+def _starting_point(model: keras.Model, val_ds) -> tuple[dict, object, list]:
+    """The validation figures before training, the validation data for `fit` and the
+    callbacks that validate in its place under several replicas."""
     import tensorflow as tf  # noqa: PLC0415
 
-    unfrozen, lr = unfreeze_and_schedule(
-        model,
-        train_ds,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        unfreeze_layers=unfreeze_layers,
-        unfreeze_from=unfreeze_from,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        steps_per_epoch=steps_per_epoch,
-    )
-    compile_model(model, lr, optimizer)  # recompile after changing `trainable`
     callbacks: list[keras.callbacks.Callback] = []
     strategy = tf.distribute.get_strategy()  # the one in scope, if any
     if strategy.num_replicas_in_sync > 1:  # fit's own validation could give one no image
@@ -273,21 +249,54 @@ def finetune(
         callbacks.append(ReplicatedValidation(evaluate))  # before KeepBest: sets val_loss
     else:
         before = model.evaluate(val_ds, verbose=0, return_dict=True)
+    log_start(before)
+    return before, val_ds, callbacks
+
+
+def log_start(before: dict) -> None:
     log.info(
         "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
     )
-    keep = KeepBest(before["loss"], patience)
+
+
+def finetune(
+    model: keras.Model,
+    train_ds,
+    val_ds,
+    f: FinetuneParams,
+    plan: TrainPlan | None = None,
+    on_epoch: EpochHook | None = None,
+) -> FinetuneResult:
+    """Unfreeze, recompile, check the starting point, train, keep the best epoch by val loss.
+
+    Args:
+        model: base + head (`assemble`), built in the strategy's scope if any.
+        train_ds, val_ds: batches of (images, labels).
+        f: the `finetune` section (epochs, learning rate, unfreezing, optimizer, schedule,
+            max_minutes, patience).
+        plan: steps per epoch and class weights.
+        on_epoch: called with (epoch, that epoch's figures) as each epoch ends.
+
+    Returns:
+        The history, the best epoch (-1: the starting weights were kept), the validation
+        figures before training and the unfrozen layers.
+    """
+    plan = plan or TrainPlan()
+    unfrozen, lr = unfreeze_and_schedule(model, train_ds, f, plan)
+    compile_model(model, lr, f.optimizer)  # recompile after changing `trainable`
+    before, val_ds, callbacks = _starting_point(model, val_ds)
+    keep = KeepBest(before["loss"], f.patience)
     callbacks.append(keep)
-    limit = TimeLimit(max_minutes) if max_minutes else None
+    limit = TimeLimit(f.max_minutes) if f.max_minutes else None
     if limit:
         callbacks.append(limit)
     callbacks += epoch_callbacks(on_epoch)  # last: the epoch's validation figures are set
     hist = model.fit(
         train_ds,
         validation_data=val_ds,
-        epochs=epochs,
+        epochs=f.epochs,
         callbacks=callbacks,
-        class_weight=class_weight,
+        class_weight=plan.class_weight,
         shuffle=False,  # the dataset shuffles itself (seeded); Keras would ignore it and warn
         verbose=2,
     )
@@ -310,17 +319,8 @@ def finetune_across_machines(
     train_ds,
     val_ds,
     strategy,
-    *,
-    epochs: int,
-    learning_rate: float,
-    unfreeze_layers: int,
-    unfreeze_from: str | None = None,
-    optimizer: str = "adam",
-    schedule: str = "constant",
-    warmup_epochs: float = 0.0,
-    steps_per_epoch: int | None = None,
-    class_weight: dict[int, float] | None = None,
-    patience: int | None = None,
+    f: FinetuneParams,
+    plan: TrainPlan | None = None,
     on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
     """`finetune` as a plain tf.distribute training loop, for MultiWorkerMirroredStrategy.
@@ -328,35 +328,64 @@ def finetune_across_machines(
     Keras 3's fit/evaluate fail under that strategy (keras-team/keras#20585), so every machine
     of the TF_CONFIG cluster runs this loop in lockstep: each takes its slice of every global
     batch, gradients are all-reduced, and every machine ends with the same weights. Same loss,
-    optimizer, schedule, class weights, starting-point check and best-epoch rule as `finetune`.
-    Build `model` in `strategy.scope()` and call this inside it.
+    optimizer, schedule, class weights, starting-point check and best-epoch rule as `finetune`
+    (`f.max_minutes` is not applied: `run_finetune` refuses it on a cluster). Build `model` in
+    `strategy.scope()` and call this inside it. Takes and returns what `finetune` does.
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    unfrozen, lr = unfreeze_and_schedule(
-        model,
-        train_ds,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        unfreeze_layers=unfreeze_layers,
-        unfreeze_from=unfreeze_from,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        steps_per_epoch=steps_per_epoch,
-    )
-    opt = make_optimizer(optimizer, lr)
+    plan = plan or TrainPlan()
+    unfrozen, lr = unfreeze_and_schedule(model, train_ds, f, plan)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train = strategy.experimental_distribute_dataset(train_ds.with_options(options))
+    evaluate = replicated_evaluation(model, val_ds.with_options(options), strategy)
+    train_step = _distributed_train_step(model, make_optimizer(f.optimizer, lr), strategy, plan)
+    before = evaluate()
+    log_start(before)
+    best_loss, best_epoch, best_weights, wait = before["loss"], -1, model.get_weights(), 0
+    history = []
+    for epoch in range(f.epochs):
+        started = time.monotonic()
+        trained, val = loss_accuracy(train, train_step), evaluate()
+        history.append(
+            {
+                "epoch": epoch,
+                "accuracy": trained["accuracy"],
+                "loss": trained["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_loss": val["loss"],
+            }
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, {k: v for k, v in history[-1].items() if k != "epoch"})
+        _log_epoch(epoch, f.epochs, time.monotonic() - started, history[-1])
+        if val["loss"] < best_loss:
+            best_loss, best_epoch, best_weights, wait = val["loss"], epoch, model.get_weights(), 0
+            continue
+        wait += 1
+        if f.patience and wait >= f.patience:
+            log.info("no better val_loss for %d epochs: stopping early", wait)
+            break
+    model.set_weights(best_weights)
+    warn_if_start_kept(best_epoch, before["loss"])
+    return FinetuneResult(history, best_epoch, before, unfrozen)
+
+
+def _distributed_train_step(model: keras.Model, opt, strategy, plan: TrainPlan):
+    """One global batch's step for `finetune_across_machines`: the loss fit would compute
+    (class-weighted mean over the global batch, scaled under float16), gradients all-reduced,
+    and the batch's summed loss, hits and images."""
+    import tensorflow as tf  # noqa: PLC0415
+
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     weights = model.trainable_variables
     opt.build(weights)
     n_classes = int(model.output_shape[-1])
     cw = tf.constant(
-        [float((class_weight or {}).get(i, 1.0)) for i in range(n_classes)], tf.float32
+        [float((plan.class_weight or {}).get(i, 1.0)) for i in range(n_classes)], tf.float32
     )
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train = strategy.experimental_distribute_dataset(train_ds.with_options(options))
-    evaluate = replicated_evaluation(model, val_ds.with_options(options), strategy)
 
     @tf.function
     def train_step(batch):
@@ -373,49 +402,20 @@ def finetune_across_machines(
 
         return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
-    before = evaluate()
+    return train_step
+
+
+def _log_epoch(epoch: int, epochs: int, seconds: float, row: dict[str, float]) -> None:
     log.info(
-        "before fine-tuning: val_loss %.4f val_accuracy %.4f", before["loss"], before["accuracy"]
+        "epoch %d/%d - %.0fs - loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f",
+        epoch + 1,
+        epochs,
+        seconds,
+        row["loss"],
+        row["accuracy"],
+        row["val_loss"],
+        row["val_accuracy"],
     )
-    best_loss, best_epoch, best_weights, wait = before["loss"], -1, model.get_weights(), 0
-    history = []
-    for epoch in range(epochs):
-        started = time.monotonic()
-        trained = loss_accuracy(train, train_step)
-        loss, acc = trained["loss"], trained["accuracy"]
-        val = evaluate()
-        val_loss, val_acc = val["loss"], val["accuracy"]
-        history.append(
-            {
-                "epoch": epoch,
-                "accuracy": acc,
-                "loss": loss,
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-            }
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, {k: v for k, v in history[-1].items() if k != "epoch"})
-        log.info(
-            "epoch %d/%d - %.0fs - loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f",
-            epoch + 1,
-            epochs,
-            time.monotonic() - started,
-            loss,
-            acc,
-            val_loss,
-            val_acc,
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_weights, wait = val_loss, epoch, model.get_weights(), 0
-            continue
-        wait += 1
-        if patience and wait >= patience:
-            log.info("no better val_loss for %d epochs: stopping early", wait)
-            break
-    model.set_weights(best_weights)
-    warn_if_start_kept(best_epoch, before["loss"])
-    return FinetuneResult(history, best_epoch, before, unfrozen)
 
 
 # How far the rebuilt base's features may be from the cached ones (relative to the largest)
@@ -435,32 +435,31 @@ def max_feature_gap(extractor: keras.Model, images: np.ndarray, cached: np.ndarr
 
 
 def run_finetune(
-    raw: Path,
-    splits_dir: Path,
-    features_dir: Path,
+    data: DataDirs,
     init_dir: Path,
-    out_path: Path,
+    model: ModelParams,
     f: FinetuneParams,
-    *,
-    backbone: str,
-    weights: str,
-    image_size: int,
-    pooling: str,
-    mixed_precision: str,
     seed: int,
     devices: list[str] | None = None,
     on_epoch: EpochHook | None = None,
-) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Rebuild base + trained head, check the base still yields the cached features, fine-tune
-    as the `finetune` section says, save the best model to `out_path`.
+) -> tuple[dict[str, float], list[dict[str, float]], keras.Model]:
+    """Rebuild base + trained head, check the base still yields the cached features, and
+    fine-tune as the `finetune` section says.
 
-    Returns stage metrics and per-epoch history; `on_epoch(epoch, logs)` is called as each
-    epoch ends (live curves). Models are built in a MirroredStrategy scope
-    over every GPU (or `devices`) when there are several, and in a MultiWorkerMirroredStrategy
-    one when TF_CONFIG names several machines (each of which runs this same function).
+    Args:
+        data: the raw images, the split manifests and the cached features.
+        init_dir: the head train_head handed over (`models/finetune_init`).
+        model, f: the `model` and `finetune` sections.
+        seed: seeds the shuffling and the augmentation.
+        devices: the devices to split batches across (default: every GPU); with a TF_CONFIG
+            naming several machines, a MultiWorkerMirroredStrategy (each machine runs this).
+        on_epoch: called with (epoch, that epoch's figures) as each epoch ends.
+
+    Returns:
+        The stage metrics, the per-epoch history and the model with its best weights.
     """
     from transferline import backbones, heads, images, models, runtime  # noqa: PLC0415
-    from transferline.files import atomic_path, read_json  # noqa: PLC0415
+    from transferline.feature_files import read_meta  # noqa: PLC0415
 
     # With a TF_CONFIG naming several machines, each of them runs this function in lockstep
     # (MultiWorkerMirroredStrategy, created before any other TensorFlow work).
@@ -472,72 +471,95 @@ def run_finetune(
             "the others would wait for it forever. Set finetune.max_minutes to null."
         )
     strategy = runtime.distribution(devices, multi_worker=True)
-    policy = runtime.set_precision(mixed_precision)
-    classes = read_json(features_dir / "meta.json")["classes"]
-    train_paths, y_train, train_turns = images.split_arrays(raw, splits_dir, "train", classes)
-    plan = epoch_plan(len(train_paths), f.batch_size, strategy.num_replicas_in_sync)
+    policy = runtime.set_precision(model.mixed_precision)
+    classes = read_meta(data.features)["classes"]
+    train = images.split_arrays(data.raw, data.splits, "train", classes)
+    epoch = epoch_plan(len(train[0]), f.batch_size, strategy.num_replicas_in_sync)
     with strategy.scope():
         extractor = models.build_feature_extractor(
-            backbones.get(backbone), weights, image_size, pooling, seed
+            backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
         )
-    val_paths, y_val, val_turns = images.split_arrays(raw, splits_dir, "val", classes)
+    gap = _feature_gap(extractor, data, model, policy, classes)
+    train_ds, val_ds, plan = _datasets(data, classes, train, model.size, f, seed, epoch)
+    with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
+        net = assemble(extractor, heads.keras_head(init_dir))
+        if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
+            result = finetune_across_machines(net, train_ds, val_ds, strategy, f, plan, on_epoch)
+        else:
+            result = finetune(net, train_ds, val_ds, f, plan, on_epoch)
+    metrics = _stage_metrics(result, gap, policy)
+    metrics |= {
+        "replicas": int(strategy.num_replicas_in_sync),
+        "workers": workers[2] if workers else 1,
+        # fewer than the training split when several replicas leave out the short last batch
+        "train_images_per_epoch": epoch.images,
+    }
+    return metrics, result.history, net
+
+
+def _feature_gap(
+    extractor: keras.Model, data: DataDirs, model: ModelParams, policy: str, classes: list[str]
+) -> float:
+    """The rebuilt base's largest relative gap to the cached features on a few validation
+    images; a StageError when it is too large to be rounding (the weights changed)."""
+    from transferline import images  # noqa: PLC0415
+
+    val_paths, _, val_turns = images.split_arrays(data.raw, data.splits, "val", classes)
     k = min(16, len(val_paths))
-    probe = np.concatenate(
-        list(
-            images.make_image_dataset(
-                val_paths[:k], None, image_size, k, orientations=val_turns[:k]
-            )
-        )
+    batches = images.make_image_dataset(
+        val_paths[:k], None, model.size, k, orientations=val_turns[:k]
     )
-    gap = max_feature_gap(extractor, probe, np.load(features_dir / "val_features.npy")[:k])
+    probe = np.concatenate(list(batches))
+    gap = max_feature_gap(extractor, probe, np.load(data.features / "val_features.npy")[:k])
     if gap > FEATURE_GAP_LIMIT.get(policy, 1e-2):
         raise StageError(
-            f"the rebuilt {backbone} base does not reproduce the cached features in "
-            f"{features_dir} (relative gap {gap:.3g} under {policy}): the weights changed since "
-            f"extract ran (e.g. a different Keras cache or weights file). Run `dvc repro -f "
-            f"extract`."
+            f"the rebuilt {model.backbone} base does not reproduce the cached features in "
+            f"{data.features} (relative gap {gap:.3g} under {policy}): the weights changed "
+            f"since extract ran (e.g. a different Keras cache or weights file). Run `dvc repro "
+            f"-f extract`."
         )
+    return gap
+
+
+def _datasets(
+    data: DataDirs,
+    classes: list[str],
+    train: tuple,
+    size: int,
+    f: FinetuneParams,
+    seed: int,
+    epoch: EpochPlan,
+) -> tuple[object, object, TrainPlan]:
+    """The training batches of `train` (`images.split_arrays`' paths, labels and turns;
+    shuffled, augmented, as `epoch` plans them), the validation batches and the TrainPlan."""
+    from transferline import heads, images  # noqa: PLC0415
+
+    train_paths, y_train, train_turns = train
     a = f.augment
     train_ds = images.make_image_dataset(
         train_paths,
         y_train,
-        image_size,
+        size,
         f.batch_size,
         shuffle_seed=seed,
         augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
-        drop_remainder=plan.drop_remainder,
+        drop_remainder=epoch.drop_remainder,
         orientations=train_turns,
     )
-    val_ds = images.make_image_dataset(
-        val_paths, y_val, image_size, f.batch_size, orientations=val_turns
-    )
-    common = {
-        "epochs": f.epochs,
-        "learning_rate": f.learning_rate,
-        "unfreeze_layers": f.unfreeze_layers,
-        "unfreeze_from": f.unfreeze_from,
-        "optimizer": f.optimizer,
-        "schedule": f.schedule,
-        "warmup_epochs": f.warmup_epochs,
-        "steps_per_epoch": plan.steps,
-        "class_weight": heads.class_weights(y_train, len(classes)) if f.class_weight else None,
-        "patience": f.patience,
-        "on_epoch": on_epoch,
-    }
-    with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
-        model = assemble(extractor, heads.keras_head(init_dir))
-        if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
-            result = finetune_across_machines(model, train_ds, val_ds, strategy, **common)
-        else:
-            result = finetune(model, train_ds, val_ds, max_minutes=f.max_minutes, **common)
-    with atomic_path(out_path, suffix=".keras") as tmp:
-        model.save(tmp)
+    val_paths, y_val, val_turns = images.split_arrays(data.raw, data.splits, "val", classes)
+    val_ds = images.make_image_dataset(val_paths, y_val, size, f.batch_size, orientations=val_turns)
+    weights = heads.class_weights(y_train, len(classes)) if f.class_weight else None
+    return train_ds, val_ds, TrainPlan(epoch.steps, weights)
+
+
+def _stage_metrics(result: FinetuneResult, gap: float, policy: str) -> dict:
+    """The finetune stage's figures: validation before and at the best epoch, and how it ran."""
     best = (
         result.history[result.best_epoch]
         if result.best_epoch >= 0
         else {"val_accuracy": result.val_before["accuracy"], "val_loss": result.val_before["loss"]}
     )
-    metrics = {
+    return {
         "val_accuracy_before": round(result.val_before["accuracy"], 6),
         "val_loss_before": round(result.val_before["loss"], 6),
         "val_accuracy": round(best["val_accuracy"], 6),
@@ -549,9 +571,4 @@ def run_finetune(
         "feature_gap": float(f"{gap:.3g}"),
         "mixed_precision": policy != "float32",
         "precision": policy,
-        "replicas": int(strategy.num_replicas_in_sync),
-        "workers": workers[2] if workers else 1,
-        # fewer than the training split when several replicas leave out the short last batch
-        "train_images_per_epoch": plan.images,
     }
-    return metrics, result.history

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transferline import logs
 from transferline.errors import StageError, TransferlineError
+from transferline.files import DataDirs
 from transferline.params import Params, load_params
 
 log = logging.getLogger("transferline")
@@ -27,6 +28,7 @@ FINETUNED = Path("models/finetuned.keras")
 CLASSIFIER = Path("models/classifier")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+DATA = DataDirs(RAW, SPLITS, FEATURES)
 
 
 # each stage's outputs that other stages read -> the stage that writes them
