@@ -16,14 +16,7 @@ def run(p: Params) -> None:
     m = p.model
     with atomic_dir(stagekit.PLOTS / "evaluate") as tmp:
         metrics, finetuned = evaluation.evaluate_models(
-            stagekit.RAW,
-            stagekit.SPLITS,
-            stagekit.FEATURES,
-            stagekit.HEAD,
-            stagekit.FINETUNED,
-            tmp,
-            image_size=m.size,
-            batch_size=p.extract.batch_size,
+            stagekit.DATA, stagekit.HEAD, stagekit.FINETUNED, tmp, m.size, p.extract.batch_size
         )
     stagekit.add_val_accuracy(metrics)
     write_json(stagekit.METRICS / "evaluate.json", metrics)

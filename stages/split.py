@@ -12,14 +12,12 @@ from transferline.params import Params
 def run(p: Params) -> None:
     subdir = p.data.subdir or sources.preset_subdir(p.data.dataset) or ""
     table = p.data.labels  # a CSV labelling the images, if any
-    result = dataset.build_split(
-        stagekit.RAW / subdir,
+    spec = dataset.SplitSpec(
         layout=p.data.layout,
         val=p.split.val,
         test=p.split.test,
         seed=p.seed,
         max_per_class=p.split.max_per_class,
-        rel_to=stagekit.RAW,
         label_map=p.data.label_map,
         labels=dataset.LabelsCsv(
             stagekit.RAW / table.file, table.image_column, table.label_column, table.group_column
@@ -29,6 +27,7 @@ def run(p: Params) -> None:
         group_pattern=p.split.group_pattern,
         exclude=p.data.exclude,
     )
+    result = dataset.build_split(stagekit.RAW / subdir, spec, rel_to=stagekit.RAW)
     with atomic_dir(stagekit.SPLITS) as tmp:
         metrics = dataset.write_split(result, tmp)
     write_json(stagekit.METRICS / "split.json", metrics)

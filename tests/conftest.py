@@ -115,8 +115,9 @@ def split(root: Path, **kw):
     """`dataset.build_split` with the tests' defaults (val and test 0.2, seed 1, one worker)."""
     from transferline import dataset
 
-    args = {"layout": "auto", "val": 0.2, "test": 0.2, "seed": 1, "max_per_class": None}
-    return dataset.build_split(root, **{**args, "workers": 1, **kw})
+    rel_to = kw.pop("rel_to", None)
+    spec = dataset.SplitSpec(**{"val": 0.2, "test": 0.2, "seed": 1, **kw})
+    return dataset.build_split(root, spec, rel_to=rel_to, workers=1)
 
 
 def add_broken_files(folder: Path) -> dict[str, str]:

@@ -759,8 +759,8 @@ def test_splitting_never_imports_tensorflow(tmp_path):
     (tmp_path / "out").mkdir()
     code = (
         "import sys\nfrom pathlib import Path\nfrom transferline import dataset\n"
-        f"r = dataset.build_split(Path({str(root)!r}), layout='auto', val=0.2, test=0.2, "
-        "seed=1, max_per_class=None)\n"
+        f"r = dataset.build_split(Path({str(root)!r}), dataset.SplitSpec(val=0.2, test=0.2, "
+        "seed=1))\n"
         f"m = dataset.write_split(r, Path({str(tmp_path / 'out')!r}))\n"
         "n = sum(m[f'{s}_images'] for s in ('train', 'val', 'test'))\n"
         "print(n, 'tensorflow' in sys.modules)"

@@ -91,9 +91,7 @@ TINY_VGG = ModelParams(backbone="vgg16", weights="none", image_size=32)
 def split_pets(tmp_path):
     """20 images in class folders, split; returns (raw, splits, an empty features folder)."""
     raw = make_class_folders(tmp_path / "raw" / "pets", per_class=10)
-    result = dataset.build_split(
-        raw.parent, layout="auto", val=0.2, test=0.2, seed=0, max_per_class=None, workers=1
-    )
+    result = dataset.build_split(raw.parent, dataset.SplitSpec(val=0.2, test=0.2), workers=1)
     splits = tmp_path / "splits"
     splits.mkdir()
     dataset.write_split(result, splits)
@@ -171,15 +169,7 @@ def test_an_image_tensorflow_cannot_decode_is_named_with_the_way_to_leave_it_out
     assert not (out / "val_features.npy").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
-    result = dataset.build_split(  # the fix the message names
-        raw,
-        layout="auto",
-        val=0.2,
-        test=0.2,
-        seed=0,
-        max_per_class=None,
-        workers=1,
-        exclude=[name],
-    )
+    spec = dataset.SplitSpec(val=0.2, test=0.2, exclude=[name])
+    result = dataset.build_split(raw, spec, workers=1)  # the fix the message names
     assert (name, f"left out by data.exclude ({name})") in result.rejected
     assert name not in [p for rows in result.manifests.values() for p, _ in rows]

@@ -336,11 +336,7 @@ def test_competition_zip_of_zips_splits_by_file_name(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == ["sampleSubmission.csv", "test1", "train"]
     result = dataset.build_split(
         raw / sources.preset_subdir("cats_vs_dogs"),
-        layout="auto",
-        val=1 / 6,
-        test=1 / 6,
-        seed=0,
-        max_per_class=None,
+        dataset.SplitSpec(val=1 / 6, test=1 / 6),
         rel_to=raw,
         workers=1,
     )

@@ -264,91 +264,50 @@ def _excluded(
     return kept, left_out
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to label and split a download (`data.*` and `split.*`).
+
+    `group_pattern`: a regex whose match in an image's path (its first group, else the whole
+    match) is the image's group; `exclude`: shell patterns of manifest paths to leave out
+    (listed in `rejected`).
+    """
+
+    layout: Layout = "auto"
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    max_per_class: int | None = None
+    label_map: dict[str, str] | None = None
+    labels: LabelsCsv | None = None
+    group_pattern: str | None = None
+    exclude: Sequence[str] = ()
+
+
 def build_split(
-    root: Path,
-    *,
-    layout: Layout,
-    val: float,
-    test: float,
-    seed: int,
-    max_per_class: int | None,
-    rel_to: Path | None = None,
-    label_map: dict[str, str] | None = None,
-    labels: LabelsCsv | None = None,
-    group_pattern: str | None = None,
-    workers: int | None = None,
-    exclude: Sequence[str] = (),
+    root: Path, spec: SplitSpec, rel_to: Path | None = None, workers: int | None = None
 ) -> SplitResult:
     """Detect the layout, validate every file once (each is read), drop duplicates, split.
     Writes and changes no file.
 
-    Manifest paths are relative to `rel_to` (default: `root`). `group_pattern`: a regex whose
-    match in an image's path (its first group, else the whole match) is the image's group.
-    `exclude`: shell patterns of manifest paths to leave out (listed in `rejected`).
+    Args:
+        root: the folder holding the labelled images.
+        spec: the layout, split fractions, seed, caps, labels, groups and exclusions.
+        rel_to: what manifest paths are relative to (default: `root`).
+        workers: processes checking the images (default: every usable core).
+
+    Returns:
+        The manifests, classes, rejected files with their reasons, the duplicates dropped,
+        the layout, per-class counts and the images to turn upright.
     """
     rel_to = rel_to or root
-    chosen, cands = find_candidates(root, layout, rel_to, label_map, labels)
+    chosen, cands = find_candidates(root, spec.layout, rel_to, spec.label_map, spec.labels)
     log.info("layout: %s, %d candidate files", chosen, len(cands))
-    rejected: list[tuple[str, str]] = []
-    if exclude:
-        cands, left_out = _excluded(cands, exclude)
-        rejected += left_out
-    labelled = []
-    # Only the filename layout leaves a file unlabelled without saying why (`Candidate.why`).
-    no_label = "no label: the file name has no class prefix like cat.1.jpg"
-    for c in cands:
-        if c.label:
-            labelled.append(c)
-        else:
-            rejected.append((c.path, c.why or no_label))
-    if group_pattern:
-        labelled = _groups_from_paths(labelled, group_pattern)
-    for s in ("val", "test"):
-        given = [c for c in cands if c.split == s]
-        if given and not any(c.label for c in given):
-            log.warning(
-                "the given %s folder holds %d files but no class folders (unlabelled, as a "
-                "competition's test set is): they are not used (rejected.csv), and %s is "
-                "carved from train",
-                s,
-                len(given),
-                s,
-            )
-    checks = check_images([rel_to / c.path for c in labelled], workers)
-    good: list[tuple[Candidate, str]] = []
-    orientation: dict[str, int] = {}
-    for c, chk in zip(labelled, checks, strict=True):
-        if chk.ok:
-            good.append((c, chk.digest))
-            orientation[c.path] = chk.orientation
-        else:
-            rejected.append((c.path, chk.reason))
-    invalid = sorted(path for path, o in orientation.items() if o == 0)
-    if invalid:
-        log.warning(
-            "%d images have an EXIF orientation that cannot be read (a tag outside 1-8, or "
-            "corrupt EXIF), e.g. %s: they are used as stored, as image viewers show them",
-            len(invalid),
-            invalid[0],
-        )
-    # Exact duplicates: one copy survives (the first by path); copies that disagree on the
-    # label are all refused, since no rule can say which label is right.
-    by_digest: dict[str, list[Candidate]] = defaultdict(list)
-    for c, d in sorted(good, key=lambda t: t[0].path):
-        by_digest[d].append(c)
-    kept, duplicates = [], 0
-    for copies in by_digest.values():
-        duplicates += len(copies) - 1
-        if len({c.label for c in copies}) > 1:
-            others = ", ".join(f"{c.path} ({c.label})" for c in copies)
-            rejected += [
-                (c.path, f"identical bytes under different labels: {others}") for c in copies
-            ]
-            continue
-        given = next((c for c in copies if c.split in ("test", "val")), copies[0])
-        kept.append(given)
+    labelled, rejected = _labelled(cands, spec)
+    good, orientation = _checked(labelled, rel_to, workers, rejected)
+    kept, duplicates = _deduplicated(good, rejected)
     try:
-        split = split_candidates(kept, val, test, seed, max_per_class)
+        split = split_candidates(kept, spec.val, spec.test, spec.seed, spec.max_per_class)
     except DataError as exc:  # no rejected.csv is written then: say what it would hold
         if not rejected:
             raise
@@ -366,6 +325,84 @@ def build_split(
         counts,
         dict(sorted(turned.items())),
     )
+
+
+def _labelled(
+    cands: list[Candidate], spec: SplitSpec
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """The candidates with a label (grouped by `spec.group_pattern`), and the others, excluded
+    or unlabelled, as (path, reason)."""
+    rejected: list[tuple[str, str]] = []
+    if spec.exclude:
+        cands, left_out = _excluded(cands, spec.exclude)
+        rejected += left_out
+    labelled = []
+    # Only the filename layout leaves a file unlabelled without saying why (`Candidate.why`).
+    no_label = "no label: the file name has no class prefix like cat.1.jpg"
+    for c in cands:
+        if c.label:
+            labelled.append(c)
+        else:
+            rejected.append((c.path, c.why or no_label))
+    if spec.group_pattern:
+        labelled = _groups_from_paths(labelled, spec.group_pattern)
+    for s in ("val", "test"):
+        given = [c for c in cands if c.split == s]
+        if given and not any(c.label for c in given):
+            log.warning(
+                "the given %s folder holds %d files but no class folders (unlabelled, as a "
+                "competition's test set is): they are not used (rejected.csv), and %s is "
+                "carved from train",
+                s,
+                len(given),
+                s,
+            )
+    return labelled, rejected
+
+
+def _checked(
+    labelled: list[Candidate], rel_to: Path, workers: int | None, rejected: list
+) -> tuple[list[tuple[Candidate, str]], dict[str, int]]:
+    """The usable images with their content digests, and each one's EXIF orientation; the
+    others go to `rejected` with the reason."""
+    checks = check_images([rel_to / c.path for c in labelled], workers)
+    good: list[tuple[Candidate, str]] = []
+    orientation: dict[str, int] = {}
+    for c, chk in zip(labelled, checks, strict=True):
+        if chk.ok:
+            good.append((c, chk.digest))
+            orientation[c.path] = chk.orientation
+        else:
+            rejected.append((c.path, chk.reason))
+    invalid = sorted(path for path, o in orientation.items() if o == 0)
+    if invalid:
+        log.warning(
+            "%d images have an EXIF orientation that cannot be read (a tag outside 1-8, or "
+            "corrupt EXIF), e.g. %s: they are used as stored, as image viewers show them",
+            len(invalid),
+            invalid[0],
+        )
+    return good, orientation
+
+
+def _deduplicated(good: list[tuple[Candidate, str]], rejected: list) -> tuple[list[Candidate], int]:
+    """One copy of each set of byte-identical images (a given val/test split's copy, else the
+    first by path) and how many copies were dropped. Copies that disagree on the label all go
+    to `rejected`: no rule can say which label is right."""
+    by_digest: dict[str, list[Candidate]] = defaultdict(list)
+    for c, d in sorted(good, key=lambda t: t[0].path):
+        by_digest[d].append(c)
+    kept, duplicates = [], 0
+    for copies in by_digest.values():
+        duplicates += len(copies) - 1
+        if len({c.label for c in copies}) > 1:
+            others = ", ".join(f"{c.path} ({c.label})" for c in copies)
+            rejected += [
+                (c.path, f"identical bytes under different labels: {others}") for c in copies
+            ]
+            continue
+        kept.append(next((c for c in copies if c.split in ("test", "val")), copies[0]))
+    return kept, duplicates
 
 
 def write_split(result: SplitResult, folder: Path) -> dict:

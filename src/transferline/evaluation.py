@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from transferline.errors import StageError
 from transferline.files import atomic_path
+
+if TYPE_CHECKING:
+    from transferline.files import DataDirs
 
 PER_CLASS_FILE = "per_class.json"  # in plots/evaluate: {model: [one row per class]}
 TOP_K = 5  # top-5 accuracy, as many-class benchmarks (ImageNet, Stanford Dogs) report it
@@ -233,21 +237,25 @@ def class_names(features_dir: Path) -> list[str]:
     return read_json(Path(features_dir) / "meta.json")["classes"]
 
 
+@dataclass(frozen=True)
+class EvaluatedImages:
+    """The test split as evaluate feeds it: image paths, labels, EXIF turns, pixel size."""
+
+    paths: list[str]
+    labels: np.ndarray
+    orientations: np.ndarray | None
+    image_size: int
+
+
 def write_figures(
-    plots_dir: Path,
-    name: str,
-    y_test: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    paths: list[str],
-    image_size: int,
-    orientations: np.ndarray | None = None,
+    plots_dir: Path, name: str, probs: np.ndarray, test: EvaluatedImages, classes: list[str]
 ) -> dict[str, float]:
     """Predictions CSV, confusion matrix, ROC curves and the worst misclassified images of one
     model into `plots_dir`; returns the one-vs-rest ROC AUC of each class in the test set."""
     from transferline import images  # noqa: PLC0415
     from transferline.files import write_csv  # noqa: PLC0415
 
+    y_test, paths, orientations = test.labels, test.paths, test.orientations
     write_predictions_csv(plots_dir / f"{name}_predictions.csv", y_test, probs, classes)
     accuracy = float((probs.argmax(1) == y_test).mean())
     title = f"{name}: test accuracy {accuracy:.3f}"
@@ -262,7 +270,7 @@ def write_figures(
         picked = [i for i, _, _ in worst]
         turns = None if orientations is None else [orientations[i] for i in picked]
         ds = images.make_image_dataset(
-            [paths[i] for i in picked], None, image_size, 16, orientations=turns
+            [paths[i] for i in picked], None, test.image_size, 16, orientations=turns
         )
         pictures = list(np.concatenate(list(ds)))
     captions = [
@@ -294,55 +302,65 @@ def split_report(report: dict[str, Any], auc: dict[str, float]) -> tuple[dict, l
 
 
 def evaluate_models(
-    raw: Path,
-    splits_dir: Path,
-    features_dir: Path,
+    data: DataDirs,
     head_dir: Path,
     finetuned: Path,
     plots_dir: Path,
-    *,
     image_size: int,
     batch_size: int,
 ) -> tuple[dict[str, Any], Any]:
     """Test metrics of the head (on cached features) and, unless skipped, the fine-tuned model
     (on the test images); per-model figures and tables into `plots_dir`.
 
-    Returns the headline metrics of each model (`{"head": {...}, "finetune": {...}}`) and the
-    fine-tuned Keras model (None when fine-tuning was skipped); each model's per-class
-    figures go to `{name}_report.csv` and, for both, `per_class.json` in `plots_dir`.
+    Args:
+        data: the raw images, the split manifests and the cached features.
+        head_dir, finetuned: train_head's head and finetune's model (or its skip marker).
+        plots_dir: where predictions, per-class reports and figures go.
+        image_size, batch_size: how the test images are fed to the fine-tuned model.
+
+    Returns:
+        The headline metrics of each model (`{"head": {...}, "finetune": {...}}`) and the
+        fine-tuned Keras model (None when fine-tuning was skipped); each model's per-class
+        figures go to `{name}_report.csv` and, for both, `per_class.json` in `plots_dir`.
     """
     from transferline import heads, images  # noqa: PLC0415
-    from transferline.feature_files import load_split  # noqa: PLC0415
-    from transferline.files import is_skip_marker, read_json, write_csv, write_json  # noqa: PLC0415
+    from transferline.feature_files import load_split, read_meta  # noqa: PLC0415
+    from transferline.files import is_skip_marker, write_csv, write_json  # noqa: PLC0415
 
-    classes = read_json(features_dir / "meta.json")["classes"]
-    x_test, y_test = load_split(features_dir, "test")
-    paths, y_images, turns = images.split_arrays(raw, splits_dir, "test", classes)
+    classes = read_meta(data.features)["classes"]
+    x_test, y_test = load_split(data.features, "test")
+    paths, y_images, turns = images.split_arrays(data.raw, data.splits, "test", classes)
     if not np.array_equal(y_images, y_test):
         raise StageError(
-            f"{splits_dir / 'test.csv'} and {features_dir / 'test_labels.npy'} disagree: "
+            f"{data.splits / 'test.csv'} and {data.features / 'test_labels.npy'} disagree: "
             "the features are older than the split. Run `dvc repro` (not a single stage)."
         )
+    test = EvaluatedImages(paths, y_test, turns, image_size)
     results = {"head": heads.predict_proba(head_dir, x_test)}
     model = None
     if not is_skip_marker(finetuned):
-        import keras  # noqa: PLC0415
-
-        from transferline import models, runtime  # noqa: PLC0415  (models registers Preprocess)
-
-        model = keras.saving.load_model(finetuned)
-        batches = images.make_image_dataset(paths, None, image_size, batch_size, orientations=turns)
-        # Run forward with BatchNormalization folded, as extract does; export the model itself.
-        with runtime.memory_for_batches("extract.batch_size", batch_size):
-            results["finetune"] = models.fold_nested_base(model).predict(batches, verbose=0)
+        model, results["finetune"] = _finetuned_probabilities(finetuned, test, batch_size)
     metrics: dict[str, Any] = {}
     per_class: dict[str, list[dict]] = {}
     for name, probs in results.items():
-        auc = write_figures(
-            plots_dir, name, y_test, probs, classes, paths, image_size, orientations=turns
-        )
+        auc = write_figures(plots_dir, name, probs, test, classes)
         report = classification_metrics(y_test, probs, classes)
         metrics[name], per_class[name] = split_report(report, auc)
         write_csv(plots_dir / f"{name}_report.csv", per_class[name])
     write_json(plots_dir / PER_CLASS_FILE, per_class)
     return metrics, model
+
+
+def _finetuned_probabilities(path: Path, test: EvaluatedImages, batch_size: int) -> tuple[Any, Any]:
+    """The fine-tuned model saved at `path`, and its probabilities on the test images."""
+    import keras  # noqa: PLC0415
+
+    from transferline import images, models, runtime  # noqa: PLC0415  (models: Preprocess)
+
+    model = keras.saving.load_model(path)
+    batches = images.make_image_dataset(
+        test.paths, None, test.image_size, batch_size, orientations=test.orientations
+    )
+    # Run forward with BatchNormalization folded, as extract does; export the model itself.
+    with runtime.memory_for_batches("extract.batch_size", batch_size):
+        return model, models.fold_nested_base(model).predict(batches, verbose=0)

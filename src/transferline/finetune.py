@@ -443,8 +443,7 @@ def run_finetune(
     devices: list[str] | None = None,
     on_epoch: EpochHook | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]], keras.Model]:
-    """Rebuild base + trained head, check the base still yields the cached features, and
-    fine-tune as the `finetune` section says.
+    """Rebuild base + trained head, check it still yields the cached features, fine-tune it.
 
     Args:
         data: the raw images, the split manifests and the cached features.
