@@ -100,7 +100,9 @@ def test_image_dataset_decodes_to_rgb_at_size(tmp_path):
     assert x[1, ..., 2].mean() > 150 > x[1, ..., 0].mean()  # blue stays blue
     # tf.data's autotuner off: with it, deleting a finished iterator stalled up to 2.3 s
     assert ds.options().autotune.enabled is False
-    full = images.make_image_dataset([str(p) for p in paths], [0, 1, 2], 24, 2, drop_remainder=True)
+    full = images.make_image_dataset(
+        [str(p) for p in paths], [0, 1, 2], 24, 2, training=images.Training(drop_remainder=True)
+    )
     assert [tuple(y.shape) for _, y in full] == [(2,)]  # the short last batch left out
 
 
@@ -231,7 +233,9 @@ def test_exif_orientation_turns_camera_images_upright(tmp_path, caplog):
     cat = expected[paths.index(str(root / "cat/o1.png"))]
     assert sum(np.allclose(x, cat, atol=1e-3) for x in got) == 8
     # with labels and shuffling, each file's turn travels with it
-    ds = images.make_image_dataset(paths, labels, 16, 4, shuffle_seed=3, orientations=turns)
+    ds = images.make_image_dataset(
+        paths, labels, 16, 4, orientations=turns, training=images.Training(shuffle_seed=3)
+    )
     for x, y in ds:
         for img, label in zip(x.numpy(), y.numpy(), strict=True):
             match = [i for i, e in enumerate(expected) if np.allclose(img, e, atol=1e-3)]

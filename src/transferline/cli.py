@@ -425,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logs, TensorFlow's C++ log too"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_model_commands(sub)
+    _add_run_commands(sub)
+    return parser
+
+
+def _add_pipeline_commands(sub) -> None:
+    """backbones, check, quickstart."""
     p = sub.add_parser("backbones", help="list every supported backbone and its sizes")
     p.set_defaults(func=cmd_backbones)
     p = sub.add_parser("check", help="validate params.yaml without running anything")
@@ -446,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.set_defaults(func=cmd_quickstart)
+
+
+def _add_model_commands(sub) -> None:
+    """predict, export."""
     p = sub.add_parser(
         "predict",
         help="label images with a trained model",
@@ -480,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("out", metavar="OUT", help="a new folder, e.g. exported/classifier/1")
     p.set_defaults(func=cmd_export)
+
+
+def _add_run_commands(sub) -> None:
+    """compare, reproduce: MLflow runs."""
     p = sub.add_parser(
         "compare",
         help="the latest MLflow runs as a table, best test accuracy first",
@@ -506,7 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
         "there and compare its test metrics with the run's",
     )
     p.set_defaults(func=cmd_reproduce)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,22 +247,16 @@ def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
 
 def save_saved_model(classifier: Classifier, folder: Path) -> None:
     """The classifier as a TensorFlow SavedModel in `folder` (a new one), the format
-    TensorFlow Serving loads, with two signatures:
+    TensorFlow Serving loads, with two signatures, each returning `probabilities` (one per
+    class), `label` (the likeliest class's name) and `probability` (its probability):
 
-    - `serve` (also `serving_default`): `images`, float32 RGB batches (0..255) of any height
-      and width, as the Keras file takes;
+    - `serve` (also `serving_default`): `images`, float32 RGB batches (0..255) of any size;
     - `serve_bytes`: `image_bytes`, a batch of encoded JPEG, PNG, GIF, BMP or WebP files,
-      each decoded by TensorFlow in the graph (`images.decode_tf_bytes`), resized (bilinear)
-      and turned by a JPEG's EXIF orientation (`jpeg_orientation`), so a client sends the
-      file, a phone's sideways-stored portrait photo too, instead of its pixels as JSON
-      numbers. For JPEG, PNG, GIF and opaque WebP that is how the pipeline decodes them; the
-      pipeline reads BMP and transparent or animated WebP with PIL, and TensorFlow's decoder
-      can give other pixels for those (a palette BMP as grey): send them as pixels (`serve`).
-
-    Both return `probabilities` (one per class), `label` (the likeliest class's name) and
-    `probability` (its probability). Decoding is TensorFlow's own, in the graph: the EXIF
-    orientation of a PNG or WebP file is not read (send those upright), and TIFF, AVIF and
-    HEIC are not read at all.
+      decoded by TensorFlow in the graph (`images.decode_tf_bytes`), resized (bilinear) and
+      turned by a JPEG's EXIF orientation (`jpeg_orientation`; a PNG's or WebP's is not read),
+      so a client sends the file instead of its pixels as JSON. JPEG, PNG, GIF and opaque
+      WebP decode as in the pipeline; the pipeline reads BMP and transparent or animated WebP
+      with PIL, and TIFF, AVIF and HEIC are not read here: send those as pixels (`serve`).
     """
     import tensorflow as tf  # noqa: PLC0415
 

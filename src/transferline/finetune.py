@@ -540,10 +540,12 @@ def _datasets(
         y_train,
         size,
         f.batch_size,
-        shuffle_seed=seed,
-        augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
-        drop_remainder=epoch.drop_remainder,
         orientations=train_turns,
+        training=images.Training(
+            shuffle_seed=seed,
+            augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
+            drop_remainder=epoch.drop_remainder,
+        ),
     )
     val_paths, y_val, val_turns = images.split_arrays(data.raw, data.splits, "val", classes)
     val_ds = images.make_image_dataset(val_paths, y_val, size, f.batch_size, orientations=val_turns)

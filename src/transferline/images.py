@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,25 +201,33 @@ def upright(img: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
 
 
+@dataclass(frozen=True)
+class Training:
+    """How training batches differ from the others: shuffled with `shuffle_seed` (reshuffled
+    every epoch), `augment` (a Keras layer, called with training=True here, never saved with
+    the model), and the short last batch left out with `drop_remainder`
+    (`replicas.epoch_plan`)."""
+
+    shuffle_seed: int | None = None
+    augment: object = None
+    drop_remainder: bool = False
+
+
 def make_image_dataset(
     paths: Sequence[str],
     labels: Sequence[int] | None,
     image_size: int,
     batch_size: int,
-    *,
-    shuffle_seed: int | None = None,
-    augment=None,
-    drop_remainder: bool = False,
     orientations: Sequence[int] | None = None,
+    training: Training | None = None,
 ) -> tf.data.Dataset:
     """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
 
-    `augment` is a Keras layer applied to training batches only (it is called with
-    training=True here and never saved with the model). `drop_remainder` leaves out the short
-    last batch (see `finetune.epoch_plan`). `orientations` (EXIF, 1..8 per path, from
-    `split_arrays` or `check_images`) turns camera images upright; a set with none to turn
-    keeps the plain decode, as does a set with no file for PIL to decode (`needs_pil`, read
-    from each file's header here rather than a tf.cond on every image, which slows decoding).
+    `training` shuffles, augments and drops the short last batch. `orientations` (EXIF, 1..8
+    per path, from `split_arrays` or `check_images`) turns camera images upright; a set with
+    none to turn keeps the plain decode, as does a set with no file for PIL to decode
+    (`needs_pil`, read from each file's header here rather than a tf.cond on every image,
+    which slows decoding).
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
     batches ahead): with it on, deleting a finished iterator can block for seconds, a stall
@@ -226,6 +235,7 @@ def make_image_dataset(
     """
     import tensorflow as tf  # noqa: PLC0415
 
+    training = training or Training()
     parallel = usable_cpus()
     files: dict[str, object] = {"path": list(paths)}
     if orientations is not None and any(o != 1 for o in orientations):
@@ -244,14 +254,15 @@ def make_image_dataset(
 
     if labels is not None:
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels)))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if training.shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=training.shuffle_seed, reshuffle_each_iteration=True)
     if labels is not None:
         ds = ds.map(lambda f, y: (load(f), y), num_parallel_calls=parallel, deterministic=True)
     else:
         ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if augment is not None:
+    ds = ds.batch(batch_size, drop_remainder=training.drop_remainder)
+    if training.augment is not None:
+        augment = training.augment
         ds = ds.map(
             lambda x, y: (augment(x, training=True), y),
             num_parallel_calls=parallel,

@@ -41,21 +41,10 @@ def log_classifier(
     run's params, linked to the run as an output (the UI's Models column, `runs:/ID/model`),
     with the run's test metrics attached. The signature takes float32 RGB batches of any
     height and width (0..255) and returns one probability per class; the class names are in
-    the model's metadata. Requirements are given, not inferred (inferring re-loads the model
-    in a subprocess). Not `log_model` itself: with an input example, mlflow.keras.save_model
-    writes it before it creates the model folder and fails (mlflow/mlflow#16183, still open
-    in 3.17), so here the folder is made first and the steps of `Model.log` are taken with
-    the public client API. The model is linked to the run once it is whole; a failed upload's
-    model is deleted at once, a killed one's (still PENDING) at the run's next log, so that
-    `runs:/ID/model` goes back to the last whole model.
+    the model's metadata. With `register_as`, also a version of that registered model.
     """
-    import tempfile  # noqa: PLC0415
-
     import mlflow  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: PLC0415
-    from mlflow.models import Model, ModelSignature  # noqa: PLC0415
-    from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # noqa: PLC0415
 
     client = run.client
     source = client.get_run(run.run_id)
@@ -68,57 +57,84 @@ def log_classifier(
         model_type="image-classifier",
         tags={**source_tags(), WRITER_TAG: f"{socket.gethostname()}:{os.getpid()}"},
     )
-    model_id = logged.model_id
     try:
-        latest = [  # the current value of each, re-logged as it is (so not duplicated)
-            max(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
-            for key in source.data.metrics
-            if key.startswith("test.")
-        ]
-        tested = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest]
-        if tested:
-            client.log_batch(run.run_id, metrics=tested)
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
-            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
-        )
-        example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
-        requirements = [
-            f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")
-        ]
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "model"
-            folder.mkdir()
-            mlflow.keras.save_model(
-                model,
-                str(folder),
-                mlflow_model=Model(
-                    artifact_path=logged.artifact_location,
-                    model_uuid=model_id,
-                    run_id=run.run_id,
-                    model_id=model_id,
-                ),
-                signature=signature,
-                input_example=example.astype("float32"),
-                pip_requirements=requirements,
-                metadata={"classes": classes, "image_size": image_size},
-            )
-            client.log_model_artifacts(model_id, str(folder))
-        client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=0)])
+        _attach_test_metrics(client, source, logged.model_id)
+        _upload(client, run.run_id, logged, model, classes, image_size)
+        client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
     except BaseException:
         # Half-uploaded: out of sight, so runs:/ID/model keeps meaning the last whole model.
         with contextlib.suppress(Exception):
-            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
-            client.delete_logged_model(model_id)
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            client.delete_logged_model(logged.model_id)
         raise
-    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    uri = f"models:/{model_id}"
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    uri = f"models:/{logged.model_id}"
     if register_as:
         mlflow.set_tracking_uri(client.tracking_uri)
         version = mlflow.register_model(uri, register_as)
         log.info("MLflow: registered %s version %s", register_as, version.version)
     log.info("MLflow: model logged as %s (also runs:/%s/model)", uri, run.run_id)
     return uri
+
+
+def _attach_test_metrics(client: Any, source: Any, model_id: str) -> None:
+    """The run's test metrics, their current values re-logged as they are (so not duplicated
+    in the run), linked to the model."""
+    from mlflow.entities import Metric  # noqa: PLC0415
+
+    run_id = source.info.run_id
+    latest = [
+        max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        for key in source.data.metrics
+        if key.startswith("test.")
+    ]
+    tested = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest]
+    if tested:
+        client.log_batch(run_id, metrics=tested)
+
+
+def _upload(
+    client: Any, run_id: str, logged: Any, model: Any, classes: list[str], image_size: int
+) -> None:
+    """Save the Keras model as MLflow's keras flavour (signature, input example, pinned
+    requirements, class names) and upload it as the logged model's artifacts.
+
+    Not `mlflow.keras.log_model`: with an input example, save_model writes it before it
+    creates the model folder and fails (mlflow/mlflow#16183), so the folder is made first and
+    the steps of `Model.log` are taken with the client API. Requirements are given, not
+    inferred (inferring re-loads the model in a subprocess).
+    """
+    import tempfile  # noqa: PLC0415
+
+    import mlflow  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from mlflow.models import Model, ModelSignature  # noqa: PLC0415
+    from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(classes)))]),
+    )
+    example = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
+    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("keras", "tensorflow", "numpy")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        mlflow.keras.save_model(
+            model,
+            str(folder),
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+            ),
+            signature=signature,
+            input_example=example.astype("float32"),
+            pip_requirements=requirements,
+            metadata={"classes": classes, "image_size": image_size},
+        )
+        client.log_model_artifacts(logged.model_id, str(folder))
 
 
 def _delete_unfinished_models(client: Any, experiment_id: str, run_id: str) -> None:
