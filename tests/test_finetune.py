@@ -322,3 +322,30 @@ def test_bfloat16_extract_then_finetune(tmp_path):
     assert metrics["precision"] == "mixed_bfloat16" and len(history) == 1
     # 0.026 measured: over float32's limit of 1e-2, so the limit is bfloat16's own
     assert 0 < metrics["feature_gap"] < finetune.FEATURE_GAP_LIMIT["mixed_bfloat16"]
+
+
+def test_fine_tuning_logs_each_epoch_to_mlflow_as_it_ends(tmp_path, monkeypatch):
+    """The UI shows a long fine-tuning's curves while it runs: after epoch k the store holds
+    steps 0..k (checked from inside the loop, not by timing)."""
+    import mlflow
+    import tensorflow as tf
+
+    from transferline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tracking.open_run("ft", tracking.RunInputs.here("p"), {"seed": 0}, "ft")
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    logger = run.epoch_logger("finetune.history.")
+    in_store = []
+
+    def on_epoch(epoch, logs):
+        logger(epoch, logs)
+        history = client.get_metric_history(run.run_id, "finetune.history.val_accuracy")
+        in_store.append([m.step for m in history])
+
+    x, y = images(8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    f = FinetuneParams(epochs=3, learning_rate=1e-5, unfreeze_layers=1)
+    finetune.finetune(tiny_model(), ds, ds, f, on_epoch=on_epoch)
+    assert in_store == [[0], [0, 1], [0, 1, 2]]

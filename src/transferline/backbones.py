@@ -139,10 +139,16 @@ def get(key: str) -> Backbone:
 def build_base(
     backbone: Backbone, weights: str, image_size: int, pooling: str, seed: int
 ) -> keras.Model:
-    """The frozen convolutional base, pooled, without its classifier.
+    """The frozen convolutional base, pooled, without its classifier. The seed is set right
+    before the layers are created so that `weights: none` gives one random base everywhere.
 
-    `weights` is "imagenet", "none" or a weights-file path. The seed is set right before the
-    layers are created so that `weights: none` gives the same random base in every stage.
+    Args:
+        backbone: the registry entry.
+        weights, image_size, pooling: as the `model` section says.
+        seed: seeds the layers' initialisation.
+
+    Returns:
+        The Keras base (frozen), its output pooled.
     """
     import keras  # noqa: PLC0415
 

@@ -54,6 +54,16 @@ def find_candidates(
 
     Paths are relative to `rel_to` (default: `root`); `label_map` renames labels first (several
     names may map to one class).
+
+    Args:
+        root: the folder of the labelled images.
+        layout: `data.layout`.
+        rel_to: what paths are relative to.
+        label_map: `data.label_map`.
+        labels: the CSV that labels the images, if any.
+
+    Returns:
+        The layout and one Candidate per visible file.
     """
     rel_to = rel_to or root
     if not root.is_dir():
@@ -79,7 +89,17 @@ def split_candidates(
     cands: list[Candidate], val: float, test: float, seed: int, max_per_class: int | None
 ) -> dict[str, list[Candidate]]:
     """Stratified, seeded split; pre-split (given) assignments are kept, missing splits carved
-    out of train."""
+    out of train.
+
+    Args:
+        cands: the labelled, de-duplicated images.
+        val, test: the fractions per class.
+        seed: the shuffle's seed.
+        max_per_class: a cap per class (None: all).
+
+    Returns:
+        The candidates of each split, `{"train": [...], "val": [...], "test": [...]}`.
+    """
     by_class: dict[str, list[Candidate]] = defaultdict(list)
     for c in cands:
         by_class[c.label].append(c)

@@ -73,6 +73,14 @@ def roc_table(
 
     Columns: `fpr`, `tpr` (the macro average, which DVC plots per model and revision) and
     `tpr_<class>`. A class absent from the test set has no curve (its column is left out).
+
+    Args:
+        y_true, probs: labels and class probabilities.
+        classes: the class names.
+        points: the false-positive-rate grid's size.
+
+    Returns:
+        The table's rows and each class's AUC.
     """
     from sklearn.metrics import roc_auc_score, roc_curve  # noqa: PLC0415
 
@@ -123,6 +131,13 @@ def _pyplot():
 
 
 def roc_png(path: Path, rows: list[dict[str, float]], auc: dict[str, float], title: str) -> None:
+    """The ROC curves of `rows` (`roc_table`) as a PNG at `path`.
+
+    Args:
+        path: the PNG to write.
+        rows, auc: `roc_table`'s output.
+        title: the figure's title.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     fpr = [r["fpr"] for r in rows]
@@ -155,7 +170,13 @@ def misclassified_png(
     captions: list[str],
     title: str,
 ) -> None:
-    """A grid of images with 'true -> predicted (p)' captions (a note when there are none)."""
+    """A grid of images with 'true -> predicted (p)' captions (a note when there are none).
+
+    Args:
+        path: the PNG to write.
+        images, captions: the pictures and their captions.
+        title: the figure's title.
+    """
     plt = _pyplot()
     cols = max(1, min(4, len(images)))
     rows = max(1, -(-len(images) // cols))
@@ -186,7 +207,13 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
 def write_predictions_csv(
     path: Path, y_true: np.ndarray, probs: np.ndarray, classes: list[str]
 ) -> None:
-    """One row per test image (actual, predicted): the input of DVC's confusion template."""
+    """One row per test image (actual, predicted): the input of DVC's confusion template.
+
+    Args:
+        path: the CSV to write.
+        y_true, probs: labels and class probabilities.
+        classes: the class names.
+    """
     import csv  # noqa: PLC0415
 
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
@@ -202,6 +229,12 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) ->
     The figure stops growing at 24 inches and the class names shrink (a figure grown with the
     class count would take minutes and gigabytes for hundreds of classes); `dvc plots` draws
     the counts from the predictions CSV at any size.
+
+    Args:
+        path: the PNG to write.
+        cm: the confusion matrix.
+        classes: the class names.
+        title: the figure's title.
     """
     plt = _pyplot()
     n = len(classes)
@@ -251,7 +284,15 @@ def write_figures(
     plots_dir: Path, name: str, probs: np.ndarray, test: EvaluatedImages, classes: list[str]
 ) -> dict[str, float]:
     """Predictions CSV, confusion matrix, ROC curves and the worst misclassified images of one
-    model into `plots_dir`; returns the one-vs-rest ROC AUC of each class in the test set."""
+    model into `plots_dir`; returns the one-vs-rest ROC AUC of each class in the test set.
+
+    Args:
+        plots_dir: where the files go.
+        name: the model (`head`, `finetune`).
+        probs: its class probabilities on the test images.
+        test: the test images.
+        classes: the class names.
+    """
     from transferline import images  # noqa: PLC0415
     from transferline.files import write_csv  # noqa: PLC0415
 

@@ -92,7 +92,14 @@ def export_classifier(model: keras.Model, image_size: int) -> keras.Model:
 
 
 def save_classifier(folder: Path, model: keras.Model, classes: list[str], meta: dict) -> None:
-    """`folder/model.keras` + `folder/classes.json`, written together or not at all."""
+    """`folder/model.keras` + `folder/classes.json`, written together or not at all.
+
+    Args:
+        folder: models/classifier (replaced whole).
+        model: the exported Keras model.
+        classes: the class names.
+        meta: image size, source and backbone for classes.json.
+    """
     with atomic_dir(folder) as tmp:
         model.save(tmp / MODEL_FILE)
         write_json(tmp / CLASSES_FILE, {"classes": classes, **meta})
@@ -172,21 +179,43 @@ def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    from transferline.images import EXIF_ORIENTATION  # noqa: PLC0415
-
     # The header only (the segments before the image data), not a copy of a whole photo.
-    raw = tf.io.decode_raw(tf.strings.substr(data, 0, _JPEG_HEADER_BYTES), tf.uint8)
-    n = tf.size(raw, out_type=tf.int64)
-    raw = tf.concat([raw, tf.zeros((1,), tf.uint8)], 0)  # never empty
+    header = _Bytes(tf.io.decode_raw(tf.strings.substr(data, 0, _JPEG_HEADER_BYTES), tf.uint8))
+    tiff = _exif_tiff_start(header)
+    big = tf.equal(header.byte(tiff), 0x4D)  # "MM": big-endian; "II": little-endian
+    valid = (
+        (tiff >= 0)
+        & tf.equal(header.byte(tiff), header.byte(tiff + 1))
+        & tf.equal(header.uint(tiff + 2, 2, big), 42)
+    )
+    valid &= tf.logical_or(big, tf.equal(header.byte(tiff), 0x49))
+    orientation, found = _ifd0_orientation(header, tiff, big)
+    ok = valid & found & (orientation >= 1) & (orientation <= 8)
+    return tf.cast(tf.where(ok, orientation, 1), tf.int32)
 
-    def byte(i: tf.Tensor) -> tf.Tensor:  # 0 outside the file: a cut file reads as no EXIF
+
+class _Bytes:
+    """A file's first bytes as graph tensors: a byte (0 outside the file, so a cut file
+    reads as no EXIF) and unsigned integers of either byte order."""
+
+    def __init__(self, raw: tf.Tensor):
+        import tensorflow as tf  # noqa: PLC0415
+
+        self.n = tf.size(raw, out_type=tf.int64)
+        self.raw = tf.concat([raw, tf.zeros((1,), tf.uint8)], 0)  # never empty
+
+    def byte(self, i: tf.Tensor) -> tf.Tensor:
+        import tensorflow as tf  # noqa: PLC0415
+
         i = tf.cast(i, tf.int64)
-        inside = (i >= 0) & (i < n)
-        value = tf.cast(tf.gather(raw, tf.clip_by_value(i, 0, n)), tf.int64)
+        inside = (i >= 0) & (i < self.n)
+        value = tf.cast(tf.gather(self.raw, tf.clip_by_value(i, 0, self.n)), tf.int64)
         return tf.where(inside, value, tf.constant(0, tf.int64))
 
-    def uint(i: tf.Tensor, size: int, big: tf.Tensor) -> tf.Tensor:
-        parts = [byte(i + k) for k in range(size)]
+    def uint(self, i: tf.Tensor, size: int, big: tf.Tensor) -> tf.Tensor:
+        import tensorflow as tf  # noqa: PLC0415
+
+        parts = [self.byte(i + k) for k in range(size)]
         big_end = parts[0]
         for p in parts[1:]:
             big_end = big_end * 256 + p
@@ -195,11 +224,17 @@ def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
             little_end = little_end * 256 + p
         return tf.where(big, big_end, little_end)
 
+
+def _exif_tiff_start(header: _Bytes) -> tf.Tensor:
+    """Where the TIFF structure of the first APP1 "Exif" segment before the scan starts
+    (-1: none), walking the JPEG's segments: FF, marker, 2-byte length (itself included)."""
+    import tensorflow as tf  # noqa: PLC0415
+
     yes = tf.constant(True)
     exif_id = [0x45, 0x78, 0x69, 0x66, 0, 0]  # "Exif\0\0"
+    byte = header.byte
 
     def segment(pos, found, done):
-        """One step along the JPEG's header: FF, marker, 2-byte length (itself included)."""
         marker = byte(pos + 1)
         stop = tf.logical_or(tf.not_equal(byte(pos), 0xFF), tf.equal(marker, 0xDA))  # scan
         stop = tf.logical_or(stop, tf.equal(marker, 0xD9))  # end of image
@@ -212,37 +247,42 @@ def jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
         fill = tf.equal(marker, 0xFF)  # a padding FF before the marker
         bare = tf.logical_or(tf.equal(marker, 0x01), (marker >= 0xD0) & (marker <= 0xD7))
         one, two = tf.constant(1, tf.int64), tf.constant(2, tf.int64)
-        step = tf.where(fill, one, tf.where(bare, two, two + uint(pos + 2, 2, yes)))
+        step = tf.where(fill, one, tf.where(bare, two, two + header.uint(pos + 2, 2, yes)))
         found = tf.where(tf.logical_and(if_exif, tf.logical_not(stop)), pos + 10, found)
         return pos + step, found, tf.logical_or(stop, found >= 0)
 
     is_jpeg = tf.logical_and(tf.equal(byte(0), 0xFF), tf.equal(byte(1), 0xD8))
     _, tiff, _ = tf.while_loop(
-        lambda pos, found, done: tf.logical_and(tf.logical_not(done), pos < n),
+        lambda pos, found, done: tf.logical_and(tf.logical_not(done), pos < header.n),
         segment,
         (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.logical_not(is_jpeg)),
         maximum_iterations=_JPEG_MAX_SEGMENTS,
     )
-    big = tf.equal(byte(tiff), 0x4D)  # "MM": big-endian; "II": little-endian
-    valid = (
-        (tiff >= 0) & tf.equal(byte(tiff), byte(tiff + 1)) & tf.equal(uint(tiff + 2, 2, big), 42)
-    )
-    valid &= tf.logical_or(big, tf.equal(byte(tiff), 0x49))
-    ifd = tiff + uint(tiff + 4, 4, big)
-    count = uint(ifd, 2, big)
+    return tiff
+
+
+def _ifd0_orientation(header: _Bytes, tiff: tf.Tensor, big: tf.Tensor) -> tuple:
+    """The orientation tag's value in IFD0 of the TIFF structure at `tiff`, and whether it
+    is there (one SHORT or LONG value)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from transferline.images import EXIF_ORIENTATION  # noqa: PLC0415
+
+    ifd = tiff + header.uint(tiff + 4, 4, big)
+    count = header.uint(ifd, 2, big)
     entry = ifd + 2 + 12 * tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64)
-    kind = uint(entry + 2, 2, big)
-    value = tf.where(tf.equal(kind, 3), uint(entry + 8, 2, big), uint(entry + 8, 4, big))
+    kind = header.uint(entry + 2, 2, big)
+    value = tf.where(
+        tf.equal(kind, 3), header.uint(entry + 8, 2, big), header.uint(entry + 8, 4, big)
+    )
     hit = (
-        tf.equal(uint(entry, 2, big), EXIF_ORIENTATION)
+        tf.equal(header.uint(entry, 2, big), EXIF_ORIENTATION)
         & (tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64) < count)
         & ((kind == 3) | (kind == 4))  # SHORT (as cameras write it) or LONG
-        & tf.equal(uint(entry + 4, 4, big), 1)  # one value
+        & tf.equal(header.uint(entry + 4, 4, big), 1)  # one value
     )
     first = tf.argmax(tf.cast(hit, tf.int32))
-    orientation = tf.gather(value, first)
-    ok = valid & tf.reduce_any(hit) & (orientation >= 1) & (orientation <= 8)
-    return tf.cast(tf.where(ok, orientation, 1), tf.int32)
+    return tf.gather(value, first), tf.reduce_any(hit)
 
 
 def save_saved_model(classifier: Classifier, folder: Path) -> None:
@@ -385,7 +425,17 @@ def build_classifier(
     pooling: str,
     seed: int,
 ) -> keras.Model:
-    """The exported classifier: the fine-tuned model when fine-tuning ran, else base + head."""
+    """The exported classifier: the fine-tuned model when fine-tuning ran, else base + head.
+
+    Args:
+        finetuned: the fine-tuned model, or None when fine-tuning was skipped.
+        head_dir: train_head's head.
+        backbone, weights, image_size, pooling: the `model` section.
+        seed: seeds a rebuilt base.
+
+    Returns:
+        A Keras model: raw RGB of any size in, class probabilities out.
+    """
     if finetuned is None:
         from transferline import backbones, heads  # noqa: PLC0415
         from transferline.finetune import assemble  # noqa: PLC0415

@@ -107,6 +107,18 @@ def extract_to_npy(
     """Write model(images) to `out` as an (n, features) array; returns timing figures.
 
     Pass `forward` (from `compiled_forward`) to reuse one traced function across calls.
+
+    Args:
+        model: the feature extractor.
+        images: batches of pixels.
+        n: how many images.
+        out: the .npy file (written through a memory map).
+        dtype: the features' dtype on disk.
+        desc: the progress bar's label.
+        forward: a traced forward pass to reuse.
+
+    Returns:
+        `seconds` and `images_per_second`.
     """
     forward = forward or compiled_forward(model)
     strategy = getattr(forward, "strategy", None)

@@ -91,7 +91,15 @@ def augmenter(
     contrast: float = 0.0,
     translation: float = 0.0,
 ) -> keras.Sequential | None:
-    """Training-time augmentation (Keras random layers are no-ops at inference)."""
+    """Training-time augmentation (Keras random layers are no-ops at inference).
+
+    Args:
+        flip, rotation, zoom, contrast, translation: `finetune.augment` (0: off).
+        seed: the random layers' seed.
+
+    Returns:
+        A Keras Sequential of random layers, or None when all are off.
+    """
     layers = []
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -172,6 +180,14 @@ def learning_rate_schedule(
 
     Warm-up lets Adam's moment estimates settle before full-size steps reach the unfrozen
     layers; cosine decay ends at 0 so the last epochs only polish.
+
+    Args:
+        learning_rate: the peak rate.
+        schedule: `constant` or `cosine`.
+        warmup_steps, total_steps: the warm-up's and the run's length in steps.
+
+    Returns:
+        A float or a Keras LearningRateSchedule.
     """
     if schedule == "constant" and warmup_steps == 0:
         return learning_rate
@@ -218,6 +234,12 @@ def unfreeze_and_schedule(
     the start both training loops (`finetune`, `finetune_across_machines`) share.
 
     Returns the unfrozen layers' names and the learning rate (a number or a schedule).
+
+    Args:
+        model: base + head.
+        train_ds: the training batches (their count, without a plan).
+        f: the `finetune` section.
+        plan: steps per epoch.
     """
     unfrozen = unfreeze_top(base_of(model), f.unfreeze_layers, f.unfreeze_from)
     log.info("unfrozen %d layers: %s", len(unfrozen), ", ".join(unfrozen) or "(head only)")
@@ -331,6 +353,10 @@ def finetune_across_machines(
     optimizer, schedule, class weights, starting-point check and best-epoch rule as `finetune`
     (`f.max_minutes` is not applied: `run_finetune` refuses it on a cluster). Build `model` in
     `strategy.scope()` and call this inside it. Takes and returns what `finetune` does.
+
+    Args:
+        model, train_ds, val_ds, f, plan, on_epoch: as `finetune` takes them.
+        strategy: the MultiWorkerMirroredStrategy the model was built in.
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -419,10 +445,8 @@ def _log_epoch(epoch: int, epochs: int, seconds: float, row: dict[str, float]) -
 
 
 # How far the rebuilt base's features may be from the cached ones (relative to the largest)
-# before finetune calls them stale. Extract folds BatchNormalization into the convolutions,
-# finetune does not: the same numbers up to rounding, which bfloat16's 8-bit mantissa makes
-# coarse (1.5 to 2.6% for random-weight MobileNetV2, EfficientNetB0 and InceptionV3 at 32 to
-# 75 px; under 1e-5 in float32). A changed base is off by far more.
+# before finetune calls them stale. Extract folds BatchNormalization, finetune does not: the
+# same numbers up to rounding, coarse under bfloat16; a changed base is off by far more.
 FEATURE_GAP_LIMIT: dict[str, float] = {"mixed_bfloat16": 0.1}
 
 

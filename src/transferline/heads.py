@@ -67,7 +67,13 @@ def search_logreg(
     train: Split, val: Split, logreg: LogregParams, seed: int
 ) -> tuple[Pipeline, float, dict[float, float]]:
     """Fit one head per C of `logreg.C_grid`; keep the lowest validation log-loss (ties: the
-    smaller C, the stronger regularisation). Returns the head, its C and the loss of every C."""
+    smaller C, the stronger regularisation). Returns the head, its C and the loss of every C.
+
+    Args:
+        train, val: features and labels.
+        logreg: the `head.logreg` section.
+        seed: the solver's random state.
+    """
     from sklearn.metrics import log_loss  # noqa: PLC0415
 
     if not logreg.C_grid:
@@ -116,6 +122,15 @@ def build_dense_head(
 
     With `mean`/`variance` (of the training features) the head standardises its input first,
     like the logreg head's scaler: bottleneck features differ widely in scale between channels.
+
+    Args:
+        dim: the feature dimension.
+        n_classes: the number of classes.
+        units, dropout: the hidden layer (0 units: none) and its dropout.
+        mean, variance: the training features' per-channel statistics.
+
+    Returns:
+        The Keras head (not compiled).
     """
     import keras  # noqa: PLC0415
 
@@ -243,6 +258,15 @@ def train_dense(
 
 
 def save_logreg(folder: Path, clf: Pipeline, classes: list[str], meta: dict[str, Any]) -> None:
+    """The logreg head into `folder`: the scikit-learn model, its softmax-layer arrays and
+    head.json.
+
+    Args:
+        folder: models/head (or its temporary twin).
+        clf: the fitted pipeline.
+        classes: the class names.
+        meta: figures for head.json.
+    """
     kernel, bias = logreg_as_softmax(clf, len(classes))
     joblib.dump(clf, folder / LOGREG_JOBLIB)
     np.savez(
@@ -258,6 +282,14 @@ def save_logreg(folder: Path, clf: Pipeline, classes: list[str], meta: dict[str,
 
 
 def save_dense(folder: Path, model: keras.Model, classes: list[str], meta: dict[str, Any]) -> None:
+    """The dense head into `folder`: head.keras and head.json.
+
+    Args:
+        folder: models/head (or its temporary twin).
+        model: the trained head.
+        classes: the class names.
+        meta: figures for head.json.
+    """
     with atomic_path(folder / DENSE_MODEL, suffix=".keras") as tmp:
         model.save(tmp)
     write_json(folder / META, {"type": "dense", "classes": classes, **meta})

@@ -160,7 +160,17 @@ def load_image(
 ) -> tf.Tensor:
     """Decode any supported file to RGB float32 0..255 at image_size x image_size, turned
     upright by its EXIF `orientation` (1..8) when one is given; with `pil` true, by PIL
-    (`pil_rgb`), for the files `needs_pil` picks out."""
+    (`pil_rgb`), for the files `needs_pil` picks out.
+
+    Args:
+        path: the file.
+        image_size: the side it is resized to.
+        orientation: its EXIF orientation, if known.
+        pil: decode with PIL.
+
+    Returns:
+        A float32 tensor (image_size, image_size, 3).
+    """
     import tensorflow as tf  # noqa: PLC0415
 
     def decode_tf() -> tf.Tensor:
@@ -223,28 +233,30 @@ def make_image_dataset(
 ) -> tf.data.Dataset:
     """Parallel, deterministic decode + resize + batch (+ augment) + prefetch over image files.
 
-    `training` shuffles, augments and drops the short last batch. `orientations` (EXIF, 1..8
-    per path, from `split_arrays` or `check_images`) turns camera images upright; a set with
-    none to turn keeps the plain decode, as does a set with no file for PIL to decode
-    (`needs_pil`, read from each file's header here rather than a tf.cond on every image,
-    which slows decoding).
+    `orientations` (EXIF, 1..8 per path, from `split_arrays` or `check_images`) turn camera
+    images upright; a set with none to turn, and no file for PIL (`needs_pil`, read from each
+    file's header rather than a tf.cond per image, which slows decoding), decodes plainly.
 
     tf.data's autotuner is off and the parallelism fixed (one decode per usable core, a few
     batches ahead): with it on, deleting a finished iterator can block for seconds, a stall
     paid by every extract split and every epoch (`bench/extract.py --paths b_autotune`).
+
+    Args:
+        paths: the image files.
+        labels: their labels, or None for images only.
+        image_size: the side every image is resized to.
+        batch_size: images per batch.
+        orientations: their EXIF orientations.
+        training: shuffling, augmentation and the dropped remainder.
+
+    Returns:
+        A tf.data.Dataset of batches (images, or (images, labels)).
     """
     import tensorflow as tf  # noqa: PLC0415
 
     training = training or Training()
     parallel = usable_cpus()
-    files: dict[str, object] = {"path": list(paths)}
-    if orientations is not None and any(o != 1 for o in orientations):
-        if len(orientations) != len(paths):
-            raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
-        files["orientation"] = np.asarray(orientations, dtype=np.int32)
-    pil = np.asarray([needs_pil(_head(p)) for p in paths], dtype=bool)
-    if pil.any():
-        files["pil"] = pil
+    files = _file_slices(paths, orientations)
     ds = tf.data.Dataset.from_tensor_slices(files if len(files) > 1 else list(paths))
 
     def load(file) -> tf.Tensor:  # file: a path, or {"path", "orientation"?, "pil"?}
@@ -271,6 +283,20 @@ def make_image_dataset(
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(PREFETCH_BATCHES).with_options(options)
+
+
+def _file_slices(paths: Sequence[str], orientations: Sequence[int] | None) -> dict[str, object]:
+    """What `make_image_dataset` slices per file: its path, and only where some file needs
+    them, its EXIF orientation and whether PIL decodes it (from the file's header)."""
+    files: dict[str, object] = {"path": list(paths)}
+    if orientations is not None and any(o != 1 for o in orientations):
+        if len(orientations) != len(paths):
+            raise ValueError(f"{len(orientations)} orientations for {len(paths)} paths")
+        files["orientation"] = np.asarray(orientations, dtype=np.int32)
+    pil = np.asarray([needs_pil(_head(p)) for p in paths], dtype=bool)
+    if pil.any():
+        files["pil"] = pil
+    return files
 
 
 PREFETCH_BATCHES = 3
@@ -328,7 +354,14 @@ def split_arrays(
 
     Every listed image must still be under `raw`: a file gone since the split (data/raw
     edited by hand, or `dvc repro -s` after a new download) stops the stage here with the fix,
-    not as a TensorFlow read error halfway through a split."""
+    not as a TensorFlow read error halfway through a split.
+
+    Args:
+        raw: the images' folder.
+        splits_dir: the manifests' folder.
+        split: train, val or test.
+        classes: the class names, in label order.
+    """
     manifest = splits_dir / f"{split}.csv"
     if not manifest.is_file():
         raise DataError(

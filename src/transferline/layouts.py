@@ -267,6 +267,12 @@ def folder_candidates(
 
     Paths are relative to `rel_to` (default: `root`); `label_map` renames labels first (several
     names may map to one class).
+
+    Args:
+        root: the folder of the labelled images.
+        layout: `data.layout` (not csv).
+        rel_to: what paths are relative to.
+        label_map: `data.label_map`.
     """
     rel_to = rel_to or root
     chosen = detect_layout(root) if layout == "auto" else layout

@@ -160,6 +160,15 @@ def build_feature_extractor(
 
     `fold` folds BatchNormalization into the convolutions (`fold_batchnorm`): faster, for
     feature extraction only; never for a model that will be fine-tuned.
+
+    Args:
+        backbone: the registry entry.
+        weights, image_size, pooling: as the `model` section says.
+        seed: seeds the base's initialisation.
+        fold: fold BatchNormalization into the convolutions.
+
+    Returns:
+        A Keras model: raw RGB 0..255 in, pooled features out.
     """
     base = build_base(backbone, weights, image_size, pooling, seed)
     if fold:

@@ -73,7 +73,14 @@ def _exp_rev(repo: Path, tags: dict[str, str]) -> str:
 
 def plan(run: dict | None, run_id: str, repo: Path, store: str) -> Recipe:
     """The recipe of `run` (tracking_queries.run_record's dict; None: no such run in `store`), after
-    checking that `repo` holds its revision. Raises ReproduceError naming what is missing."""
+    checking that `repo` holds its revision. Raises ReproduceError naming what is missing.
+
+    Args:
+        run: the run as `tracking_queries.run_record` gives it.
+        run_id: the ID asked for.
+        repo: this clone.
+        store: the tracking store, for messages.
+    """
     if run is None:
         raise ReproduceError(
             f"no run {run_id!r} in the MLflow store {store}. Check the ID (`transferline "
@@ -180,7 +187,17 @@ def compare(run_metrics: dict[str, float], evaluate: dict) -> list[tuple[str, fl
 
 def recompute(recipe: Recipe, repo: Path, folder: Path, env: dict[str, str]) -> list[tuple]:
     """Check out the run's revision and data into `folder`, run the pipeline there (its MLflow
-    run goes to a store in `folder`), and compare. A failure removes the worktree again."""
+    run goes to a store in `folder`), and compare. A failure removes the worktree again.
+
+    Args:
+        recipe: `plan`'s.
+        repo: this clone.
+        folder: the new worktree.
+        env: the environment for DVC (no DVC_EXP_* variables).
+
+    Returns:
+        (metric, the run's value, the recomputed value or None) per test metric.
+    """
     from transferline.files import read_json, require_new_dir  # noqa: PLC0415
     from transferline.params import load_params  # noqa: PLC0415
 

@@ -159,7 +159,15 @@ def expand_nested_archives(root: Path, max_depth: int = 3) -> None:
 
 
 class KaggleClient(Protocol):
-    def dataset_download_files(self, dataset: str, path: str, quiet: bool, unzip: bool) -> Any: ...
+    def dataset_download_files(self, dataset: str, path: str, quiet: bool, unzip: bool) -> Any:
+        """Kaggle's client call: download data set `dataset` into `path`.
+
+        Args:
+            dataset: OWNER/NAME.
+            path: the folder to write into.
+            quiet: no progress output.
+            unzip: extract the archive.
+        """
 
     def competition_download_files(self, competition: str, path: str, quiet: bool) -> Any: ...
 
@@ -408,7 +416,14 @@ def download(
     client_factory: Callable[[], KaggleClient] = default_kaggle_client,
     sha256: str | None = None,
 ) -> None:
-    """Fill the (empty, temporary) folder `dest` from `data.dataset` (`sha256`: https only)."""
+    """Fill the (empty, temporary) folder `dest` from `data.dataset` (`sha256`: https only).
+
+    Args:
+        dataset: `data.dataset` (preset, kaggle://, https://, or a path).
+        dest: the temporary folder to fill.
+        client_factory: makes the Kaggle client (a fake in tests).
+        sha256: `data.sha256`.
+    """
     source = PRESETS[dataset].source if dataset in PRESETS else dataset
     log.info("download: %s -> %s", source, dest)
     if source == "builtin://digits":

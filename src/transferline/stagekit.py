@@ -53,14 +53,7 @@ def share_gpus() -> None:
     os.environ.setdefault(GPU_GROWTH, "true")
 
 
-def main(
-    stage: str,
-    body: Callable[[Params], None],
-    argv: list[str] | None = None,
-    tracked: bool = True,
-) -> int:
-    """Run one stage: arguments, logging, params, (with `tracked`) a quick check that the MLflow
-    store answers, then the body; known errors end it with one paragraph and exit code 2."""
+def _arguments(stage: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"stages/{stage}.py", description=f"DVC stage '{stage}' of transferline."
     )
@@ -71,7 +64,28 @@ def main(
         "-v", "--verbose", action="store_true", help="debug logs, TensorFlow's C++ log too"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(
+    stage: str,
+    body: Callable[[Params], None],
+    argv: list[str] | None = None,
+    tracked: bool = True,
+) -> int:
+    """Run one stage: arguments, logging, params, (with `tracked`) a quick check that the MLflow
+    store answers, then the body; known errors end it with one paragraph and exit code 2.
+
+    Args:
+        stage: the stage's name.
+        body: the stage's work, given the params.
+        argv: the arguments (default: the command line's).
+        tracked: whether the stage logs to MLflow.
+
+    Returns:
+        The exit code: 0, or 2 after a known error.
+    """
+    args = _arguments(stage, argv)
     logs.setup(args.verbose, args.quiet)
     share_gpus()
     # `kill`, a scheduler's stop or `dvc queue kill` ends the stage as Ctrl-C does: its MLflow

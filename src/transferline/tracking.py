@@ -340,6 +340,16 @@ def open_run(
     A new run is tagged with what differs from the latest run of the same params
     (`transferline.differs_from`) and, when the same inputs were computed on another machine,
     with that run (`transferline.same_inputs_as`).
+
+    Args:
+        experiment: `mlflow.experiment`.
+        inputs: what identifies the run.
+        flat_params: the params as dotted keys.
+        run_name: the name for a new run.
+        root: the repository (default: here).
+
+    Returns:
+        A Run handle.
     """
     from mlflow import MlflowClient  # noqa: PLC0415
     from mlflow.entities import Param  # noqa: PLC0415

@@ -42,6 +42,13 @@ def log_classifier(
     with the run's test metrics attached. The signature takes float32 RGB batches of any
     height and width (0..255) and returns one probability per class; the class names are in
     the model's metadata. With `register_as`, also a version of that registered model.
+
+    Args:
+        run: the run to log into.
+        model: the exported Keras classifier.
+        classes: the class names.
+        image_size: the input example's size.
+        register_as: a registered model's name, or None.
     """
     import mlflow  # noqa: PLC0415
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # noqa: PLC0415
