@@ -220,11 +220,9 @@ def test_sigterm_ends_a_stage_as_ctrl_c_does(params):
         time.sleep(5)  # not reached: the handler ends the stage
 
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            stagekit.main("finetune", work, argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit) as stopped:
+        stagekit.main("finetune", work, argv)
     assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # the process's own handler is back
     (run,) = runs(params.mlflow.experiment)
     assert run.info.status == "FAILED"

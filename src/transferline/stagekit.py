@@ -67,6 +67,17 @@ def _arguments(stage: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """`kill`, a scheduler's stop or `dvc queue kill` end the block as Ctrl-C does: the stage's
+    MLflow run is marked FAILED with the epochs it logged, its temporary outputs removed."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(
     stage: str,
     body: Callable[[Params], None],
@@ -88,9 +99,6 @@ def main(
     args = _arguments(stage, argv)
     logs.setup(args.verbose, args.quiet)
     share_gpus()
-    # `kill`, a scheduler's stop or `dvc queue kill` ends the stage as Ctrl-C does: its MLflow
-    # run is marked FAILED with the epochs it logged, and its temporary outputs are removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
     log.info("stage %s: start", stage)
     try:
@@ -100,7 +108,7 @@ def main(
 
             tracking.check_store()
         monitor = monitored(params) if tracked else contextlib.nullcontext()
-        with logs.native_log_filtered(enabled=not args.verbose), monitor:
+        with _sigterm_as_exit(), logs.native_log_filtered(enabled=not args.verbose), monitor:
             body(params)
     except TransferlineError as exc:
         print(f"ERROR in stage '{stage}': {exc}", file=sys.stderr)
