@@ -136,6 +136,28 @@ def get(key: str) -> Backbone:
     return REGISTRY[key]
 
 
+def _offline(backbone: Backbone, exc: Exception) -> str:
+    """The message for ImageNet weights that could not be downloaded: which file, where
+    Keras looks for it, and the other settings of model.weights."""
+    import keras  # noqa: PLC0415
+
+    home = keras.config.keras_home() if hasattr(keras.config, "keras_home") else None
+    cache = Path(home or Path.home() / ".keras") / "models"
+    url = re.search(r"https?://\S+?\.h5", str(exc))
+    wanted = (
+        f"{url.group(0).rsplit('/', 1)[1]} (from {url.group(0)})"
+        if url
+        else "the weights file Keras expects"
+    )
+    return (
+        f"model.weights: could not download the ImageNet weights for {backbone.key} "
+        f"({type(exc).__name__}: {exc}). This machine seems to be offline. Either put {wanted} "
+        f"into {cache} (copy it from a machine with internet), or set model.weights to 'none' "
+        f"(random initialisation) or to the path of a weights file saved from "
+        f"{backbone.constructor}(include_top=False)."
+    )
+
+
 def build_base(
     backbone: Backbone, weights: str, image_size: int, pooling: str, seed: int
 ) -> keras.Model:
@@ -168,28 +190,7 @@ def build_base(
         base = ctor(**kwargs)
     except Exception as exc:  # keras raises plain Exception/URLError/ValueError on download
         if weights == "imagenet" and _looks_like_download_failure(exc):
-            cache = (
-                Path(
-                    keras.config.keras_home()
-                    if hasattr(keras.config, "keras_home")
-                    else Path.home() / ".keras"
-                )
-                / "models"
-            )
-            url = re.search(r"https?://\S+?\.h5", str(exc))
-            wanted = (
-                f"{url.group(0).rsplit('/', 1)[1]} (from {url.group(0)})"
-                if url
-                else "the weights file Keras expects"
-            )
-            raise WeightsError(
-                f"model.weights: could not download the ImageNet weights for "
-                f"{backbone.key} ({type(exc).__name__}: {exc}). This machine seems to be "
-                f"offline. Either put {wanted} into {cache} (copy it "
-                f"from a machine with internet), or set model.weights to 'none' (random "
-                f"initialisation) or to the path of a weights file saved from "
-                f"{backbone.constructor}(include_top=False)."
-            ) from exc
+            raise WeightsError(_offline(backbone, exc)) from exc
         raise
     if weights not in ("imagenet", "none"):
         load_weights_file(base, Path(weights), backbone)

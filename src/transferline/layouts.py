@@ -205,28 +205,30 @@ def reconcile_labels(
         if c.label:
             per_split[c.split or "all"].add(c.label)
     if len({frozenset(s) for s in per_split.values()}) > 1:
-        listing = "; ".join(f"{s}: {sorted(v)}" for s, v in sorted(per_split.items()))
-        every = set().union(*per_split.values())
-        lacks = "; ".join(
-            f"{s} has no {', '.join(sorted(every - v))}"
-            for s, v in sorted(per_split.items())
-            if every - v
-        )
-        hint = _label_map_hint(per_split)
-        raise DataError(
-            f"the class folders differ between the given splits and no rule joins them "
-            f"({listing}): {lacks}. Where names in different splits mean one class, join them "
-            f"with data.label_map in params.yaml"
-            + (
-                f", e.g. {{{hint}}}, or with dvc exp run -S '++data.label_map={{{hint}}}'"
-                if hint
-                else ""
-            )
-            + " (several names may map to one); every split needs images of every class."
-        )
+        raise DataError(_splits_differ(per_split))
     if mapping:
         log.info("reconciled labels across splits: %s", mapping)
     return cands
+
+
+def _splits_differ(per_split: dict[str, set[str]]) -> str:
+    """The message for given splits whose classes differ: which lacks what, and the
+    data.label_map that would join them."""
+    listing = "; ".join(f"{s}: {sorted(v)}" for s, v in sorted(per_split.items()))
+    every = set().union(*per_split.values())
+    lacks = "; ".join(
+        f"{s} has no {', '.join(sorted(every - v))}"
+        for s, v in sorted(per_split.items())
+        if every - v
+    )
+    hint = _label_map_hint(per_split)
+    example = f", e.g. {{{hint}}}, or with dvc exp run -S '++data.label_map={{{hint}}}'"
+    return (
+        f"the class folders differ between the given splits and no rule joins them "
+        f"({listing}): {lacks}. Where names in different splits mean one class, join them "
+        f"with data.label_map in params.yaml{example if hint else ''} (several names may map "
+        f"to one); every split needs images of every class."
+    )
 
 
 def _case_joins(per_split: dict[str, set[str]]) -> dict[str, str]:

@@ -473,6 +473,20 @@ def load_params(path: str | Path = "params.yaml", root: Path | None = None) -> P
 WEIGHTS_DIR = "weights"
 
 
+def _weights_outside(source: str, weights: str, folder: Path) -> str:
+    """The message for a weights file outside weights/: why it must be there, and how."""
+    name = Path(weights).name
+    return (
+        f"{source}: `model.weights` = {weights!r} is outside the repository's {WEIGHTS_DIR}/ "
+        f"folder ({folder}). DVC tracks that folder as a dependency of extract, finetune "
+        f"and evaluate, so it re-runs them when a weights file changes; a file elsewhere "
+        f"could change unseen and leave features from other weights. Copy it there "
+        f"(`cp {weights} {WEIGHTS_DIR}/`), set model.weights: {WEIGHTS_DIR}/{name}, and "
+        f"version it with `dvc add {WEIGHTS_DIR}/{name}` (`dvc exp run --temp/--queue` "
+        f"copies hold only what git and DVC track)."
+    )
+
+
 def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
     """A weights file must exist and lie under `root`/weights/: dvc.yaml makes that folder a
     dependency of extract, finetune and evaluate, so DVC re-runs them when a file in it
@@ -485,16 +499,7 @@ def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
     # abspath, not resolve: a symlink inside weights/ is fine (DVC hashes what it points to).
     folder = Path(os.path.abspath(Path(root) / WEIGHTS_DIR))
     if not Path(os.path.abspath(path)).is_relative_to(folder):
-        name = Path(weights).name
-        raise ParamsError(
-            f"{source}: `model.weights` = {weights!r} is outside the repository's {WEIGHTS_DIR}/ "
-            f"folder ({folder}). DVC tracks that folder as a dependency of extract, finetune "
-            f"and evaluate, so it re-runs them when a weights file changes; a file elsewhere "
-            f"could change unseen and leave features from other weights. Copy it there "
-            f"(`cp {weights} {WEIGHTS_DIR}/`), set model.weights: {WEIGHTS_DIR}/{name}, and "
-            f"version it with `dvc add {WEIGHTS_DIR}/{name}` (`dvc exp run --temp/--queue` "
-            f"copies hold only what git and DVC track)."
-        )
+        raise ParamsError(_weights_outside(source, weights, folder))
     if not path.is_file():
         raise ParamsError(
             f"{source}: `model.weights` = {weights!r}: no such file ({os.path.abspath(path)}). "
