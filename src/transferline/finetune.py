@@ -496,14 +496,14 @@ def run_finetune(
     strategy = runtime.distribution(devices, multi_worker=True)
     policy = runtime.set_precision(model.mixed_precision)
     classes = read_meta(data.features)["classes"]
-    train = images.split_arrays(data.raw, data.splits, "train", classes)
+    train, val = (images.split_arrays(data.raw, data.splits, s, classes) for s in ("train", "val"))
     epoch = epoch_plan(len(train[0]), f.batch_size, strategy.num_replicas_in_sync)
     with strategy.scope():
         extractor = models.build_feature_extractor(
             backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
         )
-    gap = _feature_gap(extractor, data, model, policy, classes)
-    train_ds, val_ds, plan = _datasets(data, classes, train, model.size, f, seed, epoch)
+    gap = _feature_gap(extractor, val, data.features, model, policy)
+    train_ds, val_ds, plan = _datasets(train, val, len(classes), model.size, f, seed, epoch)
     with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
         net = assemble(extractor, heads.keras_head(init_dir))
         if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
@@ -521,23 +521,24 @@ def run_finetune(
 
 
 def _feature_gap(
-    extractor: keras.Model, data: DataDirs, model: ModelParams, policy: str, classes: list[str]
+    extractor: keras.Model, val: tuple, features: Path, model: ModelParams, policy: str
 ) -> float:
-    """The rebuilt base's largest relative gap to the cached features on a few validation
-    images; a StageError when it is too large to be rounding (the weights changed)."""
+    """The rebuilt base's largest relative gap to the cached features (in `features`) on a
+    few of the `val` images (`images.split_arrays`' paths, labels and turns); a StageError
+    when it is too large to be rounding (the weights changed)."""
     from transferline import images  # noqa: PLC0415
 
-    val_paths, _, val_turns = images.split_arrays(data.raw, data.splits, "val", classes)
+    val_paths, _, val_turns = val
     k = min(16, len(val_paths))
     batches = images.make_image_dataset(
         val_paths[:k], None, model.size, k, orientations=val_turns[:k]
     )
     probe = np.concatenate(list(batches))
-    gap = max_feature_gap(extractor, probe, np.load(data.features / "val_features.npy")[:k])
+    gap = max_feature_gap(extractor, probe, np.load(features / "val_features.npy")[:k])
     if gap > FEATURE_GAP_LIMIT.get(policy, 1e-2):
         raise StageError(
             f"the rebuilt {model.backbone} base does not reproduce the cached features in "
-            f"{data.features} (relative gap {gap:.3g} under {policy}): the weights changed "
+            f"{features} (relative gap {gap:.3g} under {policy}): the weights changed "
             f"since extract ran (e.g. a different Keras cache or weights file). Run `dvc repro "
             f"-f extract`."
         )
@@ -545,16 +546,16 @@ def _feature_gap(
 
 
 def _datasets(
-    data: DataDirs,
-    classes: list[str],
     train: tuple,
+    val: tuple,
+    n_classes: int,
     size: int,
     f: FinetuneParams,
     seed: int,
     epoch: EpochPlan,
 ) -> tuple[object, object, TrainPlan]:
     """The training batches of `train` (`images.split_arrays`' paths, labels and turns;
-    shuffled, augmented, as `epoch` plans them), the validation batches and the TrainPlan."""
+    shuffled, augmented, as `epoch` plans them), the batches of `val` and the TrainPlan."""
     from transferline import heads, images  # noqa: PLC0415
 
     train_paths, y_train, train_turns = train
@@ -571,9 +572,9 @@ def _datasets(
             drop_remainder=epoch.drop_remainder,
         ),
     )
-    val_paths, y_val, val_turns = images.split_arrays(data.raw, data.splits, "val", classes)
+    val_paths, y_val, val_turns = val
     val_ds = images.make_image_dataset(val_paths, y_val, size, f.batch_size, orientations=val_turns)
-    weights = heads.class_weights(y_train, len(classes)) if f.class_weight else None
+    weights = heads.class_weights(y_train, n_classes) if f.class_weight else None
     return train_ds, val_ds, TrainPlan(epoch.steps, weights)
 
 

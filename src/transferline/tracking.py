@@ -357,7 +357,7 @@ def open_run(
     uri = tracking_uri(root)
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, experiment, root or Path.cwd())
-    found = _latest_run(client, exp_id, KEY_TAG, inputs.key())
+    found = _run_tagged(client, exp_id, KEY_TAG, inputs.key())
     if found:
         run_id = found.info.run_id
         if found.info.status != "RUNNING":
@@ -376,12 +376,13 @@ def open_run(
     return run
 
 
-def _latest_run(client: Any, exp_id: str, tag: str, value: str) -> Any:
+def _run_tagged(client: Any, exp_id: str, tag: str, value: str, newest: bool = True) -> Any:
+    """The newest (or the first) run of the experiment whose `tag` is `value`; None if none."""
     found = client.search_runs(
         [exp_id],
         filter_string=f"tags.`{tag}` = '{value}'",
         max_results=1,
-        order_by=["attributes.start_time DESC"],
+        order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"],
     )
     return found[0] if found else None
 
@@ -390,20 +391,15 @@ def _lineage(client: Any, exp_id: str, inputs: RunInputs) -> dict[str, str]:
     """Tags linking a new run to earlier ones: the same inputs computed on another machine,
     or the latest run of the same params with what changed since (data, weights, code,
     machine)."""
-    same = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{INPUTS_TAG}` = '{inputs.digest()}'",
-        max_results=1,
-        order_by=["attributes.start_time ASC"],
-    )
+    same = _run_tagged(client, exp_id, INPUTS_TAG, inputs.digest(), newest=False)
     if same:
         log.info(
             "MLflow: these inputs were computed before on %s (run %s); a new run for this machine",
-            same[0].data.tags.get("machine", "?"),
-            same[0].info.run_id,
+            same.data.tags.get("machine", "?"),
+            same.info.run_id,
         )
-        return {SAME_INPUTS_TAG: same[0].info.run_id}
-    earlier = _latest_run(client, exp_id, HASH_TAG, inputs.params)
+        return {SAME_INPUTS_TAG: same.info.run_id}
+    earlier = _run_tagged(client, exp_id, HASH_TAG, inputs.params)
     if earlier is None:
         return {}
     new = inputs.tags()
