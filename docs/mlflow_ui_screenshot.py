@@ -5,7 +5,7 @@
 
 Needs `pip install selenium` and Chromium's chromedriver (Debian: chromium-driver). Opens the
 first experiment's runs sorted by test.finetune.accuracy, ticks each named column in the
-Columns menu (a name already ticked is unticked), writes docs/mlflow-runs.png.
+Columns menu (a name already ticked is unticked), writes docs/img/mlflow-runs.png.
 """
 
 import contextlib
@@ -44,5 +44,5 @@ for name in sys.argv[1:]:
     time.sleep(1)
 d.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape
 time.sleep(2)
-d.save_screenshot("docs/mlflow-runs.png")
+d.save_screenshot("docs/img/mlflow-runs.png")
 d.quit()

@@ -43,12 +43,29 @@ def _inside_download(path: str) -> bool:
 class LabelsParams(_Strict):
     """A CSV in the download that labels the images (a Kaggle competition's train.csv)."""
 
-    file: str | None = Field(default=None, min_length=1)  # path inside the download
-    image_column: str | None = Field(default=None, min_length=1)  # null: the first column
-    # null: the second column; a list: one-hot columns named after the classes
-    label_column: str | list[str] | None = None
-    # the images of one group (a patient, a lesion) go to one split; null: each its own
-    group_column: str | None = Field(default=None, min_length=1)
+    file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A CSV inside the download that labels the images (a Kaggle competition's "
+        "`train.csv`); each row names an image by path, file name or id (the name without its "
+        "extension), under `data.subdir`.",
+    )
+    image_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The CSV's column naming the image; null: the first.",
+    )
+    label_column: str | list[str] | None = Field(
+        default=None,
+        description="The CSV's column holding the class (null: the second), or a list of one-hot "
+        "columns named after the classes (`[healthy, rust, scab]`: the class is the one set to 1).",
+    )
+    group_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The CSV's column naming each image's group (a patient, a lesion): a "
+        "group's images all go to one split.",
+    )
 
     @model_validator(mode="after")
     def _columns_need_a_file(self) -> LabelsParams:
@@ -84,14 +101,41 @@ class LabelsParams(_Strict):
 
 
 class DataParams(_Strict):
-    dataset: str = Field(description="preset name or a source (kaggle://, https://, path)")
-    layout: Literal["auto", "class_folders", "presplit", "filename", "csv"] = "auto"
-    subdir: str | None = None
-    label_map: dict[str, str] = Field(default_factory=dict)
+    """Where the images come from and how they are labelled."""
+
+    dataset: str = Field(
+        description="A preset (`cats_vs_dogs`, `chest_ct`, `digits`) or a source: "
+        "`kaggle://datasets/OWNER/NAME`, `kaggle://competitions/NAME`, an `https://` archive, "
+        "a local folder or archive (`file://` allowed). A relative path starts at the "
+        "repository root."
+    )
+    layout: Literal["auto", "class_folders", "presplit", "filename", "csv"] = Field(
+        default="auto",
+        description="How the images are labelled; `auto` detects it (`csv` is set by "
+        "`data.labels.file`).",
+    )
+    subdir: str | None = Field(
+        default=None,
+        description="The folder inside the download holding the labelled images (presets "
+        "set their own).",
+    )
+    label_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename classes before splitting, e.g. `{Cat: cat, doggo: dog}` (several "
+        "names may map to one). With `dvc exp run`: `-S '++data.label_map={Cat: cat}'` (DVC "
+        "refuses new keys in a mapping without `++`).",
+    )
     labels: LabelsParams = LabelsParams()
-    sha256: str | None = None
-    # files to leave out, as data/splits/*.csv lists them; shell patterns (* also matches /)
-    exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    sha256: str | None = Field(
+        default=None,
+        description="SHA-256 of an `https://` archive, checked before anything is extracted.",
+    )
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Files to leave out, as `data/splits/*.csv` lists them: shell patterns, "
+        "`*` also matches `/` (`'*/666.jpg'`). Each goes to `rejected.csv` with the pattern; "
+        "a pattern that matches nothing is a warning.",
+    )
 
     @field_validator("subdir")
     @classmethod
@@ -164,11 +208,24 @@ class DataParams(_Strict):
 
 
 class SplitParams(_Strict):
-    val: float = 0.1
-    test: float = 0.1
-    max_per_class: int | None = Field(default=None, ge=1)
-    # a regex searched in each image's path: images whose matches agree share a split
-    group_pattern: str | None = Field(default=None, min_length=1)
+    """How the images are divided into train, validation and test: stratified by class, seeded."""
+
+    val: float = Field(
+        default=0.1,
+        description="The validation fraction, in (0, 1); with `test`, below 1. Stratified by "
+        "class; with groups, rounded to 1/k of them.",
+    )
+    test: float = Field(default=0.1, description="The test fraction, as `val`.")
+    max_per_class: int | None = Field(
+        default=None, ge=1, description="At most this many images per class (a seeded subsample)."
+    )
+    group_pattern: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A regular expression searched in each image's path; its first group, else "
+        "the whole match, is the image's group, and a group's images share one split "
+        "(`person\\d+`).",
+    )
 
     @field_validator("group_pattern")
     @classmethod
@@ -200,13 +257,34 @@ class SplitParams(_Strict):
 
 
 class ModelParams(_Strict):
-    backbone: str = "vgg16"
-    weights: str = "imagenet"
-    image_size: int | None = Field(default=None, ge=1)
-    pooling: Literal["avg", "max"] = "avg"
-    # auto: mixed_float16 when a GPU is visible, float32 on CPU (where float16 is slower);
-    # on: mixed_float16; bfloat16: mixed_bfloat16 (CPUs with AMX, GPUs from Ampere on)
-    mixed_precision: Literal["auto", "on", "bfloat16", "off"] = "auto"
+    """The pre-trained base, shared by extract, finetune and evaluate."""
+
+    backbone: str = Field(
+        default="vgg16",
+        description="The frozen base: any `keras.applications` family (`transferline "
+        "backbones` lists them with their sizes).",
+    )
+    weights: str = Field(
+        default="imagenet",
+        description="`imagenet`, `none` (random), or a weights file under `weights/` saved from "
+        "the same base without its top (a mismatch is an error, never a partial load).",
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Input size in px; null: the backbone's default. Below its minimum is an "
+        "error.",
+    )
+    pooling: Literal["avg", "max"] = Field(
+        default="avg", description="How the base's last feature map becomes one vector."
+    )
+    mixed_precision: Literal["auto", "on", "bfloat16", "off"] = Field(
+        default="auto",
+        # float16 is slower than float32 on a CPU, hence auto's choice there
+        description="`auto`: mixed_float16 when a GPU is visible, float32 on a CPU; `on`: "
+        "mixed_float16; `bfloat16`: mixed_bfloat16 (CPUs with AMX, GPUs from Ampere on); "
+        "`off`. For extract and finetune; features are written as `extract.dtype` either way.",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -251,17 +329,39 @@ class ModelParams(_Strict):
 
 
 class ExtractParams(_Strict):
-    batch_size: int = Field(default=32, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
-    xla: bool = False  # compile the base's forward pass with XLA (jit_compile)
+    """The extract stage: the frozen base's features of every image, computed once."""
+
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Images per batch, also evaluate's. One too large for the device's memory "
+        "stops the stage with one paragraph naming this key.",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="The features' type on disk (`float16` halves the files)."
+    )
+    xla: bool = Field(
+        default=False,
+        description="Compile the base's forward pass with XLA; features match the plain path to "
+        "float rounding. Slower on the CPUs measured (see Benchmarks).",
+    )
 
 
 class LogregParams(_Strict):
-    C: float = Field(default=1.0, gt=0)
-    # non-empty: fit each C, keep the one with the lowest validation log-loss (C is then ignored)
-    C_grid: list[float] = Field(default_factory=list)
-    max_iter: int = Field(default=1000, ge=1)
-    class_weight: Literal["balanced"] | None = None
+    """`head.type: logreg`: StandardScaler + LogisticRegression on the features."""
+
+    C: float = Field(
+        default=1.0, gt=0, description="Inverse regularisation strength of LogisticRegression."
+    )
+    C_grid: list[float] = Field(
+        default_factory=list,
+        description="E.g. `[0.01, 0.1, 1, 10]`: fit each, keep the lowest validation log loss "
+        "(`C` is then ignored); the choice is `head.C` in `metrics/train_head.json` and MLflow.",
+    )
+    max_iter: int = Field(default=1000, ge=1, description="The solver's iteration limit.")
+    class_weight: Literal["balanced"] | None = Field(
+        default=None, description="null, or `balanced`: weigh classes by inverse frequency."
+    )
 
     @field_validator("C_grid")
     @classmethod
@@ -272,43 +372,107 @@ class LogregParams(_Strict):
 
 
 class DenseParams(_Strict):
-    units: int = Field(default=256, ge=0)
-    dropout: float = Field(default=0.3, ge=0, lt=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    epochs: int = Field(default=50, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    patience: int = Field(default=5, ge=1)
-    class_weight: Literal["balanced"] | None = None
+    """`head.type: dense`: a Keras head (Adam, early stopping on validation loss)."""
+
+    units: int = Field(
+        default=256, ge=0, description="The hidden layer's width; 0: a linear softmax head."
+    )
+    dropout: float = Field(default=0.3, ge=0, lt=1, description="Dropout before the output.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Adam's learning rate.")
+    epochs: int = Field(default=50, ge=1, description="The most epochs to train.")
+    batch_size: int = Field(default=64, ge=1, description="Feature vectors per batch.")
+    patience: int = Field(
+        default=5,
+        ge=1,
+        description="Stop after this many epochs without a lower validation loss; the best "
+        "weights are restored.",
+    )
+    class_weight: Literal["balanced"] | None = Field(
+        default=None, description="null, or `balanced`: weigh classes by inverse frequency."
+    )
 
 
 class HeadParams(_Strict):
-    type: Literal["logreg", "dense"] = "logreg"
+    """The classifier trained on the cached features."""
+
+    type: Literal["logreg", "dense"] = Field(
+        default="logreg",
+        description="`logreg` (StandardScaler + scikit-learn's LogisticRegression) or `dense` "
+        "(Keras).",
+    )
     logreg: LogregParams = LogregParams()
     dense: DenseParams = DenseParams()
 
 
 class AugmentParams(_Strict):
-    flip: bool = True
-    rotation: float = Field(default=0.05, ge=0, le=0.5)
-    zoom: float = Field(default=0.1, ge=0, lt=1)
-    contrast: float = Field(default=0.0, ge=0, lt=1)
-    translation: float = Field(default=0.0, ge=0, le=0.5)
+    """Fine-tuning's augmentation of the training images (Keras preprocessing layers)."""
+
+    flip: bool = Field(default=True, description="Random horizontal flips.")
+    rotation: float = Field(
+        default=0.05, ge=0, le=0.5, description="Random rotation, as a fraction of a full turn."
+    )
+    zoom: float = Field(default=0.1, ge=0, lt=1, description="Random zoom, as a fraction.")
+    contrast: float = Field(default=0.0, ge=0, lt=1, description="Random contrast change.")
+    translation: float = Field(
+        default=0.0, ge=0, le=0.5, description="Random shift, as a fraction of the image size."
+    )
 
 
 class FinetuneParams(_Strict):
-    enabled: bool = True
-    epochs: int = Field(default=10, ge=1)
-    unfreeze_layers: int = Field(default=4, ge=0)
-    # a layer name; when set it wins over unfreeze_layers
-    unfreeze_from: str | None = Field(default=None, min_length=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=32, ge=1)
-    class_weight: Literal["balanced"] | None = None
-    max_minutes: float | None = Field(default=None, gt=0)
-    patience: int | None = Field(default=None, ge=1)  # early stopping on val loss; null = off
+    """The top of the base and the head trained together; BatchNorm stays in inference mode, and
+    the weights with the lowest validation loss (the starting ones included) are kept."""
+
+    enabled: bool = Field(
+        default=True,
+        description="`false` skips fine-tuning: evaluate reports the head only, and a head-only "
+        "change re-runs only train_head and evaluate.",
+    )
+    epochs: int = Field(default=10, ge=1, description="The most epochs to train.")
+    unfreeze_layers: int = Field(
+        default=4,
+        ge=0,
+        description="How many of the base's top layers with weights to train; BatchNorm stays "
+        "frozen.",
+    )
+    unfreeze_from: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A layer name of the base: train it and every weighted layer above (wins "
+        "over `unfreeze_layers`; an unknown name lists nearby names).",
+    )
+    learning_rate: float = Field(default=1e-5, gt=0, description="The peak learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        default="adam", description="`sgd` is SGD with Nesterov momentum 0.9."
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="`cosine` decays the learning rate to 0 over the epochs."
+    )
+    warmup_epochs: float = Field(
+        default=0.0,
+        ge=0,
+        description="A linear warm-up from 0, in epochs (fractions allowed; below `epochs`).",
+    )
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="The global batch (split over every GPU and machine); at least the number "
+        "of replicas.",
+    )
+    class_weight: Literal["balanced"] | None = Field(
+        default=None, description="null, or `balanced`: weigh classes by inverse frequency."
+    )
+    max_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop cleanly after this long (checked every batch; the interrupted epoch "
+        "is validated) with the best weights so far; not across machines.",
+    )
+    patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop after this many epochs without a lower validation loss; null: off. "
+        "The best weights, the starting ones included, are kept either way.",
+    )
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
@@ -322,9 +486,17 @@ class FinetuneParams(_Strict):
 
 
 class MlflowParams(_Strict):
-    experiment: str = Field(default="transferline", min_length=1)
-    # also register the logged model under this name
-    register_as: str | None = Field(default=None, min_length=1)
+    """Tracking; the store is `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the
+    repository."""
+
+    experiment: str = Field(
+        default="transferline", min_length=1, description="The MLflow experiment's name."
+    )
+    register_as: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A name: also register each logged model in the MLflow model registry.",
+    )
 
     @field_validator("register_as")
     @classmethod
@@ -339,7 +511,13 @@ class MlflowParams(_Strict):
 
 
 class Params(_Strict):
-    seed: int = Field(default=42, ge=0, le=2**32 - 1)  # NumPy's seed range
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=2**32 - 1,  # NumPy's seed range
+        description="Seeds Python, NumPy, Keras and TensorFlow (op determinism on), the split "
+        "and a random base.",
+    )
     data: DataParams
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
@@ -403,7 +581,7 @@ def _describe(err: dict, source: str) -> str:
             f"Remove or rename it."
         )
     if err["type"] == "missing":
-        return f"{source}: required key `{key}` is missing. Add it (see the README's params table)."
+        return f"{source}: required key `{key}` is missing. Add it (docs/parameters.md lists all)."
     msg = str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
     if err["type"] == "literal_error":

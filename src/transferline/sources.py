@@ -186,7 +186,7 @@ def kaggle_credentials_present(env: dict[str, str] | None = None, home: Path | N
 
 def _local_path(source: str) -> Path:
     """A local data.dataset (a path, or file://). A relative one starts at the repository root,
-    as the README says, also in a `dvc exp run --temp/--queue` copy (.dvc/tmp/exps/...), where
+    as docs/data.md says, also in a `dvc exp run --temp/--queue` copy (.dvc/tmp/exps/...), where
     the folder would not be found, or be another one."""
     path = Path(source.removeprefix("file://")).expanduser()
     return path if path.is_absolute() else repo_root() / path

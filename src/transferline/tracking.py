@@ -90,12 +90,21 @@ def describe_store_error(uri: str, exc: BaseException) -> str:
     if errno or re.search(r"Max retries exceeded|timed out|Connection(Error| aborted)", text):
         if remote:
             return (
-                f"{store} cannot be reached ({reason}). Start the server (`mlflow server --host "
-                "0.0.0.0 --port 5000`), point MLFLOW_TRACKING_URI at a running one, or unset it "
-                "to log to sqlite:///mlflow.db at the repository root, then run it again."
+                f"{store} cannot be reached ({reason}). Start the server (docs/teams.md), point "
+                "MLFLOW_TRACKING_URI at a running one, or unset it to log to sqlite:///mlflow.db "
+                "at the repository root, then run it again."
             )
         return unusable
-    if re.search(r"\b(401|403)\b|Unauthorized|Forbidden|PERMISSION_DENIED", text):
+    if re.search(r"\b403\b|Forbidden|PERMISSION_DENIED", text):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        account = f"the account {user!r}" if user else "these credentials"
+        return (
+            f"{store} accepted {account} but refused the request ({reason}): the account may "
+            "not write to this experiment. Ask the server's admin to grant it EDIT on the "
+            "experiment named by mlflow.experiment in params.yaml (docs/teams.md), or set "
+            "another mlflow.experiment, then run it again."
+        )
+    if re.search(r"\b401\b|Unauthorized|not authenticated", text):
         return (
             f"{store} refused the credentials ({reason}). Set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, then run it again."

@@ -113,8 +113,9 @@ KEPT = (
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path):
-    """`mlflow server` on a free loopback port with a sqlite store and a local artifact folder."""
+def mlflow_server(folder: Path, admin_password: str | None = None):
+    """`mlflow server` on a free loopback port with a sqlite store and a local artifact folder;
+    with `admin_password`, MLflow's basic-auth app (user `admin`) guards it."""
     folder.mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,8 +125,21 @@ def mlflow_server(folder: Path):
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
     ]  # fmt: skip
+    server_env = env()
+    if admin_password is not None:
+        cmd += ["--app-name", "basic-auth"]
+        (folder / "auth.ini").write_text(
+            "[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
+            f"database_uri = sqlite:///{folder / 'auth.db'}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        server_env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(folder / "auth.ini"),
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY="e2e-" + admin_password,
+        )
     log = (folder / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
