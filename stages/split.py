@@ -4,6 +4,8 @@ Validates every image once, de-duplicates by content, splits stratified and seed
 folder is only read.
 """
 
+from pathlib import Path
+
 from transferline import dataset, sources, stagekit
 from transferline.files import atomic_dir, write_json
 from transferline.params import Params
@@ -26,6 +28,9 @@ def run(p: Params) -> None:
         else None,
         group_pattern=p.split.group_pattern,
         exclude=p.data.exclude,
+        exclude_list=dataset.read_exclude_file(Path(p.data.exclude_file))
+        if p.data.exclude_file
+        else None,
     )
     result = dataset.build_split(stagekit.RAW / subdir, spec, rel_to=stagekit.RAW)
     with atomic_dir(stagekit.SPLITS) as tmp:

@@ -8,7 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "transferline"
 # What params validation, --help, download and split load: TensorFlow stays out of them.
 LIGHT = {
-    "backbones", "checks", "cli", "dataset", "errors", "files", "labels_csv", "layouts", "logs",
+    "audit", "audit_report", "backbones", "checks", "cli", "dataset", "errors", "figures",
+    "files", "labels_csv", "layouts", "logs",
     "params", "params_doc", "reproduce", "sources", "stagekit", "tracking", "tracking_identity",
     "tracking_models", "tracking_queries",
 }  # fmt: skip
@@ -57,3 +58,7 @@ def test_tensorflow_is_imported_late_by_the_modules_that_validate_split_and_down
     }
     assert {m.stem for m in PACKAGE.glob("*.py")} >= LIGHT
     assert early == set()
+
+
+def test_only_the_audit_imports_cleanlab_and_only_when_it_audits():
+    assert importers("cleanlab") == {"audit": False}

@@ -781,3 +781,39 @@ def test_data_exclude_leaves_files_out_and_warns_of_a_pattern_that_matches_none(
     kept = [p for rows in result.manifests.values() for p, _ in rows]
     assert len(kept) == 17 and not set(left_out) & set(kept)
     assert "'*/no_such.png' matches no file" in caplog.text
+
+
+def test_data_exclude_file_leaves_out_an_audit_csv_as_it_is(tmp_path, caplog):
+    root = make_class_folders(tmp_path / "pets", per_class=10)
+    issues = tmp_path / "label_issues.csv"
+    issues.write_text(
+        "path,split,given,suggested,score\n"
+        "cat/cat003.png,train,cat,dog,0.01\n"
+        "dog/dog004.png,test,dog,cat,0.02\n"
+        "dog/gone.png,val,dog,cat,0.03\n"
+    )
+    listed = dataset.read_exclude_file(issues)
+    result = split(root, exclude_list=listed)
+    left_out = {p: why for p, why in result.rejected if why.startswith("left out")}
+    assert left_out == {
+        "cat/cat003.png": f"left out by data.exclude_file ({issues})",
+        "dog/dog004.png": f"left out by data.exclude_file ({issues})",
+    }
+    kept = [p for rows in result.manifests.values() for p, _ in rows]
+    assert len(kept) == 18 and not set(left_out) & set(kept)
+    assert "1 of the 3 files" in caplog.text and "dog/gone.png" in caplog.text
+
+
+def test_data_exclude_file_takes_the_second_image_of_each_near_duplicate_pair(tmp_path):
+    pairs = tmp_path / "near_duplicates.csv"
+    pairs.write_text(
+        "path_a,split_a,path_b,split_b,similarity\ncat/cat001.png,train,cat/cat009.png,test,1.0\n"
+    )
+    assert dataset.read_exclude_file(pairs).paths == {"cat/cat009.png"}
+
+
+def test_data_exclude_file_without_a_path_column_is_one_paragraph(tmp_path):
+    other = tmp_path / "list.csv"
+    other.write_text("file,why\ncat/cat001.png,blurry\n")
+    with pytest.raises(DataError, match=r"no `path` column \(it has \['file', 'why'\]\)"):
+        dataset.read_exclude_file(other)

@@ -4,7 +4,7 @@ from dvc.repo import Repo
 
 from conftest import REPO
 
-STAGES = {"download", "split", "extract", "train_head", "finetune", "evaluate"}
+STAGES = {"download", "split", "extract", "train_head", "finetune", "audit", "evaluate"}
 
 
 def test_every_stage_can_be_restored_from_the_run_cache():

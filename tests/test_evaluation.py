@@ -92,7 +92,7 @@ def test_worst_misclassified_are_the_most_confident_mistakes(tmp_path):
     assert evaluation.worst_misclassified(y, probs, k=1) == [(2, 0, 0.95)]
     assert evaluation.worst_misclassified(np.array([0]), np.array([[1.0, 0.0]])) == []
     imgs = [np.full((8, 8, 3), 100.0)]
-    evaluation.misclassified_png(tmp_path / "w.png", imgs, ["a\na -> b (0.9)"], "t")
-    evaluation.misclassified_png(tmp_path / "none.png", [], [], "t")
+    evaluation.image_grid_png(tmp_path / "w.png", imgs, ["a\na -> b (0.9)"], "t")
+    evaluation.image_grid_png(tmp_path / "none.png", [], [], "t")
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG"

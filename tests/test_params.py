@@ -260,3 +260,27 @@ def test_one_hot_label_columns_are_a_list_of_two_or_more():
         raw["data"]["labels"]["label_column"] = bad
         msg = error_for(raw)
         assert f"`data.labels.label_column` = {bad!r}" in msg and says in msg
+
+
+def test_an_exclude_file_must_exist_under_data_exclude(tmp_path, monkeypatch):
+    """dvc.yaml makes data/exclude/ a dependency of the split: a list elsewhere could change
+    without DVC splitting again."""
+    (tmp_path / "data" / "exclude").mkdir(parents=True)
+    (tmp_path / "data" / "exclude" / "issues.csv").write_text("path\n")
+    (tmp_path / "issues.csv").write_text("path\n")
+    params = tmp_path / "params.yaml"
+    monkeypatch.chdir(tmp_path)
+
+    def load(listed: str):
+        raw = base()
+        raw["data"]["exclude_file"] = listed
+        params.write_text(yaml.safe_dump(raw))
+        return load_params(params)
+
+    assert load("data/exclude/issues.csv").data.exclude_file == "data/exclude/issues.csv"
+    with pytest.raises(ParamsError, match="is outside data/exclude/") as info:
+        load("issues.csv")
+    assert "cp issues.csv data/exclude/" in str(info.value)
+    with pytest.raises(ParamsError, match="no such file") as info:
+        load("data/exclude/typo.csv")
+    assert "git add" in str(info.value)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from transferline import backbones, logs
+from transferline.errors import TransferlineError
 
 log = logging.getLogger("transferline")
 
@@ -37,11 +38,13 @@ QUICKSTART = {
 
 # `dvc exp show --only-changed` keeps every column whose values differ, the baseline's row
 # included, which holds no metrics when its results were never committed. These columns are
-# never what tells two experiments apart: the time, the deps' hashes, the split totals and
-# the secondary test figures (all in `dvc metrics show`).
+# never what tells two experiments apart: the time, the deps' hashes, the split totals, the
+# secondary test figures and the audit's counts (all in `dvc metrics show`). DVC matches each
+# column's name from its start (re.match).
 EXP_SHOW_DROP = (
     r"Created|.*/.*|weights|.*_images|rejected|duplicates"
     r"|.*\.(balanced_accuracy|log_loss|roc_auc|top5_accuracy)$"
+    r"|images_audited|label_issues|near_duplicate_pairs|cross_split_pairs|outliers"
 )
 
 
@@ -328,6 +331,23 @@ def fit_columns(table: list[list[str]], widths: dict[str, int]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, sizes, strict=True)).rstrip() for row in cut]
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from transferline import audit_report  # noqa: PLC0415
+
+    try:
+        findings = audit_report.read_findings(args.folder)
+    except TransferlineError as exc:
+        print(f"transferline audit: {exc}", file=sys.stderr)
+        return 2
+    print(audit_report.summary(findings, args.top))
+    print(
+        f"Grids: plots/audit/*.png. To leave files out: copy a CSV from {args.folder} to "
+        "data/exclude/, delete the rows to keep, set data.exclude_file to it, then "
+        "`dvc exp run` and compare (docs/audit.md)."
+    )
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from transferline import tracking, tracking_queries  # noqa: PLC0415
     from transferline.params import ParamsError, load_params  # noqa: PLC0415
@@ -454,6 +474,13 @@ def _add_pipeline_commands(sub) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser(
+        "audit",
+        help="the audit stage's top findings: label issues, near-duplicates, outliers",
+    )
+    p.add_argument("--folder", type=Path, default=Path("data/audit"), help="its CSVs (data/audit)")
+    p.add_argument("--top", type=positive_int, default=10, help="rows of each kind (default 10)")
+    p.set_defaults(func=cmd_audit)
 
 
 def _add_model_commands(sub) -> None:

@@ -259,17 +259,48 @@ def _carve_groups(
     return [items[i] for i in sorted(chosen)], [c for i, c in enumerate(items) if i not in chosen]
 
 
+@dataclass(frozen=True)
+class ExcludeList:
+    """Files to leave out by their exact manifest path (`data.exclude_file`)."""
+
+    source: str
+    paths: frozenset[str]
+
+
+def read_exclude_file(path: Path) -> ExcludeList:
+    """The paths a CSV lists in its `path` column, else its `path_b` column (the audit's
+    near_duplicates.csv: the second image of each pair)."""
+    import csv  # noqa: PLC0415
+
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        column = next((c for c in ("path", "path_b") if c in columns), None)
+        if column is None:
+            raise DataError(
+                f"data.exclude_file {path}: no `path` column (it has {columns or 'no header'}). "
+                f"Give it a header row with a `path` column listing the files as "
+                f"data/splits/*.csv does, as the audit's label_issues.csv has."
+            )
+        return ExcludeList(str(path), frozenset(row[column] for row in reader if row[column]))
+
+
 def _excluded(
-    cands: list[Candidate], patterns: Sequence[str]
+    cands: list[Candidate], patterns: Sequence[str], listed: ExcludeList | None = None
 ) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """Candidates kept, and (path, reason) of those `data.exclude` leaves out. A pattern that
-    matches nothing is a warning: a typo would otherwise keep the file unseen."""
+    """Candidates kept, and (path, reason) of those `data.exclude` or `data.exclude_file`
+    leaves out. What matches nothing is a warning: a typo would otherwise keep the file
+    unseen."""
     import fnmatch  # noqa: PLC0415
 
     kept, left_out, used = [], [], set()
+    listed_paths = listed.paths if listed else frozenset()
     for c in cands:
         hit = next((p for p in patterns if fnmatch.fnmatchcase(c.path, p)), None)
-        if hit is None:
+        if c.path in listed_paths:
+            used.add(c.path)
+            left_out.append((c.path, f"left out by data.exclude_file ({listed.source})"))
+        elif hit is None:
             kept.append(c)
         else:
             used.add(hit)
@@ -281,6 +312,15 @@ def _excluded(
             "lists them, e.g. PetImages/Cat/666.jpg or */666.jpg)",
             ", ".join(repr(p) for p in unused),
         )
+    missing = sorted(listed_paths - used)
+    if missing:
+        log.warning(
+            "data.exclude_file: %d of the %d files %s lists are not in the download (e.g. %s)",
+            len(missing),
+            len(listed_paths),
+            listed.source,
+            missing[0],
+        )
     return kept, left_out
 
 
@@ -289,8 +329,8 @@ class SplitSpec:
     """How to label and split a download (`data.*` and `split.*`).
 
     `group_pattern`: a regex whose match in an image's path (its first group, else the whole
-    match) is the image's group; `exclude`: shell patterns of manifest paths to leave out
-    (listed in `rejected`).
+    match) is the image's group; `exclude`: shell patterns of manifest paths to leave out,
+    `exclude_list`: exact manifest paths to leave out (both listed in `rejected`).
     """
 
     layout: Layout = "auto"
@@ -302,6 +342,7 @@ class SplitSpec:
     labels: LabelsCsv | None = None
     group_pattern: str | None = None
     exclude: Sequence[str] = ()
+    exclude_list: ExcludeList | None = None
 
 
 def build_split(
@@ -353,8 +394,8 @@ def _labelled(
     """The candidates with a label (grouped by `spec.group_pattern`), and the others, excluded
     or unlabelled, as (path, reason)."""
     rejected: list[tuple[str, str]] = []
-    if spec.exclude:
-        cands, left_out = _excluded(cands, spec.exclude)
+    if spec.exclude or spec.exclude_list:
+        cands, left_out = _excluded(cands, spec.exclude, spec.exclude_list)
         rejected += left_out
     labelled = []
     # Only the filename layout leaves a file unlabelled without saying why (`Candidate.why`).

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from transferline.errors import StageError
+from transferline.figures import image_grid_png, pyplot
 from transferline.files import atomic_path
 
 if TYPE_CHECKING:
@@ -121,15 +122,6 @@ MAX_LEGEND = 10  # classes named in the ROC figure's legend; beyond, the macro a
 MAX_CELL_TEXT = 30  # classes whose confusion-matrix cells show their counts
 
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
 def roc_png(path: Path, rows: list[dict[str, float]], auc: dict[str, float], title: str) -> None:
     """The ROC curves of `rows` (`roc_table`) as a PNG at `path`.
 
@@ -138,7 +130,7 @@ def roc_png(path: Path, rows: list[dict[str, float]], auc: dict[str, float], tit
         rows, auc: `roc_table`'s output.
         title: the figure's title.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     fpr = [r["fpr"] for r in rows]
     many = len(auc) > MAX_LEGEND  # a legend of every class would cover the plot
@@ -158,40 +150,6 @@ def roc_png(path: Path, rows: list[dict[str, float]], auc: dict[str, float], tit
     ax.set_title(title)
     if auc:
         ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
-def misclassified_png(
-    path: Path,
-    images: list[np.ndarray],
-    captions: list[str],
-    title: str,
-) -> None:
-    """A grid of images with 'true -> predicted (p)' captions (a note when there are none).
-
-    Args:
-        path: the PNG to write.
-        images, captions: the pictures and their captions.
-        title: the figure's title.
-    """
-    plt = _pyplot()
-    cols = max(1, min(4, len(images)))
-    rows = max(1, -(-len(images) // cols))
-    # At least 6 inches wide, so the title fits over a single image.
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(max(6.0, 2.6 * cols), 2.8 * rows + 0.4), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, text in zip(axes.flat, images, captions, strict=False):
-        ax.imshow(np.clip(img, 0, 255).astype(np.uint8))
-        ax.set_title(text, fontsize=8)
-    if not images:
-        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
@@ -236,7 +194,7 @@ def confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) ->
         classes: the class names.
         title: the figure's title.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     size = min(24.0, max(4.0, 0.5 * n + 2))
     font = min(10.0, max(2.0, 400 / max(n, 1)))
@@ -318,7 +276,7 @@ def write_figures(
         f"{Path(paths[i]).name[:22]}\n{classes[int(y_test[i])]} -> {classes[p]} ({c:.2f})"
         for i, p, c in worst
     ]
-    misclassified_png(
+    image_grid_png(
         plots_dir / f"{name}_misclassified.png",
         pictures,
         captions,

@@ -137,6 +137,15 @@ class DataParams(_Strict):
         "a pattern that matches nothing is a warning.",
     )
 
+    exclude_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A CSV under `data/exclude/` listing files to leave out, by its `path` "
+        "column (as the audit's `label_issues.csv` and `outliers.csv` have) or else `path_b` "
+        "(`near_duplicates.csv`: the second of each pair). Copy an audit CSV there, delete the "
+        "rows to keep, and point this at it.",
+    )
+
     @field_validator("subdir")
     @classmethod
     def _in_download(cls, v: str | None) -> str | None:
@@ -485,6 +494,46 @@ class FinetuneParams(_Strict):
         return self
 
 
+class AuditParams(_Strict):
+    """The audit stage: label issues, near-duplicates and outliers found by cleanlab's Datalab
+    in the cached features, with out-of-sample probabilities from a cross-validated logistic
+    regression. It informs; no training stage reads it."""
+
+    enabled: bool = Field(
+        default=True,
+        description="`false` writes empty audit outputs and audits nothing (the rest of the "
+        "pipeline runs as before).",
+    )
+    folds: int = Field(
+        default=5,
+        ge=2,
+        description="Folds of the cross-validation that gives every image class probabilities "
+        "from a model that never saw it; fewer when a class has fewer images (a warning).",
+    )
+    C: float = Field(
+        default=1.0, gt=0, description="Inverse regularisation strength of that regression."
+    )
+    label_filter: Literal[
+        "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"
+    ] = Field(
+        default="prune_by_noise_rate",
+        description="cleanlab's `filter_by`: how label issues are chosen from the probabilities.",
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.13,
+        gt=0,
+        description="cleanlab's radius for near-duplicates, as a fraction of the median distance "
+        "to each image's nearest neighbour (larger: more pairs).",
+    )
+    outlier_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="cleanlab's outlier threshold in (0, 1] (larger: more outliers); null: "
+        "cleanlab's default.",
+    )
+
+
 class MlflowParams(_Strict):
     """Tracking; the store is `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the
     repository."""
@@ -524,6 +573,7 @@ class Params(_Strict):
     extract: ExtractParams = ExtractParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    audit: AuditParams = AuditParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
@@ -665,10 +715,39 @@ def _weights_outside(source: str, weights: str, folder: Path) -> str:
     )
 
 
+EXCLUDE_DIR = "data/exclude"
+
+
+def _check_exclude_file(p: Params, root: Path, source: str) -> None:
+    """data.exclude_file must lie under data/exclude/, a dependency of the split stage, so
+    that DVC splits again when the list changes."""
+    listed = p.data.exclude_file
+    if listed is None:
+        return
+    path = Path(listed) if Path(listed).is_absolute() else Path(root) / listed
+    folder = Path(os.path.abspath(Path(root) / EXCLUDE_DIR))
+    if not Path(os.path.abspath(path)).is_relative_to(folder):
+        raise ParamsError(
+            f"{source}: `data.exclude_file` = {listed!r} is outside {EXCLUDE_DIR}/ ({folder}). "
+            f"dvc.yaml makes that folder a dependency of the split stage, so DVC splits again "
+            f"when the list changes; a file elsewhere could change unseen. Copy it there "
+            f"(`cp {listed} {EXCLUDE_DIR}/`) and set data.exclude_file: "
+            f"{EXCLUDE_DIR}/{Path(listed).name}."
+        )
+    if not path.is_file():
+        raise ParamsError(
+            f"{source}: `data.exclude_file` = {listed!r}: no such file ({os.path.abspath(path)}). "
+            f"Copy the list there, e.g. `cp data/audit/label_issues.csv {EXCLUDE_DIR}/`, and "
+            f"`git add` it (`dvc exp run --temp/--queue` copies hold only what git tracks)."
+        )
+
+
 def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
     """A weights file must exist and lie under `root`/weights/: dvc.yaml makes that folder a
     dependency of extract, finetune and evaluate, so DVC re-runs them when a file in it
-    changes. A file elsewhere could change unseen and leave features from other weights."""
+    changes. A file elsewhere could change unseen and leave features from other weights.
+    data.exclude_file likewise lies under data/exclude/ (the split stage's dependency)."""
+    _check_exclude_file(p, root, source)
     weights = p.model.weights
     if weights in ("imagenet", "none"):
         return

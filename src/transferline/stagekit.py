@@ -22,6 +22,7 @@ log = logging.getLogger("transferline")
 RAW = Path("data/raw")
 SPLITS = Path("data/splits")
 FEATURES = Path("data/features")
+AUDIT = Path("data/audit")
 HEAD = Path("models/head")
 FINETUNE_INIT = Path("models/finetune_init")
 FINETUNED = Path("models/finetuned.keras")
@@ -39,6 +40,7 @@ PRODUCERS = {
     HEAD: "train_head",
     FINETUNE_INIT: "train_head",
     FINETUNED: "finetune",
+    AUDIT: "audit",
 }
 
 
@@ -211,6 +213,7 @@ NAMESPACES = {
     "train_head": "head.",
     "finetune": "finetune.",
     "evaluate": "test.",
+    "audit": "audit.",
 }
 # What each metrics file gives MLflow as scalars, so the headline figures are not lost in a
 # list (None: all of its numbers). The whole file is the run's artifact `metrics/NAME.json`.
@@ -221,6 +224,7 @@ SCALARS: dict[str, tuple[str, ...] | None] = {
     "finetune": ("val_accuracy", "val_loss", "best_epoch"),
     # evaluate.json's val_accuracy is train_head's and finetune's, logged as theirs
     "evaluate": None,
+    "audit": None,  # headline counts only
 }
 HISTORIES = {"head_history.csv": "head.history.", "finetune_history.csv": "finetune.history."}
 
@@ -272,11 +276,19 @@ def log_everything(run) -> None:
             run.log_history(rows, prefix=prefix)
             run.log_artifact(path, "plots")
     log_tables(run)
+    log_audit_artifacts(run)
     figures = PLOTS / "evaluate"
     for path in sorted(figures.glob("*")) if figures.is_dir() else []:
         run.log_artifact(path, "plots/evaluate")
     for path in (Path("params.yaml"), Path("dvc.lock")):
         run.log_artifact(path)
+
+
+def log_audit_artifacts(run) -> None:
+    """The audit's CSVs and grids, where the audit stage wrote them."""
+    for folder, artifact_path in ((AUDIT, "audit"), (PLOTS / "audit", "plots/audit")):
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            run.log_artifact(path, artifact_path)
 
 
 def log_tables(run) -> None:

@@ -204,7 +204,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
 
     first = sh([*dvc, "repro"], repo)
-    assert ran(first) == {"download", "split", "extract", "train_head", "finetune", "evaluate"}
+    assert ran(first) == {
+        "download", "split", "extract", "train_head", "finetune", "audit", "evaluate"
+    }  # fmt: skip
     # Every cached output was already git-ignored: DVC had no .gitignore to extend.
     assert ".gitignore" not in sh(["git", "status", "--porcelain"], repo)
 
@@ -269,7 +271,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ev["finetune"]["val_accuracy"] == finetune["val_accuracy"]
     # DVC tracks the headline figures: a couple of dozen numbers, so `dvc exp show` is legible.
     dvc_metrics = json.loads(sh([*dvc, "metrics", "show", "--json"], repo))
-    assert count_numbers(dvc_metrics) == 19  # 5 split totals, 7 per model (10 classes: top-5)
+    # 5 split totals, 7 per model (10 classes: top-5), the audit's 6 counts
+    assert count_numbers(dvc_metrics) == 25
+    # The audit: its CSVs (contracts), grids and counts, in the run too.
+    audit = json.loads((repo / "metrics/audit.json").read_text())
+    assert audit["images_audited"] == 100
+    header = (repo / "data/audit/label_issues.csv").read_text().splitlines()[0]
+    assert header == "path,split,given,suggested,score"
+    assert (repo / "plots/audit/label_issues.png").is_file()
 
     # The MLflow run holds params, every stage's metrics, curves and figures.
     client, runs = mlflow_runs(repo, "e2e")
@@ -282,7 +291,8 @@ def test_dvc_repro_end_to_end(tmp_path):
         "extract.images_per_second" in run.data.metrics and "head.val_accuracy" in run.data.metrics
     )
     # The headline figures as scalars (system metrics included), the detail as tables.
-    assert len(run.data.metrics) <= 48 and not any("per_class" in k for k in run.data.metrics)
+    assert len(run.data.metrics) <= 54 and not any("per_class" in k for k in run.data.metrics)
+    assert run.data.metrics["audit.images_audited"] == 100
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert tables == {
         "tables/head_per_class.json",
@@ -342,6 +352,11 @@ def test_dvc_repro_end_to_end(tmp_path):
     status = sh([*dvc, "status", "--json"], repo)
     assert set(json.loads(status[status.index("{") :])) == {"extract", "finetune", "evaluate"}
     (repo / "weights" / "new.weights.h5").unlink()
+    # So is a list under data/exclude/ (where data.exclude_file must be) of the split's.
+    (repo / "data" / "exclude" / "issues.csv").write_text("path\n")
+    status = sh([*dvc, "status", "--json"], repo)
+    assert "split" in json.loads(status[status.index("{") :])
+    (repo / "data" / "exclude" / "issues.csv").unlink()
     # A change to how the split is made that leaves the manifests as they were re-runs the
     # split alone: extract reads images through images.py and depends on it, not dataset.py.
     layouts = repo / "src/transferline/dataset.py"
