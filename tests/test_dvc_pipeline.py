@@ -4,7 +4,9 @@ from dvc.repo import Repo
 
 from conftest import REPO
 
-STAGES = {"download", "split", "extract", "train_head", "finetune", "audit", "evaluate"}
+STAGES = {
+    "download", "split", "extract", "train_head", "trunk", "finetune", "audit", "evaluate"
+}  # fmt: skip
 
 
 def test_every_stage_can_be_restored_from_the_run_cache():
@@ -35,6 +37,7 @@ def test_every_stage_that_builds_a_base_depends_on_the_weights_folder():
         deps = {s.addressing: {str(d.def_path) for d in s.deps} for s in repo.index.stages}
     assert {name for name, d in deps.items() if "weights" in d} == {
         "extract",
+        "trunk",
         "finetune",
         "evaluate",
     }

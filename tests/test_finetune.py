@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferline import backbones, finetune, heads, replicas
+from transferline import backbones, finetune, heads, models, replicas
 from transferline.errors import StageError
 from transferline.files import DataDirs
 from transferline.images import make_image_dataset
@@ -23,12 +23,12 @@ def images(n: int = 12, size: int = 32, seed: int = 0):
 def test_unfreeze_counts_weighted_layers_and_keeps_batchnorm_frozen():
     ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
     base = base_of(ext)
-    names = finetune.unfreeze_top(base, 3)
+    names = models.unfreeze_top(base, 3)
     trainable = [layer for layer in base.layers if layer.trainable and layer.weights]
     assert [layer.name for layer in trainable] == names and len(names) == 3
     bn = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert bn and not any(layer.trainable for layer in bn)
-    assert finetune.unfreeze_top(base, 0) == []
+    assert models.unfreeze_top(base, 0) == []
     assert not base.trainable_weights
 
 
@@ -36,7 +36,7 @@ def test_batchnorm_statistics_unchanged_by_a_finetune_epoch():
     ext = build_feature_extractor(backbones.get("mobilenet_v2"), "none", 32, "avg", seed=0)
     model = finetune.assemble(ext, heads.build_dense_head(1280, 2, 0, 0.0))
     base = base_of(model)
-    finetune.unfreeze_top(base, 6)
+    models.unfreeze_top(base, 6)
     finetune.compile_model(model, 1e-3)
     bn = [lyr for lyr in base.layers if isinstance(lyr, keras.layers.BatchNormalization)]
     stats = [np.array(v) for lyr in bn for v in (lyr.moving_mean, lyr.moving_variance)]
@@ -96,10 +96,10 @@ def test_fine_tuning_never_ends_worse_than_it_started():
 def test_unfreeze_from_a_layer_name_and_its_error():
     ext = build_feature_extractor(backbones.get("vgg16"), "none", 32, "avg", seed=0)
     base = base_of(ext)
-    names = finetune.unfreeze_top(base, 0, from_layer="block5_conv1")
+    names = models.unfreeze_top(base, 0, from_layer="block5_conv1")
     assert names == ["block5_conv1", "block5_conv2", "block5_conv3"]
     with pytest.raises(StageError) as info:
-        finetune.unfreeze_top(base, 0, from_layer="block5_conv0")
+        models.unfreeze_top(base, 0, from_layer="block5_conv0")
     assert "block5_conv1" in str(info.value) and "finetune.unfreeze_from" in str(info.value)
 
 

@@ -161,8 +161,9 @@ def is_skip_marker(path: Path) -> bool:
 @dataclass(frozen=True)
 class DataDirs:
     """Where a stage finds the pipeline's data: the raw images, the split manifests
-    (data/splits) and the cached features (data/features)."""
+    (data/splits), the cached features (data/features) and the trunk cache (data/trunk)."""
 
     raw: Path
     splits: Path
     features: Path
+    trunk: Path | None = None

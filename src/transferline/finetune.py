@@ -6,7 +6,6 @@ steps do not wreck the pre-trained features; the base is always called with trai
 
 from __future__ import annotations
 
-import difflib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import numpy as np
 
 from transferline.errors import StageError
 from transferline.heads import EpochHook, epoch_callbacks
-from transferline.models import Preprocess, base_of
+from transferline.models import Preprocess, base_of, unfreeze_top
 from transferline.replicas import (
     EpochPlan,
     ReplicatedValidation,
@@ -42,6 +41,7 @@ class FinetuneResult:
     val_before: dict[str, float]
     unfrozen: list[str] = field(default_factory=list)
     stopped_by_time: bool = False
+    train_seconds: list[float] = field(default_factory=list)  # per epoch, validation apart
 
 
 def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
@@ -51,36 +51,6 @@ def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
     x = Preprocess(mode, name="preprocess")(image)
     x = base_of(extractor)(x, training=False)
     return keras.Model(image, head(x), name="finetuned")
-
-
-def unfreeze_top(base: keras.Model, n: int, from_layer: str | None = None) -> list[str]:
-    """Make the top `n` weighted layers of `base` trainable (or every weighted layer from
-    `from_layer` up); BatchNorm stays frozen.
-
-    Counting only layers with weights keeps `n` meaningful across families (pooling and
-    activation layers carry nothing to train).
-    """
-    bn = keras.layers.BatchNormalization
-    weighted = [layer for layer in base.layers if layer.weights and not isinstance(layer, bn)]
-    if from_layer is not None:
-        names = [layer.name for layer in base.layers]
-        if from_layer not in names:
-            close = difflib.get_close_matches(from_layer, names, n=5, cutoff=0.5)
-            raise StageError(
-                f"finetune.unfreeze_from: {base.name} has no layer {from_layer!r}. Nearby "
-                f"names: {', '.join(close) or '(none)'}; the top layers are "
-                f"{', '.join(names[-6:])}. Use one of them, or unfreeze_layers with a count."
-            )
-        start = names.index(from_layer)
-        chosen = [layer for layer in weighted if names.index(layer.name) >= start]
-    else:
-        chosen = weighted[-n:] if n else []
-    base.trainable = True
-    for layer in base.layers:
-        layer.trainable = False
-    for layer in chosen:
-        layer.trainable = True
-    return [layer.name for layer in chosen]
 
 
 def augmenter(
@@ -150,6 +120,25 @@ class KeepBest(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._weights is not None:
             self.model.set_weights(self._weights)
+
+
+class TrainClock(keras.callbacks.Callback):
+    """Each epoch's training time, from its start to its last batch: validation apart."""
+
+    def __init__(self, clock=time.perf_counter):
+        super().__init__()
+        self.clock = clock
+        self.seconds: list[float] = []
+        self._start = self._end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._end = self.clock()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._end = self.clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(self._end - self._start)
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -307,8 +296,8 @@ def finetune(
     unfrozen, lr = unfreeze_and_schedule(model, train_ds, f, plan)
     compile_model(model, lr, f.optimizer)  # recompile after changing `trainable`
     before, val_ds, callbacks = _starting_point(model, val_ds)
-    keep = KeepBest(before["loss"], f.patience)
-    callbacks.append(keep)
+    keep, clock = KeepBest(before["loss"], f.patience), TrainClock()
+    callbacks += [clock, keep]
     limit = TimeLimit(f.max_minutes) if f.max_minutes else None
     if limit:
         callbacks.append(limit)
@@ -333,6 +322,7 @@ def finetune(
         {k: float(v) for k, v in before.items()},
         unfrozen,
         stopped_by_time=bool(limit and limit.stopped),
+        train_seconds=clock.seconds,
     )
 
 
@@ -481,7 +471,7 @@ def run_finetune(
     Returns:
         The stage metrics, the per-epoch history and the model with its best weights.
     """
-    from transferline import backbones, heads, images, models, runtime  # noqa: PLC0415
+    from transferline import backbones, heads, images, models, runtime, trunk  # noqa: PLC0415
     from transferline.feature_files import read_meta  # noqa: PLC0415
 
     # With a TF_CONFIG naming several machines, each of them runs this function in lockstep
@@ -503,14 +493,20 @@ def run_finetune(
             backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
         )
     gap = _feature_gap(extractor, val, data.features, model, policy)
-    train_ds, val_ds, plan = _datasets(train, val, len(classes), model.size, f, seed, epoch)
+    cache = trunk.cache_for_training(data.trunk, int(strategy.num_replicas_in_sync))
+    sets = (train, val, len(classes), model.size)
+    train_ds, val_ds, plan = _datasets(*sets, f, seed, epoch, cache)
     with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
-        net = assemble(extractor, heads.keras_head(init_dir))
+        head = heads.keras_head(init_dir)
+        net = assemble(extractor, head)
         if workers:  # Keras' fit does not run under MultiWorkerMirroredStrategy
             result = finetune_across_machines(net, train_ds, val_ds, strategy, f, plan, on_epoch)
         else:
-            result = finetune(net, train_ds, val_ds, f, plan, on_epoch)
+            fitted = trunk.net_on_cache(net, head, cache[0], f) if cache else net  # its layers
+            result = finetune(fitted, train_ds, val_ds, f, plan, on_epoch)
     metrics = _stage_metrics(result, gap, policy)
+    metrics["trunk_cached"] = cache is not None
+    metrics["train_images_per_second"] = images_per_second(epoch.images, result.train_seconds)
     metrics |= {
         "replicas": int(strategy.num_replicas_in_sync),
         "workers": workers[2] if workers else 1,
@@ -545,6 +541,13 @@ def _feature_gap(
     return gap
 
 
+def images_per_second(images: int, seconds: list[float]) -> float:
+    """Training throughput: the median over the epochs after the first (which compiles),
+    or the first's when there is one; 0.0 when none ran."""
+    later = seconds[1:] or seconds
+    return round(images / float(np.median(later)), 1) if later and np.median(later) > 0 else 0.0
+
+
 def _datasets(
     train: tuple,
     val: tuple,
@@ -553,12 +556,22 @@ def _datasets(
     f: FinetuneParams,
     seed: int,
     epoch: EpochPlan,
+    cache: tuple[dict, dict] | None = None,
 ) -> tuple[object, object, TrainPlan]:
     """The training batches of `train` (`images.split_arrays`' paths, labels and turns;
-    shuffled, augmented, as `epoch` plans them), the batches of `val` and the TrainPlan."""
-    from transferline import heads, images  # noqa: PLC0415
+    shuffled, augmented, as `epoch` plans them), the batches of `val` and the TrainPlan;
+    with a trunk `cache`, batches of its activations in the same order instead."""
+    from transferline import heads, images, trunk  # noqa: PLC0415
 
     train_paths, y_train, train_turns = train
+    weights = heads.class_weights(y_train, n_classes) if f.class_weight else None
+    if cache is not None:
+        acts, y_val = cache[1], np.asarray(val[1])
+        train_ds = trunk.cached_dataset(
+            acts["train"], np.asarray(y_train), f.batch_size, seed, epoch.drop_remainder
+        )
+        val_ds = trunk.cached_dataset(acts["val"], y_val, f.batch_size)
+        return train_ds, val_ds, TrainPlan(epoch.steps, weights)
     a = f.augment
     train_ds = images.make_image_dataset(
         train_paths,
@@ -574,7 +587,6 @@ def _datasets(
     )
     val_paths, y_val, val_turns = val
     val_ds = images.make_image_dataset(val_paths, y_val, size, f.batch_size, orientations=val_turns)
-    weights = heads.class_weights(y_train, n_classes) if f.class_weight else None
     return train_ds, val_ds, TrainPlan(epoch.steps, weights)
 
 

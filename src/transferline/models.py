@@ -6,12 +6,14 @@ model, so a saved model needs nothing else to predict on images.
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 import keras
 import numpy as np
 
 from transferline.backbones import Backbone, build_base
+from transferline.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +206,33 @@ def fold_nested_base(model: keras.Model) -> keras.Model:
     if not swaps:
         return model
     return keras.models.clone_model(model, clone_function=lambda layer: swaps.get(id(layer), layer))
+
+
+def unfreeze_top(base: keras.Model, n: int, from_layer: str | None = None) -> list[str]:
+    """Make the top `n` weighted layers of `base` trainable (or every weighted layer from
+    `from_layer` up); BatchNorm stays frozen.
+
+    Counting only layers with weights keeps `n` meaningful across families (pooling and
+    activation layers carry nothing to train).
+    """
+    bn = keras.layers.BatchNormalization
+    weighted = [layer for layer in base.layers if layer.weights and not isinstance(layer, bn)]
+    if from_layer is not None:
+        names = [layer.name for layer in base.layers]
+        if from_layer not in names:
+            close = difflib.get_close_matches(from_layer, names, n=5, cutoff=0.5)
+            raise StageError(
+                f"finetune.unfreeze_from: {base.name} has no layer {from_layer!r}. Nearby "
+                f"names: {', '.join(close) or '(none)'}; the top layers are "
+                f"{', '.join(names[-6:])}. Use one of them, or unfreeze_layers with a count."
+            )
+        start = names.index(from_layer)
+        chosen = [layer for layer in weighted if names.index(layer.name) >= start]
+    else:
+        chosen = weighted[-n:] if n else []
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = False
+    for layer in chosen:
+        layer.trainable = True
+    return [layer.name for layer in chosen]

@@ -426,6 +426,11 @@ class AugmentParams(_Strict):
         default=0.0, ge=0, le=0.5, description="Random shift, as a fraction of the image size."
     )
 
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is on."""
+        return bool(self.flip or self.rotation or self.zoom or self.contrast or self.translation)
+
 
 class FinetuneParams(_Strict):
     """The top of the base and the head trained together; BatchNorm stays in inference mode, and
@@ -483,6 +488,36 @@ class FinetuneParams(_Strict):
         "The best weights, the starting ones included, are kept either way.",
     )
     augment: AugmentParams = AugmentParams()
+    cache_trunk: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Compute the frozen part of the base once (the `trunk` stage) and train "
+        "the unfrozen top and the head on its cached activations: the same result as training "
+        "on the images, at the cost of the layers that train. `auto`: when augmentation is "
+        "off and something below the unfrozen layers is frozen; `on`: always (an error when "
+        "it cannot apply); `off`: never.",
+    )
+    cache_dtype: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="The cached activations' type on disk (`float16` halves it, and the "
+        "results then differ from the uncached path's by float16 rounding).",
+    )
+    cache_max_gb: float = Field(
+        default=20.0,
+        gt=0,
+        description="The most disk the trunk cache may take; a larger one is an error naming "
+        "the size it needs and what shrinks it.",
+    )
+
+    @model_validator(mode="after")
+    def _cache_without_augmentation(self) -> FinetuneParams:
+        if self.cache_trunk == "on" and self.augment.active:
+            raise ValueError(
+                "finetune.cache_trunk is on, but augmentation is on (finetune.augment): cached "
+                "activations are computed once, so they cannot be augmented anew each epoch. "
+                "Turn augmentation off (flip: false, rotation, zoom, contrast, translation: 0), "
+                "or set cache_trunk: auto (it then trains on the images)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warmup(self) -> FinetuneParams:
@@ -706,8 +741,8 @@ def _weights_outside(source: str, weights: str, folder: Path) -> str:
     name = Path(weights).name
     return (
         f"{source}: `model.weights` = {weights!r} is outside the repository's {WEIGHTS_DIR}/ "
-        f"folder ({folder}). DVC tracks that folder as a dependency of extract, finetune "
-        f"and evaluate, so it re-runs them when a weights file changes; a file elsewhere "
+        f"folder ({folder}). DVC tracks that folder as a dependency of every stage that builds "
+        f"the base, so it re-runs them when a weights file changes; a file elsewhere "
         f"could change unseen and leave features from other weights. Copy it there "
         f"(`cp {weights} {WEIGHTS_DIR}/`), set model.weights: {WEIGHTS_DIR}/{name}, and "
         f"version it with `dvc add {WEIGHTS_DIR}/{name}` (`dvc exp run --temp/--queue` "
@@ -744,7 +779,7 @@ def _check_exclude_file(p: Params, root: Path, source: str) -> None:
 
 def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
     """A weights file must exist and lie under `root`/weights/: dvc.yaml makes that folder a
-    dependency of extract, finetune and evaluate, so DVC re-runs them when a file in it
+    dependency of every stage that builds the base, so DVC re-runs them when a file in it
     changes. A file elsewhere could change unseen and leave features from other weights.
     data.exclude_file likewise lies under data/exclude/ (the split stage's dependency)."""
     _check_exclude_file(p, root, source)

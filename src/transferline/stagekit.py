@@ -23,13 +23,14 @@ RAW = Path("data/raw")
 SPLITS = Path("data/splits")
 FEATURES = Path("data/features")
 AUDIT = Path("data/audit")
+TRUNK = Path("data/trunk")
 HEAD = Path("models/head")
 FINETUNE_INIT = Path("models/finetune_init")
 FINETUNED = Path("models/finetuned.keras")
 CLASSIFIER = Path("models/classifier")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
-DATA = DataDirs(RAW, SPLITS, FEATURES)
+DATA = DataDirs(RAW, SPLITS, FEATURES, TRUNK)
 
 
 # each stage's outputs that other stages read -> the stage that writes them
@@ -41,6 +42,7 @@ PRODUCERS = {
     FINETUNE_INIT: "train_head",
     FINETUNED: "finetune",
     AUDIT: "audit",
+    TRUNK: "trunk",
 }
 
 
@@ -221,7 +223,7 @@ SCALARS: dict[str, tuple[str, ...] | None] = {
     "split": None,  # images per split, rejected, duplicates
     "extract": ("images_per_second", "seconds"),
     "train_head": ("val_accuracy", "val_loss", "C"),  # C: the one C_grid chose
-    "finetune": ("val_accuracy", "val_loss", "best_epoch"),
+    "finetune": ("val_accuracy", "val_loss", "best_epoch", "train_images_per_second"),
     # evaluate.json's val_accuracy is train_head's and finetune's, logged as theirs
     "evaluate": None,
     "audit": None,  # headline counts only

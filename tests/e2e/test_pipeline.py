@@ -205,8 +205,10 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     first = sh([*dvc, "repro"], repo)
     assert ran(first) == {
-        "download", "split", "extract", "train_head", "finetune", "audit", "evaluate"
+        "download", "split", "extract", "train_head", "trunk", "finetune", "audit", "evaluate"
     }  # fmt: skip
+    # Augmentation on (rotation, zoom): fine-tuning trains on the images, and says why.
+    assert json.loads((repo / "data/trunk/meta.json").read_text())["cached"] is False
     # Every cached output was already git-ignored: DVC had no .gitignore to extend.
     assert ".gitignore" not in sh(["git", "status", "--porcelain"], repo)
 
@@ -350,7 +352,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     # every stage that builds a base.
     (repo / "weights" / "new.weights.h5").write_bytes(b"\0")
     status = sh([*dvc, "status", "--json"], repo)
-    assert set(json.loads(status[status.index("{") :])) == {"extract", "finetune", "evaluate"}
+    assert set(json.loads(status[status.index("{") :])) == {
+        "extract", "trunk", "finetune", "evaluate"
+    }  # fmt: skip
     (repo / "weights" / "new.weights.h5").unlink()
     # So is a list under data/exclude/ (where data.exclude_file must be) of the split's.
     (repo / "data" / "exclude" / "issues.csv").write_text("path\n")
@@ -372,13 +376,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "metrics/extract.json" not in json.dumps(shown)  # timings are not DVC metrics
     predictions = (repo / "plots/evaluate/finetune_predictions.csv").read_text()
     assert ran(sh([*dvc, "repro", "-f"], repo)) == {
-        "download",
-        "split",
-        "extract",
-        "train_head",
-        "finetune",
-        "evaluate",
-    }
+        "download", "split", "extract", "train_head", "trunk", "finetune", "audit", "evaluate"
+    }  # fmt: skip
     assert json.loads(sh([*dvc, "metrics", "diff", "--json"], repo)) == {}
     assert (repo / "plots/evaluate/finetune_predictions.csv").read_text() == predictions
 
@@ -388,6 +387,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     before = {p: (repo / p).read_bytes() for p in KEPT}
     for folder in ("data", "models"):
         shutil.rmtree(repo / folder)
+    sh(["git", "checkout", "--", "data", "models"], repo)  # a fresh clone: git's files only
     sh([*dvc, "pull"], repo)
     assert {p: (repo / p).read_bytes() for p in KEPT} == before
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
@@ -417,9 +417,21 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert "MLmodel" in logged_model_files(remote, found)
         assert (tmp_path / "server/artifacts").is_dir()  # artifacts went through the server
 
+    # Augmentation off: the trunk is cached, and a new learning rate reuses the cache.
+    set_params(
+        repo / "params.yaml", {"finetune.augment.rotation": 0.0, "finetune.augment.zoom": 0.0}
+    )
+    assert ran(sh([*dvc, "repro"], repo)) == {"trunk", "finetune", "evaluate"}
+    tuned = json.loads((repo / "metrics/finetune.json").read_text())
+    assert tuned["trunk_cached"] is True and tuned["train_images_per_second"] > 0
+    assert json.loads((repo / "data/trunk/meta.json").read_text())["boundary"] == ["block5_conv2"]
+    set_params(repo / "params.yaml", {"finetune.learning_rate": 1e-4})
+    status = sh([*dvc, "status", "--json"], repo)
+    assert set(json.loads(status[status.index("{") :])) == {"finetune", "evaluate"}
+
     # Fine-tuning off: only what reads finetune.* re-runs; evaluate reports the head only.
     set_params(repo / "params.yaml", {"finetune.enabled": False})
-    assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "finetune", "evaluate"}
+    assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "trunk", "finetune", "evaluate"}
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())) == {"head"}
 
     # A head-only change with fine-tuning off re-runs train_head and evaluate, nothing else.
@@ -427,9 +439,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ran(sh([*dvc, "repro"], repo)) == {"train_head", "evaluate"}
     assert "Data and pipelines are up to date" in sh([*dvc, "status"], repo)
     # One run per set of inputs: the first; the code change (dataset.py) and the forced
-    # re-run after it; fine-tuning off; C 0.5. The first run's figures are as it logged them.
+    # re-run after it; augmentation off; fine-tuning off; C 0.5. The first run's figures are
+    # as it logged them.
     _, runs = mlflow_runs(repo, "e2e")
-    assert len(runs) == 4
+    assert len(runs) == 5
     by_id = {r.info.run_id: r for r in runs}
     assert by_id[run.info.run_id].data.metrics == run.data.metrics
     (after_code,) = [
