@@ -12,11 +12,13 @@ from transferline.params import Params
 
 
 def run(p: Params) -> None:
-    from transferline import runtime, trunk  # noqa: PLC0415  (TensorFlow: after params)
+    from transferline import trunk  # noqa: PLC0415
 
-    if p.finetune.enabled:
+    if trunk.decision(p.finetune) is None:  # something may be cached: TensorFlow is needed
+        from transferline import runtime  # noqa: PLC0415
+
         stagekit.check_features(p)
-    runtime.seed_everything(p.seed)
+        runtime.seed_everything(p.seed)
     with atomic_dir(stagekit.TRUNK) as tmp:
         meta = trunk.build_cache(
             stagekit.DATA, p.model, p.finetune, p.extract.batch_size, p.seed, tmp

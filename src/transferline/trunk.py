@@ -230,11 +230,11 @@ def build_cache(
     """
     import time  # noqa: PLC0415
 
-    from transferline import backbones, images, models, runtime  # noqa: PLC0415
-    from transferline.feature_files import read_meta  # noqa: PLC0415
-
     why = decision(f)
-    if why is None:
+    if why is None:  # TensorFlow only now: a stage with nothing to cache costs no import
+        from transferline import backbones, images, models, runtime  # noqa: PLC0415
+        from transferline.feature_files import read_meta  # noqa: PLC0415
+
         policy = runtime.set_precision(model.mixed_precision)
         extractor = models.build_feature_extractor(
             backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
