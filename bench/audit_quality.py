@@ -101,6 +101,7 @@ def baseline_ranking(data: audit.AuditData, params: AuditParams, seed: int) -> l
         probs,
         filter_by=params.label_filter,
         return_indices_ranked_by="self_confidence",
+        n_jobs=1,  # no forked pool (see audit._datalab)
     ).tolist()
 
 

@@ -141,3 +141,15 @@ def test_on_real_features_the_audit_matches_plain_cleanlab_and_finds_the_copies(
     assert result["flagged_recall"] >= 0.85
     assert result["pair_recall"] >= 0.9
     assert result["pairs_found"] <= 15 + 3  # few pairs besides the planted ones
+
+
+def test_the_audit_forks_no_process_pool(monkeypatch):
+    """A pool forked from a stage whose other threads hold locks can hang forever (a CI run
+    did): cleanlab must run in this process."""
+    import multiprocessing
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("cleanlab forked a multiprocessing.Pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    assert audit.audit(clusters(per_class=30), PARAMS, 0).metrics()["images_audited"] == 120

@@ -133,7 +133,10 @@ def _datalab(x: np.ndarray, y: np.ndarray, probs: np.ndarray, params: AuditParam
     outlier: dict[str, Any] = {"k": k}
     if params.outlier_threshold is not None:
         outlier["threshold"] = params.outlier_threshold
-    label_kwargs = {"find_label_issues_kwargs": {"filter_by": params.label_filter}}
+    # n_jobs=1: cleanlab otherwise forks a multiprocessing.Pool from this process, whose
+    # other threads (MLflow's system-metrics sampler) can hold a lock the child then waits on
+    # forever (a stage hung so in CI); cleanlab says the result is the same for any n_jobs.
+    label_kwargs = {"find_label_issues_kwargs": {"filter_by": params.label_filter, "n_jobs": 1}}
     lab = Datalab({"label": y}, label_name="label", verbosity=0)
     lab.find_issues(
         features=x,
