@@ -14,6 +14,7 @@ from transferline.audit import AuditData, Findings
 from transferline.errors import StageError
 from transferline.feature_files import load_split, read_meta
 from transferline.files import DataDirs, write_csv
+from transferline.images import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def load_audit_data(data: DataDirs) -> AuditData:
     xs, ys, splits, paths = [], [], [], []
     for split in SPLITS:
         x, y = load_split(data.features, split)
-        manifest = _manifest_paths(data.splits / f"{split}.csv")
+        manifest = [path for path, _ in read_manifest(data.splits / f"{split}.csv")]
         if len(manifest) != len(y):
             raise StageError(
                 f"{data.splits / f'{split}.csv'} lists {len(manifest)} images but "
@@ -47,11 +48,6 @@ def load_audit_data(data: DataDirs) -> AuditData:
     return AuditData(
         np.concatenate(xs), np.concatenate(ys), splits, paths, read_meta(data.features)["classes"]
     )
-
-
-def _manifest_paths(path: Path) -> list[str]:
-    with Path(path).open(newline="") as f:
-        return [r["path"] for r in csv.DictReader(f)]
 
 
 def write_findings(findings: Findings | None, out: Path) -> None:

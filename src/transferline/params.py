@@ -753,15 +753,22 @@ def _weights_outside(source: str, weights: str, folder: Path) -> str:
 EXCLUDE_DIR = "data/exclude"
 
 
+def _placed(root: Path, given: str, folder: str) -> tuple[Path, Path, bool]:
+    """`given` as a path from `root`, the folder `root`/`folder`, and whether it lies inside.
+    abspath, not resolve: a symlink inside the folder is fine (DVC hashes what it points to)."""
+    path = Path(given) if Path(given).is_absolute() else Path(root) / given
+    inside = Path(os.path.abspath(Path(root) / folder))
+    return path, inside, Path(os.path.abspath(path)).is_relative_to(inside)
+
+
 def _check_exclude_file(p: Params, root: Path, source: str) -> None:
     """data.exclude_file must lie under data/exclude/, a dependency of the split stage, so
     that DVC splits again when the list changes."""
     listed = p.data.exclude_file
     if listed is None:
         return
-    path = Path(listed) if Path(listed).is_absolute() else Path(root) / listed
-    folder = Path(os.path.abspath(Path(root) / EXCLUDE_DIR))
-    if not Path(os.path.abspath(path)).is_relative_to(folder):
+    path, folder, inside = _placed(root, listed, EXCLUDE_DIR)
+    if not inside:
         raise ParamsError(
             f"{source}: `data.exclude_file` = {listed!r} is outside {EXCLUDE_DIR}/ ({folder}). "
             f"dvc.yaml makes that folder a dependency of the split stage, so DVC splits again "
@@ -787,10 +794,8 @@ def check_files(p: Params, root: Path, source: str = "params.yaml") -> None:
     if weights in ("imagenet", "none"):
         return
     ctor = f"keras.applications.{p.model.spec.constructor}(include_top=False)"
-    path = Path(weights) if Path(weights).is_absolute() else Path(root) / weights
-    # abspath, not resolve: a symlink inside weights/ is fine (DVC hashes what it points to).
-    folder = Path(os.path.abspath(Path(root) / WEIGHTS_DIR))
-    if not Path(os.path.abspath(path)).is_relative_to(folder):
+    path, folder, inside = _placed(root, weights, WEIGHTS_DIR)
+    if not inside:
         raise ParamsError(_weights_outside(source, weights, folder))
     if not path.is_file():
         raise ParamsError(
