@@ -128,6 +128,97 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     np.testing.assert_allclose(res["val_best"], res["one_device_end"], rtol=1e-5)
 
 
+CACHED = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import numpy as np
+    from transferline import backbones, finetune, heads, models, replicas, runtime, trunk
+    from transferline.params import FinetuneParams
+
+    strategy = runtime.distribution(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (13, 32, 32, 3)).astype("float32")
+    y = (np.arange(13) % 2).astype("int64")
+    x[y == 1, ..., 0] = 255.0
+    xv, yv = x[:7], y[:7]  # 7: the last validation batch is padded for the replicas
+    off = {"flip": False, "rotation": 0.0, "zoom": 0.0}
+    f = FinetuneParams(epochs=2, learning_rate=1e-3, unfreeze_layers=2, batch_size=4, augment=off)
+    plan = replicas.epoch_plan(13, 4, strategy.num_replicas_in_sync)
+    runs = {}
+    for cached in (False, True):
+        runtime.seed_everything(0)
+        with strategy.scope():
+            ext = models.build_feature_extractor(
+                backbones.get("densenet121"), "none", 32, "avg", seed=0
+            )
+            head = heads.build_dense_head(1024, 2, 0, 0.0)
+            head.get_layer("head_output").bias.assign([0.5, -0.5])
+            net = finetune.assemble(ext, head)
+            if cached:
+                base = models.base_of(net)
+                cut = trunk.cut(base, set(models.unfreeze_top(base, 2)))
+                acts = {}
+                for name, images in (("train", x), ("val", xv)):
+                    (folder := Path(sys.argv[1]) / name).mkdir()
+                    batches = tf.data.Dataset.from_tensor_slices(images).batch(5)
+                    files = trunk.write_activations(
+                        trunk.image_trunk(ext, cut), batches, len(images), folder, "float32"
+                    )
+                    acts[name] = [np.load(p, mmap_mode="r") for p in files]
+                train = trunk.cached_dataset(acts["train"], y, 4, 0, plan.drop_remainder)
+                val = trunk.cached_dataset(acts["val"], yv, 4)
+                model, boundary = trunk.cached_net(cut, head), cut.names
+            else:  # shuffled as the cache is (images.make_image_dataset's shuffle)
+                train = tf.data.Dataset.from_tensor_slices((x, y))
+                train = train.shuffle(13, seed=0, reshuffle_each_iteration=True)
+                train = train.batch(4, drop_remainder=plan.drop_remainder)
+                val = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(4)
+                model = net
+            result = finetune.finetune(model, train, val, f, finetune.TrainPlan(plan.steps))
+        runs[cached] = {
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "before": result.val_before,
+            "weights": [
+                np.asarray(w).tolist() for w in models.base_of(net).trainable_weights
+            ] + [np.asarray(w).tolist() for w in head.weights],
+        }
+    print(json.dumps({"boundary": boundary, "runs": [runs[False], runs[True]]}))
+    """
+)
+
+
+def test_the_trunk_cache_under_mirrored_strategy_matches_the_images(tmp_path):
+    """Two replicas, a base cut at two tensors (DenseNet's concatenations): fine-tuning on
+    the cache gives the losses and weights fine-tuning on the images gives."""
+    out = subprocess.run(
+        [sys.executable, "-c", CACHED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["boundary"] == ["conv5_block16_0_relu", "conv5_block15_concat"]
+    plain, cached = res["runs"]
+    assert len(plain["history"]) == len(cached["history"]) == 2
+    assert plain["best_epoch"] == cached["best_epoch"] >= 0  # trained: the weights moved
+    for a, b in zip(plain["history"], cached["history"], strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert cached["before"] == pytest.approx(plain["before"], rel=1e-5)
+    assert len(plain["weights"]) == len(cached["weights"]) >= 4  # two convolutions + the head
+    for a, b in zip(plain["weights"], cached["weights"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,

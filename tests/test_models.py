@@ -5,12 +5,14 @@ keras = pytest.importorskip("keras")
 from transferline import backbones  # noqa: E402
 from transferline.models import (  # noqa: E402
     FoldedBatchNorm,
+    augmenter,
     base_of,
     build_feature_extractor,
     fold_batchnorm,
     fold_nested_base,
     folded_batchnorms,
 )
+from transferline.params import AugmentParams  # noqa: E402
 
 from conftest import randomize_batchnorm  # noqa: E402
 
@@ -252,3 +254,16 @@ def test_the_bfloat16_hint_prints_its_percent_sign_once(monkeypatch, caplog):
     assert runtime.set_precision("auto") == "float32"
     (hint,) = [r.getMessage() for r in caplog.records]
     assert "up to about 2% of the largest" in hint and "%%" not in hint
+
+
+def test_augmenter_layers_keep_shape_and_pixel_range():
+    a = AugmentParams(flip=True, rotation=0.1, zoom=0.1, contrast=0.3, translation=0.1)
+    aug = augmenter(a, seed=0)
+    assert len(aug.layers) == 5
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    out = np.asarray(aug(x, training=True))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.array_equal(out, x)
+    np.testing.assert_array_equal(np.asarray(aug(x, training=False)), x)  # off at evaluation
+    off = AugmentParams(flip=False, rotation=0.0, zoom=0.0)
+    assert augmenter(off, seed=0) is None

@@ -3,6 +3,8 @@ activations giving what fine-tuning on the images gives (augmentation off)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -169,8 +171,77 @@ def test_when_the_cache_does_not_apply_it_says_why(pets):
 
 
 def test_on_with_augmentation_is_refused_when_params_load():
-    with pytest.raises(ValueError, match="cannot be augmented anew each epoch"):
+    with pytest.raises(ValueError, match="cannot be augmented anew each epoch") as info:
         FinetuneParams(cache_trunk="on")
+    assert "finetune.augment_views: K" in str(info.value)  # the way to cache it anyway
+
+
+@pytest.mark.parametrize(
+    ("settings", "why"),
+    [({"cache_trunk": "auto"}, "cache_trunk is auto"), ({"augment": OFF}, "augmentation is off")],
+)
+def test_views_without_a_cache_of_augmented_images_are_refused(settings, why):
+    with pytest.raises(ValueError, match=f"augment_views = 2 caches augmented views.*{why}"):
+        FinetuneParams(**{"cache_trunk": "on", "augment_views": 2, **settings})
+
+
+VIEWS = {"cache_trunk": "on", "augment_views": 3, "augment": {"flip": True, "zoom": 0.2}}
+
+
+def test_offline_augmentation_caches_k_views_of_the_training_images(pets):
+    plain = build(pets)
+    plain_train = np.load(pets.trunk / "train" / "act_0.npy")
+    plain_val = np.load(pets.trunk / "val" / "act_0.npy")
+    shutil.rmtree(pets.trunk)
+    meta = build(pets, **VIEWS)
+    train = np.load(pets.trunk / "train" / "act_0.npy")
+    val = np.load(pets.trunk / "val" / "act_0.npy")
+    assert meta["views"] == 3 and train.shape == (3, *plain_train.shape)
+    assert meta["bytes"] == (3 * len(plain_train) + len(plain_val)) * plain_train[0].nbytes
+    for a, b in ((0, 1), (1, 2), (0, 2)):  # three different augmentations, not one copied
+        assert not np.allclose(train[a], train[b])
+        assert not np.allclose(train[a], plain_train)
+    np.testing.assert_allclose(val, plain_val, rtol=1e-5, atol=1e-6)  # validation: unaugmented
+
+
+def epochs_of(ds, epochs: int) -> list[list[tuple[int, int]]]:
+    """(view, image) of every element, per epoch, from arrays holding view * 1000 + image."""
+    out = []
+    for _ in range(epochs):
+        rows = []
+        for x, y in ds:
+            codes = np.asarray(x)[:, 0].astype(int)
+            assert (codes % 1000 == np.asarray(y)).all()  # the label goes with its image
+            rows += [(c // 1000, c % 1000) for c in codes]
+        out.append(rows)
+    return out
+
+
+def test_each_epoch_trains_on_one_view_of_every_image_drawn_anew():
+    k, n = 4, 30
+    acts = (np.arange(k)[:, None] * 1000 + np.arange(n)[None, :]).astype("float32")[..., None]
+    labels = np.arange(n)
+    first = epochs_of(trunk.cached_dataset([acts], labels, 8, shuffle_seed=5, views=k), 3)
+    for rows in first:
+        assert sorted(i for _, i in rows) == list(range(n))  # every image once
+        assert {v for v, _ in rows} == set(range(k))  # views drawn from all four
+    assert first[0] != first[1] != first[2]  # another draw (and order) every epoch
+    again = epochs_of(trunk.cached_dataset([acts], labels, 8, shuffle_seed=5, views=k), 3)
+    assert again == first  # seeded: the same draws in another run
+
+
+def test_fine_tuning_on_views_says_so_and_refuses_other_views(pets, tmp_path, caplog):
+    build(pets, **VIEWS)
+    f = FinetuneParams(epochs=2, unfreeze_layers=3, batch_size=4, **VIEWS)
+    with caplog.at_level("INFO", logger="transferline.trunk"):
+        metrics, history, _ = finetune.run_finetune(pets, tmp_path / "head", TINY, f, seed=0)
+    assert metrics["trunk_cached"] is True and metrics["augment_views"] == 3
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert "offline augmentation: 3 augmented views" in caplog.text
+    with pytest.raises(StageError, match="3 augmented views.*2 views"):
+        finetune.run_finetune(
+            pets, tmp_path / "head", TINY, f.model_copy(update={"augment_views": 2}), seed=0
+        )
 
 
 def test_fine_tuning_reads_the_cache_and_refuses_one_cut_elsewhere(pets, tmp_path):
@@ -178,7 +249,7 @@ def test_fine_tuning_reads_the_cache_and_refuses_one_cut_elsewhere(pets, tmp_pat
     f = FinetuneParams(epochs=2, unfreeze_layers=3, batch_size=4, augment=OFF)
     metrics, history, model = finetune.run_finetune(pets, tmp_path / "head", TINY, f, seed=0)
     assert metrics["trunk_cached"] is True and len(history) == 2
-    assert trunk.cache_for_training(pets.trunk, replicas=2) is None  # several: the images
+    assert trunk.cache_for_training(pets.trunk, across_machines=True) is None  # TF_CONFIG
     assert metrics["train_images_per_second"] > 0
     assert model.name == "finetuned" and model.input_shape == (None, 32, 32, 3)  # whole model
     moved = f.model_copy(update={"unfreeze_layers": 2})
@@ -197,8 +268,8 @@ def test_a_stage_killed_while_the_cache_is_written_leaves_no_cache(pets, monkeyp
 
     real = trunk.write_activations
 
-    def killed_after_train(model, batches, n, out, dtype):
-        files = real(model, batches, n, out, dtype)
+    def killed_after_train(model, batches, n, out, dtype, views=0, augment=None):
+        files = real(model, batches, n, out, dtype, views, augment)
         if out.name == "val":
             raise KeyboardInterrupt  # Ctrl-C or SIGTERM while val's activations are written
         return files

@@ -79,17 +79,17 @@ def padded_for_replicas(batches: tf.data.Dataset, replicas: int) -> tf.data.Data
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    def pad(*parts):
-        n = tf.shape(parts[0])[0]
+    def pad(*parts):  # a part may itself be a tuple: a model of several inputs
+        n = tf.shape(tf.nest.flatten(parts)[0])[0]
         extra = -n % replicas
         real = tf.cast(tf.range(n + extra) < n, tf.int32)
 
         def padded():
             rows = tf.concat([tf.range(n), tf.fill([extra], n - 1)], axis=0)
-            return tuple(tf.gather(p, rows) for p in parts)
+            return tf.nest.map_structure(lambda p: tf.gather(p, rows), parts)
 
         # a batch that needs no padding passes as it is, not copied
-        kept = tf.cond(extra > 0, padded, lambda: tuple(tf.identity(p) for p in parts))
+        kept = tf.cond(extra > 0, padded, lambda: tf.nest.map_structure(tf.identity, parts))
         return (*kept, real)
 
     return batches.map(pad)

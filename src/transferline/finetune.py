@@ -17,7 +17,7 @@ import numpy as np
 
 from transferline.errors import StageError
 from transferline.heads import EpochHook, epoch_callbacks
-from transferline.models import Preprocess, base_of, unfreeze_top
+from transferline.models import augmenter, base_of, raw_image_input, unfreeze_top
 from transferline.replicas import (
     EpochPlan,
     ReplicatedValidation,
@@ -46,47 +46,9 @@ class FinetuneResult:
 
 def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
     """Image -> probabilities: the feature extractor's preprocessing and base, then the head."""
-    image = keras.Input(extractor.input_shape[1:], name="image")
-    mode = next(layer.mode for layer in extractor.layers if isinstance(layer, Preprocess))
-    x = Preprocess(mode, name="preprocess")(image)
+    image, x = raw_image_input(extractor)
     x = base_of(extractor)(x, training=False)
     return keras.Model(image, head(x), name="finetuned")
-
-
-def augmenter(
-    flip: bool,
-    rotation: float,
-    zoom: float,
-    seed: int,
-    contrast: float = 0.0,
-    translation: float = 0.0,
-) -> keras.Sequential | None:
-    """Training-time augmentation (Keras random layers are no-ops at inference).
-
-    Args:
-        flip, rotation, zoom, contrast, translation: `finetune.augment` (0: off).
-        seed: the random layers' seed.
-
-    Returns:
-        A Keras Sequential of random layers, or None when all are off.
-    """
-    layers = []
-    if flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed + 2))
-    if translation:
-        layers.append(
-            keras.layers.RandomTranslation(
-                translation, translation, fill_mode="reflect", seed=seed + 3
-            )
-        )
-    if contrast:
-        # RandomContrast clips to [0, 255] on raw pixels: our inputs are raw 0..255.
-        layers.append(keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4))
-    return keras.Sequential(layers, name="augment") if layers else None
 
 
 class KeepBest(keras.callbacks.Callback):
@@ -493,7 +455,7 @@ def run_finetune(
             backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
         )
     gap = _feature_gap(extractor, val, data.features, model, policy)
-    cache = trunk.cache_for_training(data.trunk, int(strategy.num_replicas_in_sync))
+    cache = trunk.cache_for_training(data.trunk, across_machines=bool(workers))
     sets = (train, val, len(classes), model.size)
     train_ds, val_ds, plan = _datasets(*sets, f, seed, epoch, cache)
     with strategy.scope(), runtime.memory_for_batches("finetune.batch_size", f.batch_size):
@@ -506,6 +468,7 @@ def run_finetune(
             result = finetune(fitted, train_ds, val_ds, f, plan, on_epoch)
     metrics = _stage_metrics(result, gap, policy)
     metrics["trunk_cached"] = cache is not None
+    metrics["augment_views"] = cache[0].get("views", 0) if cache else 0  # offline augmentation
     metrics["train_images_per_second"] = images_per_second(epoch.images, result.train_seconds)
     metrics |= {
         "replicas": int(strategy.num_replicas_in_sync),
@@ -566,13 +529,12 @@ def _datasets(
     train_paths, y_train, train_turns = train
     weights = heads.class_weights(y_train, n_classes) if f.class_weight else None
     if cache is not None:
-        acts, y_val = cache[1], np.asarray(val[1])
+        acts, y_val, views = cache[1], np.asarray(val[1]), cache[0].get("views", 0)
         train_ds = trunk.cached_dataset(
-            acts["train"], np.asarray(y_train), f.batch_size, seed, epoch.drop_remainder
+            acts["train"], np.asarray(y_train), f.batch_size, seed, epoch.drop_remainder, views
         )
         val_ds = trunk.cached_dataset(acts["val"], y_val, f.batch_size)
         return train_ds, val_ds, TrainPlan(epoch.steps, weights)
-    a = f.augment
     train_ds = images.make_image_dataset(
         train_paths,
         y_train,
@@ -581,7 +543,7 @@ def _datasets(
         orientations=train_turns,
         training=images.Training(
             shuffle_seed=seed,
-            augment=augmenter(a.flip, a.rotation, a.zoom, seed, a.contrast, a.translation),
+            augment=augmenter(f.augment, seed),
             drop_remainder=epoch.drop_remainder,
         ),
     )

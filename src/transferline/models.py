@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import difflib
 import logging
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
 from transferline.backbones import Backbone, build_base
 from transferline.errors import StageError
+
+if TYPE_CHECKING:
+    from transferline.params import AugmentParams
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,42 @@ def base_of(model: keras.Model) -> keras.Model:
     if not nested:
         raise ValueError(f"model {model.name} holds no nested base model")
     return nested[0]
+
+
+def augmenter(a: AugmentParams, seed: int) -> keras.Sequential | None:
+    """Training-time augmentation (Keras random layers are no-ops at inference).
+
+    Args:
+        a: `finetune.augment` (0 or false: that layer off).
+        seed: the random layers' seed.
+
+    Returns:
+        A Keras Sequential of random layers, or None when all are off.
+    """
+    layers = []
+    if a.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if a.rotation:
+        layers.append(keras.layers.RandomRotation(a.rotation, fill_mode="reflect", seed=seed + 1))
+    if a.zoom:
+        layers.append(keras.layers.RandomZoom(a.zoom, fill_mode="reflect", seed=seed + 2))
+    if a.translation:
+        shift = a.translation
+        layers.append(
+            keras.layers.RandomTranslation(shift, shift, fill_mode="reflect", seed=seed + 3)
+        )
+    if a.contrast:
+        # RandomContrast clips to [0, 255] on raw pixels: our inputs are raw 0..255.
+        layers.append(keras.layers.RandomContrast(a.contrast, value_range=(0, 255), seed=seed + 4))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def raw_image_input(extractor: keras.Model) -> tuple:
+    """A raw-pixel input shaped as `extractor`'s, and that input after its preprocessing (a
+    fresh `Preprocess` layer of the same mode): the start of every model built on the base."""
+    image = keras.Input(extractor.input_shape[1:], name="image")
+    mode = next(layer.mode for layer in extractor.layers if isinstance(layer, Preprocess))
+    return image, Preprocess(mode, name="preprocess")(image)
 
 
 def fold_nested_base(model: keras.Model) -> keras.Model:

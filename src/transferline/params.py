@@ -496,6 +496,16 @@ class FinetuneParams(_Strict):
         "off and something below the unfrozen layers is frozen; `on`: always (an error when "
         "it cannot apply); `off`: never.",
     )
+    augment_views: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Offline augmentation, for `cache_trunk: on` with augmentation on: the "
+        "trunk stage computes this many augmented views of each training image once, and each "
+        "epoch trains on one of them per image, drawn at random (seeded). A different regime "
+        "from online augmentation (a fixed set of variants, not a fresh one every epoch); the "
+        "cache grows with it. 0: off.",
+    )
     cache_dtype: Literal["float32", "float16"] = Field(
         default="float32",
         description="The cached activations' type on disk (`float16` halves it, and the "
@@ -509,13 +519,23 @@ class FinetuneParams(_Strict):
     )
 
     @model_validator(mode="after")
-    def _cache_without_augmentation(self) -> FinetuneParams:
-        if self.cache_trunk == "on" and self.augment.active:
+    def _cache_and_augmentation(self) -> FinetuneParams:
+        augmented = self.augment.active
+        if self.cache_trunk == "on" and augmented and not self.augment_views:
             raise ValueError(
                 "finetune.cache_trunk is on, but augmentation is on (finetune.augment): cached "
                 "activations are computed once, so they cannot be augmented anew each epoch. "
-                "Turn augmentation off (flip: false, rotation, zoom, contrast, translation: 0), "
-                "or set cache_trunk: auto (it then trains on the images)"
+                "Set finetune.augment_views: K (K augmented views of each training image "
+                "cached once, one drawn per epoch: offline augmentation), turn augmentation "
+                "off (flip: false, rotation, zoom, contrast, translation: 0), or set "
+                "cache_trunk: auto (it then trains on the images)"
+            )
+        if self.augment_views and not (self.cache_trunk == "on" and augmented):
+            why = "augmentation is off" if not augmented else f"cache_trunk is {self.cache_trunk}"
+            raise ValueError(
+                f"finetune.augment_views = {self.augment_views} caches augmented views, which "
+                f"needs finetune.cache_trunk: on and augmentation on (finetune.augment), but "
+                f"{why}. Set augment_views: 0, or cache_trunk: on with augmentation"
             )
         return self
 

@@ -109,47 +109,55 @@ def image_trunk(extractor: keras.Model, cut_: Cut) -> keras.Model:
     """Raw images -> boundary activations: the extractor's preprocessing, then the trunk."""
     import keras  # noqa: PLC0415
 
-    from transferline.models import Preprocess  # noqa: PLC0415
+    from transferline.models import raw_image_input  # noqa: PLC0415
 
-    image = keras.Input(extractor.input_shape[1:], name="image")
-    mode = next(layer.mode for layer in extractor.layers if isinstance(layer, Preprocess))
-    x = Preprocess(mode, name="preprocess")(image)
+    image, x = raw_image_input(extractor)
     out = cut_.trunk(x, training=False)
     return keras.Model(image, out if isinstance(out, list) else [out], name="image_trunk")
 
 
-def cache_bytes(cut_: Cut, images: int, dtype: str, views: int = 1) -> int:
-    """Disk the cache of `images` images (each in `views` views) takes."""
+def cache_bytes(cut_: Cut, images: int, dtype: str) -> int:
+    """Disk the activations of `images` images (or views of them) take."""
     per_image = sum(int(np.prod(t.shape[1:])) for t in cut_.top.inputs)
-    return per_image * images * views * np.dtype(dtype).itemsize
+    return per_image * images * np.dtype(dtype).itemsize
 
 
-def write_activations(model: keras.Model, batches, n: int, out: Path, dtype: str) -> list[Path]:
+def write_activations(
+    model: keras.Model, batches, n: int, out: Path, dtype: str, views: int = 0, augment=None
+) -> list[Path]:
     """The activations of `model` (`image_trunk`) on `n` images, batch by batch, into one
     memory-mapped `.npy` per boundary tensor in `out` (never all in memory).
 
     Args:
         model: raw images -> boundary activations.
-        batches: the images, batched in order (no labels).
+        batches: the images, batched in order (no labels); re-iterable.
         n: how many images the batches hold.
         out: where `act_{i}.npy` go.
         dtype: the files' type (float32 or float16).
+        views: 0: one (n, ...) array per tensor; K: the batches run K times through
+            `augment` and `model`, into a (K, n, ...) array.
+        augment: random layers (`models.augmenter`), for `views`.
     """
     files = [out / f"act_{i}.npy" for i in range(len(model.outputs))]
+    lead = (views, n) if views else (n,)
     arrays = [
-        np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=(n, *t.shape[1:]))
+        np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=(*lead, *t.shape[1:]))
         for f, t in zip(files, model.outputs, strict=True)
     ]
-    pos = 0
-    for batch in batches:
-        outs = model(batch, training=False)
-        outs = outs if isinstance(outs, list | tuple) else [outs]  # one boundary tensor
-        size = int(outs[0].shape[0])
-        for array, values in zip(arrays, outs, strict=True):
-            array[pos : pos + size] = np.asarray(values, dtype=np.float32)
-        pos += size
-    if pos != n:
-        raise ValueError(f"{pos} images in the batches, {n} expected")
+    for view in range(max(views, 1)):
+        pos = 0
+        for batch in batches:
+            # apart from the model: an outer training=False would switch the layers off
+            x = augment(batch, training=True) if augment is not None else batch
+            outs = model(x, training=False)
+            outs = outs if isinstance(outs, list | tuple) else [outs]  # one boundary tensor
+            size = int(outs[0].shape[0])
+            for array, values in zip(arrays, outs, strict=True):
+                target = array[view] if views else array
+                target[pos : pos + size] = np.asarray(values, dtype=np.float32)
+            pos += size
+        if pos != n:
+            raise ValueError(f"{pos} images in the batches, {n} expected")
     for array in arrays:
         array.flush()
     return files
@@ -161,17 +169,21 @@ def cached_dataset(
     batch_size: int,
     shuffle_seed: int | None = None,
     drop_remainder: bool = False,
+    views: int = 0,
 ) -> Any:
     """Batches of (activations, labels) read from the cache, shuffled as
     `images.make_image_dataset` shuffles its files (the same seed, the same order), so the
     cached and the uncached paths see the same batches.
 
     Args:
-        arrays: one (n, ...) array per boundary tensor (memory-mapped `.npy`).
+        arrays: one (n, ...) array per boundary tensor (memory-mapped `.npy`); (K, n, ...)
+            with `views`.
         labels: the n labels.
         batch_size: images per batch.
         shuffle_seed: reshuffled every epoch with this seed; None keeps the order.
         drop_remainder: leave out the short last batch.
+        views: K > 0: each image's activations are those of one of its K views, drawn anew
+            every epoch (seeded by `shuffle_seed`).
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -179,16 +191,26 @@ def cached_dataset(
     ds = tf.data.Dataset.from_tensor_slices(np.arange(n, dtype=np.int64))
     if shuffle_seed is not None:
         ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if views:
+        # a seeded random stream that differs every epoch (every iteration of the dataset)
+        seed = (shuffle_seed or 0) + 1
+        draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, draws).map(lambda i, r: tf.stack([r % views, i]))
+    else:
+        ds = ds.map(lambda i: tf.stack([tf.zeros_like(i), i]))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     dtypes = [tf.as_dtype(a.dtype) for a in arrays]
+    shapes = [a.shape[2:] if views else a.shape[1:] for a in arrays]
 
-    def gather(idx: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(a[idx]) for a in arrays] + [np.asarray(labels[idx])]
+    def gather(rows: np.ndarray) -> list[np.ndarray]:
+        view, idx = rows[:, 0], rows[:, 1]
+        acts = [np.asarray(a[view, idx] if views else a[idx]) for a in arrays]
+        return [*acts, np.asarray(labels[idx])]
 
     def read(idx):
         out = tf.numpy_function(gather, [idx], [*dtypes, tf.as_dtype(labels.dtype)])
-        for t, a in zip(out[:-1], arrays, strict=True):
-            t.set_shape((None, *a.shape[1:]))
+        for t, shape in zip(out[:-1], shapes, strict=True):
+            t.set_shape((None, *shape))
         out[-1].set_shape((None,))
         x = tuple(tf.cast(t, tf.float32) for t in out[:-1])
         return (x if len(x) > 1 else x[0]), out[-1]
@@ -207,7 +229,7 @@ def decision(f: FinetuneParams) -> str | None:
         return "finetune.enabled is false"
     if f.cache_trunk == "off":
         return "finetune.cache_trunk is off"
-    if f.augment.active:  # `on` with augmentation is refused when params load
+    if f.augment.active and not f.augment_views:  # `on` then is refused when params load
         return "augmentation is on (finetune.augment), and cached activations cannot be augmented"
     return None
 
@@ -255,20 +277,27 @@ def build_cache(
         return meta
     classes = read_meta(data.features)["classes"]
     splits = {s: images.split_arrays(data.raw, data.splits, s, classes) for s in ("train", "val")}
-    need = cache_bytes(cut_, sum(len(s[0]) for s in splits.values()), f.cache_dtype)
+    views = {"train": f.augment_views, "val": 0}  # validation is never augmented
+    rows = sum(len(splits[s][0]) * max(views[s], 1) for s in splits)
+    need = cache_bytes(cut_, rows, f.cache_dtype)
     _check_cap(need, f, cut_)
+    if f.augment_views:
+        log.info(OFFLINE, f.augment_views)
     trunk_model = image_trunk(extractor, cut_)
     start = time.perf_counter()
     for name, (paths, _, turns) in splits.items():
         (out / name).mkdir()
+        augment = models.augmenter(f.augment, seed) if views[name] else None
         batches = images.make_image_dataset(paths, None, model.size, batch_size, orientations=turns)
-        write_activations(trunk_model, batches, len(paths), out / name, f.cache_dtype)
+        write_activations(
+            trunk_model, batches, len(paths), out / name, f.cache_dtype, views[name], augment
+        )
     meta = {
         "cached": True, "boundary": cut_.names, "unfrozen": unfrozen,
         "shapes": [list(t.shape[1:]) for t in cut_.top.inputs], "dtype": f.cache_dtype,
-        "bytes": need, "seconds": round(time.perf_counter() - start, 3), "precision": policy,
-        "backbone": model.backbone, "weights": model.weights, "image_size": model.size,
-        "pooling": model.pooling,
+        "views": f.augment_views, "bytes": need, "seconds": round(time.perf_counter() - start, 3),
+        "precision": policy, "backbone": model.backbone, "weights": model.weights,
+        "image_size": model.size, "pooling": model.pooling,
     }  # fmt: skip
     write_json(out / META, meta)
     log.info(
@@ -277,10 +306,20 @@ def build_cache(
     return meta
 
 
+# Said by the trunk and the finetune stage: the regime differs from online augmentation's.
+OFFLINE = (
+    "offline augmentation: %d augmented views of each training image are computed once, and "
+    "each epoch trains on one of them per image, drawn at random; not a fresh augmentation "
+    "every epoch as online augmentation (cache_trunk: auto or off) gives"
+)
+
+
 def _check_cap(need: int, f: FinetuneParams, cut_: Cut) -> None:
     cap = f.cache_max_gb * 1e9
     if need > cap:
         shrink = "finetune.cache_dtype: float16 (half), " if f.cache_dtype == "float32" else ""
+        if f.augment_views > 1:
+            shrink += "fewer views (finetune.augment_views), "
         raise StageError(
             f"the trunk cache would take {need / 1e9:.2f} GB (activations at "
             f"{', '.join(cut_.names)}), above finetune.cache_max_gb = {f.cache_max_gb:g}. "
@@ -302,15 +341,16 @@ def read_cache(folder: Path) -> tuple[dict[str, Any], dict[str, list[np.ndarray]
     return meta, arrays
 
 
-def cache_for_training(folder: Path | None, replicas: int = 1) -> tuple[dict, dict] | None:
-    """The trunk stage's cache (meta, activations), when it cached one and one device trains:
-    with several replicas (GPUs, machines) fine-tuning trains on the images, the path their
-    padded validation and the multi-machine loop were built and tested for."""
+def cache_for_training(
+    folder: Path | None, across_machines: bool = False
+) -> tuple[dict, dict] | None:
+    """The trunk stage's cache (meta, activations), when it cached one; None when fine-tuning
+    runs across machines (TF_CONFIG): their lockstep loop trains on the images."""
     if folder is None or not (folder / META).is_file():
         return None
     cache = read_cache(folder)
-    if cache and replicas > 1:
-        log.info("trunk: cached, but %d replicas train: fine-tuning reads the images", replicas)
+    if cache and across_machines:
+        log.info("trunk: cached, but several machines train: fine-tuning reads the images")
         return None
     return cache
 
@@ -323,16 +363,21 @@ def net_on_cache(net: keras.Model, head: keras.Model, meta: dict, f: FinetunePar
     unfrozen = unfreeze_top(base_of(net), f.unfreeze_layers, f.unfreeze_from)
     cut_ = cut(base_of(net), set(unfrozen))
     shapes = [list(t.shape[1:]) for t in cut_.top.inputs] if cut_ else None
-    if cut_ is None or (unfrozen, cut_.names, shapes) != (
+    views = meta.get("views", 0)
+    if cut_ is None or (unfrozen, cut_.names, shapes, views) != (
         meta["unfrozen"],
         meta["boundary"],
         meta["shapes"],
+        f.augment_views,
     ):
         raise StageError(
             f"data/trunk holds activations cut for another model or other layers (at "
-            f"{', '.join(meta['boundary'])}, {len(meta['unfrozen'])} unfrozen) than these params "
-            f"give ({len(unfrozen)} unfrozen): it is older than the params. Run `dvc repro`, "
-            f"which runs the trunk stage first."
+            f"{', '.join(meta['boundary'])}, {len(meta['unfrozen'])} unfrozen, {views} augmented "
+            f"views) than these params give ({len(unfrozen)} unfrozen, {f.augment_views} "
+            f"views): it is older than the params. Run `dvc repro`, which runs the trunk stage "
+            f"first."
         )
     log.info("trunk: training the top of the base on the activations at %s", ", ".join(cut_.names))
+    if views:
+        log.info(OFFLINE, views)
     return cached_net(cut_, head)
