@@ -11,12 +11,18 @@ weights, no augmentation, the same unfrozen layers, batch 32, --epochs epochs:
   head, the trunk stage's cache, then `finetune.run_finetune` training on the cache;
 - ours_uncached: the same with `finetune.cache_trunk: off` (training on the images).
 
+With `--views K`, every path augments (`finetune.augment`'s defaults: flip, rotation 0.05,
+zoom 0.1): the peer online, in the model, as keras.io's recipe does; ours offline, on a cache
+of K augmented views of each training image (`finetune.augment_views: K`, a different regime:
+see docs/pipeline.md); ours_uncached online, on the images.
+
 Each path runs in a fresh process. Reported: training images per second (the median over the
 epochs after the first, validation apart), the cache's build time and disk size, and each
 process's peak RSS.
 
     python bench/finetune_cache.py [--backbone vgg16 --size 64 --unfreeze 3]
     python bench/finetune_cache.py --backbone mobilenet_v2 --size 160 --unfreeze 20
+    python bench/finetune_cache.py --backbone mobilenet_v2 --size 160 --unfreeze 20 --views 4
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def peer(work: Path, args) -> dict:
 
     from transferline import backbones
     from transferline.finetune import TrainClock
-    from transferline.models import Preprocess, unfreeze_top
+    from transferline.models import Preprocess, augmenter, unfreeze_top
+    from transferline.params import AugmentParams
 
     spec = backbones.get(args.backbone)
     train = keras.utils.image_dataset_from_directory(
@@ -64,8 +71,9 @@ def peer(work: Path, args) -> dict:
     )
     unfreeze_top(base, args.unfreeze)
     image = keras.Input((args.size, args.size, 3))
+    x = augmenter(AugmentParams(), seed=0)(image) if args.views else image  # keras.io: in the model
     # the backbone's preprocess_input as a layer (tests/test_backbones.py checks they agree)
-    x = base(Preprocess(spec.preprocessing)(image), training=False)
+    x = base(Preprocess(spec.preprocessing)(x), training=False)
     model = keras.Model(image, keras.layers.Dense(2, activation="softmax")(x))
     model.compile(
         optimizer=keras.optimizers.Adam(1e-5),
@@ -92,9 +100,11 @@ def ours(work: Path, args, cache: str = "on") -> dict:
     model = ModelParams(backbone=args.backbone, weights="none", image_size=args.size)
     features.extract_dataset(data, model, ExtractParams(batch_size=32), seed=0)
     heads.train_from_features(data.features, work / "head", HeadParams(), seed=0)
+    off = {"flip": False, "rotation": 0.0, "zoom": 0.0}
+    views = args.views if cache == "on" else 0
     f = FinetuneParams(
         epochs=args.epochs, unfreeze_layers=args.unfreeze, batch_size=32, cache_trunk=cache,
-        augment={"flip": False, "rotation": 0.0, "zoom": 0.0},
+        augment={} if args.views else off, augment_views=views,
     )  # fmt: skip
     meta = trunk.build_cache(data, model, f, 32, 0, data.trunk)
     metrics, _, _ = finetune.run_finetune(data, work / "head", model, f, seed=0)
@@ -120,6 +130,7 @@ def main() -> None:
     ap.add_argument("--unfreeze", type=int, default=3)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--views", type=int, default=0, help="augment: offline with K views")
     ap.add_argument("--path", choices=list(PATHS), help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,6 +149,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--path", path, "--work", str(work / path)]
             cmd += ["--backbone", args.backbone, "--size", str(args.size)]
             cmd += ["--unfreeze", str(args.unfreeze), "--epochs", str(args.epochs)]
+            cmd += ["--views", str(args.views)]
             if path.startswith("ours"):
                 (work / path / "raw").symlink_to(work / "raw")
             if path == "peer":
@@ -147,7 +159,8 @@ def main() -> None:
                 raise SystemExit(done.stderr[-3000:])
             results[path] = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = results["ours"]["images_per_second"] / results["peer"]["images_per_second"]
-    print(f"{args.backbone} {args.size} px, {args.unfreeze} layers unfrozen, no augmentation:")
+    regime = f"augmented (ours: {args.views} views)" if args.views else "no augmentation"
+    print(f"{args.backbone} {args.size} px, {args.unfreeze} layers unfrozen, {regime}:")
     for path, r in results.items():
         print(f"  {path}: {json.dumps(r)}")
     print(f"  ours / peer training throughput: {ratio:.2f}")

@@ -280,3 +280,30 @@ def test_a_stage_killed_while_the_cache_is_written_leaves_no_cache(pets, monkeyp
         trunk.build_cache(pets, TINY, f, 8, 0, tmp)
     assert not pets.trunk.exists()
     assert trunk.cache_for_training(pets.trunk) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "policy"), [("bfloat16", "mixed_bfloat16"), ("on", "mixed_float16")]
+)
+def test_the_cache_under_mixed_precision_trains_as_the_images_do(pets, tmp_path, mode, policy):
+    import keras
+
+    model = TINY.model_copy(update={"mixed_precision": mode})
+    f = FinetuneParams(epochs=2, unfreeze_layers=3, batch_size=4, augment=OFF)
+    runs = {}
+    try:
+        pets.trunk.mkdir()
+        meta = trunk.build_cache(pets, model, f, 8, 0, pets.trunk)
+        for data in (pets, DataDirs(pets.raw, pets.splits, pets.features)):  # cached, images
+            seed_everything(0)
+            metrics, history, _ = finetune.run_finetune(data, tmp_path / "head", model, f, seed=0)
+            runs[metrics["trunk_cached"]] = (metrics, history)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert meta["precision"] == policy
+    assert np.load(pets.trunk / "train" / "act_0.npy", mmap_mode="r").dtype == np.float32
+    (cached, cached_history), (plain, plain_history) = runs[True], runs[False]
+    assert cached["precision"] == plain["precision"] == policy
+    for a, b in zip(plain_history, cached_history, strict=True):
+        for key in ("loss", "val_loss"):  # the same computation, rounded alike
+            assert b[key] == pytest.approx(a[key], rel=1e-2), key
