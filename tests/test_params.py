@@ -1,3 +1,4 @@
+import functools
 import subprocess
 import sys
 
@@ -11,6 +12,14 @@ from conftest import REPO
 
 def base() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def load_with(path, section: str, key: str, value):
+    """The committed params with `section.key` set to `value`, written to `path` and loaded."""
+    raw = base()
+    raw[section][key] = value
+    path.write_text(yaml.safe_dump(raw))
+    return load_params(path)
 
 
 def error_for(raw: dict) -> str:
@@ -128,11 +137,7 @@ def test_a_weights_file_must_exist_under_the_weights_folder(tmp_path, monkeypatc
     params = tmp_path / "other_params.yaml"  # `--params` elsewhere: paths are from the cwd
     monkeypatch.chdir(repo)
 
-    def load(weights: str):
-        raw = base()
-        raw["model"]["weights"] = weights
-        params.write_text(yaml.safe_dump(raw))
-        return load_params(params)
+    load = functools.partial(load_with, params, "model", "weights")
 
     assert load("weights/base.weights.h5").model.weights == "weights/base.weights.h5"
     assert load(str(repo / "weights" / "base.weights.h5")).model.weights.endswith("h5")
@@ -271,11 +276,7 @@ def test_an_exclude_file_must_exist_under_data_exclude(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     monkeypatch.chdir(tmp_path)
 
-    def load(listed: str):
-        raw = base()
-        raw["data"]["exclude_file"] = listed
-        params.write_text(yaml.safe_dump(raw))
-        return load_params(params)
+    load = functools.partial(load_with, params, "data", "exclude_file")
 
     assert load("data/exclude/issues.csv").data.exclude_file == "data/exclude/issues.csv"
     with pytest.raises(ParamsError, match="is outside data/exclude/") as info:
