@@ -280,6 +280,14 @@ def make_image_dataset(
             num_parallel_calls=parallel,
             deterministic=True,
         )
+    return prefetched(ds)
+
+
+def prefetched(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` reading `PREFETCH_BATCHES` batches ahead, tf.data's autotuner off (the stall
+    `make_image_dataset` explains)."""
+    import tensorflow as tf  # noqa: PLC0415
+
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(PREFETCH_BATCHES).with_options(options)

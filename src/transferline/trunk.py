@@ -215,9 +215,9 @@ def cached_dataset(
         x = tuple(tf.cast(t, tf.float32) for t in out[:-1])
         return (x if len(x) > 1 else x[0]), out[-1]
 
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.map(read, num_parallel_calls=1, deterministic=True).prefetch(3).with_options(options)
+    from transferline.images import prefetched  # noqa: PLC0415
+
+    return prefetched(ds.map(read, num_parallel_calls=1, deterministic=True))
 
 
 META = "meta.json"
