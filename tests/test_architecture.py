@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "transferline"
 LIGHT = {
     "audit", "audit_report", "backbones", "checks", "cli", "dataset", "errors", "figures",
     "files", "labels_csv", "layouts", "logs",
-    "params", "params_doc", "reproduce", "sources", "stagekit", "tracking", "tracking_identity",
+    "params", "params_doc", "params_files", "reproduce", "sources", "stagekit", "tracking",
+    "tracking_identity",
     "tracking_models", "tracking_queries",
 }  # fmt: skip
 

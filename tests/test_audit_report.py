@@ -15,7 +15,7 @@ from PIL import Image
 from transferline import audit_report, cli, stagekit, tracking
 from transferline.audit import Findings
 from transferline.errors import StageError
-from transferline.params import load_params
+from transferline.params_files import load_params
 
 from conftest import REPO
 

@@ -20,7 +20,8 @@ import yaml
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "transferline"
-NOT_OUTPUTS = {"logs", "errors", "stagekit", "params", "files", "cli", "reproduce"} | {
+NOT_OUTPUTS = {"logs", "errors", "stagekit", "params", "params_files", "files", "cli"} | {
+    "reproduce",
     "tracking",
     "tracking_identity",
     "tracking_models",

@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from transferline.params import ParamsError, load_params, parse_params
+from transferline.errors import ParamsError
+from transferline.params_files import load_params, parse_params
 
 from conftest import REPO
 

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from transferline import stagekit, tracking
-from transferline.params import load_params
+from transferline.params_files import load_params
 
 from conftest import REPO, refused_uri
 

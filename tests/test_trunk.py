@@ -189,7 +189,7 @@ VIEWS = {"cache_trunk": "on", "augment_views": 3, "augment": {"flip": True, "zoo
 
 
 def test_offline_augmentation_caches_k_views_of_the_training_images(pets):
-    plain = build(pets)
+    assert build(pets)["views"] == 0
     plain_train = np.load(pets.trunk / "train" / "act_0.npy")
     plain_val = np.load(pets.trunk / "val" / "act_0.npy")
     shutil.rmtree(pets.trunk)
@@ -238,7 +238,7 @@ def test_fine_tuning_on_views_says_so_and_refuses_other_views(pets, tmp_path, ca
     assert metrics["trunk_cached"] is True and metrics["augment_views"] == 3
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     assert "offline augmentation: 3 augmented views" in caplog.text
-    with pytest.raises(StageError, match="3 augmented views.*2 views"):
+    with pytest.raises(StageError, match=r"3 augmented views.*2 views"):
         finetune.run_finetune(
             pets, tmp_path / "head", TINY, f.model_copy(update={"augment_views": 2}), seed=0
         )

@@ -205,7 +205,7 @@ def _looks_like_download_failure(exc: Exception) -> bool:
 
 def check_weights_source(weights: str, backbone: Backbone) -> None:
     """A clear error for a weights path that is not there (for library callers: stages get
-    it earlier, from params.check_files, before TensorFlow is imported)."""
+    it earlier, from params_files.check_files, before TensorFlow is imported)."""
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise WeightsError(
             f"model.weights: the weights file {weights} does not exist. Use 'imagenet', 'none', "

@@ -120,7 +120,7 @@ def apply_overrides(raw: dict, overrides: dict[str, str]) -> dict:
     Hydra's `+`/`++` prefixes, which let DVC add keys to a mapping, are not part of the key)."""
     import copy  # noqa: PLC0415
 
-    from transferline.params import load_yaml  # noqa: PLC0415
+    from transferline.params_files import load_yaml  # noqa: PLC0415
 
     out = copy.deepcopy(raw)
     for key, value in overrides.items():
@@ -140,7 +140,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from transferline.params import ParamsError, check_files, parse_params, read_raw  # noqa: PLC0415
+    from transferline.errors import ParamsError  # noqa: PLC0415
+    from transferline.params_files import check_files, parse_params, read_raw  # noqa: PLC0415
 
     overrides = quickstart_overrides(args.set or [])
     try:  # the overridden params must be valid before DVC starts anything
@@ -184,7 +185,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from transferline.params import ParamsError, load_params  # noqa: PLC0415
+    from transferline.errors import ParamsError  # noqa: PLC0415
+    from transferline.params_files import load_params  # noqa: PLC0415
 
     try:
         p = load_params(args.params)
@@ -350,7 +352,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from transferline import tracking, tracking_queries  # noqa: PLC0415
-    from transferline.params import ParamsError, load_params  # noqa: PLC0415
+    from transferline.errors import ParamsError  # noqa: PLC0415
+    from transferline.params_files import load_params  # noqa: PLC0415
 
     experiment = args.experiment
     if experiment is None:

@@ -199,7 +199,7 @@ def recompute(recipe: Recipe, repo: Path, folder: Path, env: dict[str, str]) -> 
         (metric, the run's value, the recomputed value or None) per test metric.
     """
     from transferline.files import read_json, require_new_dir  # noqa: PLC0415
-    from transferline.params import load_params  # noqa: PLC0415
+    from transferline.params_files import load_params  # noqa: PLC0415
 
     try:  # before the `try` below, which removes the folder on failure
         require_new_dir(folder, "a reproduction goes into a new one")

@@ -15,7 +15,8 @@ from pathlib import Path
 from transferline import logs
 from transferline.errors import StageError, TransferlineError
 from transferline.files import DataDirs
-from transferline.params import Params, load_params
+from transferline.params import Params
+from transferline.params_files import load_params
 
 log = logging.getLogger("transferline")
 

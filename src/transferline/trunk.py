@@ -271,7 +271,7 @@ def build_cache(
                 f"finetune.cache_trunk is on, but {why}: there is nothing to cache. Set "
                 f"finetune.cache_trunk: auto (or off), or unfreeze fewer layers."
             )
-        log.info("trunk: not cached (%s): fine-tuning trains on the images", why)
+        log.info("not cached (%s): fine-tuning trains on the images", why)
         meta = {"cached": False, "reason": why}
         write_json(out / META, meta)
         return meta
@@ -300,9 +300,7 @@ def build_cache(
         "image_size": model.size, "pooling": model.pooling,
     }  # fmt: skip
     write_json(out / META, meta)
-    log.info(
-        "trunk: cached at %s, %.1f MB in %.1f s", ", ".join(cut_.names), need / 1e6, meta["seconds"]
-    )
+    log.info("cached at %s, %.1f MB in %.1f s", ", ".join(cut_.names), need / 1e6, meta["seconds"])
     return meta
 
 
@@ -350,7 +348,7 @@ def cache_for_training(
         return None
     cache = read_cache(folder)
     if cache and across_machines:
-        log.info("trunk: cached, but several machines train: fine-tuning reads the images")
+        log.info("cached, but several machines train: fine-tuning reads the images")
         return None
     return cache
 
@@ -377,7 +375,7 @@ def net_on_cache(net: keras.Model, head: keras.Model, meta: dict, f: FinetunePar
             f"views): it is older than the params. Run `dvc repro`, which runs the trunk stage "
             f"first."
         )
-    log.info("trunk: training the top of the base on the activations at %s", ", ".join(cut_.names))
+    log.info("training the top of the base on the activations at %s", ", ".join(cut_.names))
     if views:
         log.info(OFFLINE, views)
     return cached_net(cut_, head)
