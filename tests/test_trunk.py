@@ -157,6 +157,8 @@ def test_a_cache_over_its_cap_names_the_size_and_what_shrinks_it(pets):
     assert "would take 0.00" in message and "finetune.cache_max_gb = 1e-06" in message
     assert "finetune.cache_dtype: float16" in message and "unfreeze_layers" in message
     assert not list(pets.trunk.iterdir())  # nothing written
+    with pytest.raises(StageError, match=r"fewer views \(finetune\.augment_views\)"):
+        build(pets, cache_max_gb=1e-6, **VIEWS)
 
 
 def test_when_the_cache_does_not_apply_it_says_why(pets):

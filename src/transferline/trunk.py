@@ -244,7 +244,7 @@ def build_cache(
         data: the raw images and the split manifests.
         model, f: the `model` and `finetune` sections (which layers train).
         batch_size: images per forward pass (`extract.batch_size`).
-        seed: seeds the base's initialisation (`weights: none`).
+        seed: seeds the base's initialisation (`weights: none`) and the augmented views.
         out: the (temporary) folder to write.
 
     Returns:
@@ -252,19 +252,10 @@ def build_cache(
     """
     import time  # noqa: PLC0415
 
-    why = decision(f)
+    why, found = decision(f), None
     if why is None:  # TensorFlow only now: a stage with nothing to cache costs no import
-        from transferline import backbones, images, models, runtime  # noqa: PLC0415
-        from transferline.feature_files import read_meta  # noqa: PLC0415
-
-        policy = runtime.set_precision(model.mixed_precision)
-        extractor = models.build_feature_extractor(
-            backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
-        )
-        base = models.base_of(extractor)
-        unfrozen = models.unfreeze_top(base, f.unfreeze_layers, f.unfreeze_from)
-        cut_ = cut(base, set(unfrozen))
-        why = None if cut_ else "nothing below the unfrozen layers is frozen"
+        found = _model_and_cut(model, f, seed)
+        why = None if found else "nothing below the unfrozen layers is frozen"
     if why is not None:
         if f.cache_trunk == "on":
             raise StageError(
@@ -275,6 +266,10 @@ def build_cache(
         meta = {"cached": False, "reason": why}
         write_json(out / META, meta)
         return meta
+    from transferline import images, models  # noqa: PLC0415
+    from transferline.feature_files import read_meta  # noqa: PLC0415
+
+    extractor, unfrozen, cut_, policy = found
     classes = read_meta(data.features)["classes"]
     splits = {s: images.split_arrays(data.raw, data.splits, s, classes) for s in ("train", "val")}
     views = {"train": f.augment_views, "val": 0}  # validation is never augmented
@@ -302,6 +297,21 @@ def build_cache(
     write_json(out / META, meta)
     log.info("cached at %s, %.1f MB in %.1f s", ", ".join(cut_.names), need / 1e6, meta["seconds"])
     return meta
+
+
+def _model_and_cut(model: ModelParams, f: FinetuneParams, seed: int) -> tuple | None:
+    """The feature extractor the params build (under their precision policy), the layers
+    they unfreeze, its `Cut` and the policy; None when nothing is frozen below them."""
+    from transferline import backbones, models, runtime  # noqa: PLC0415
+
+    policy = runtime.set_precision(model.mixed_precision)
+    extractor = models.build_feature_extractor(
+        backbones.get(model.backbone), model.weights, model.size, model.pooling, seed
+    )
+    base = models.base_of(extractor)
+    unfrozen = models.unfreeze_top(base, f.unfreeze_layers, f.unfreeze_from)
+    cut_ = cut(base, set(unfrozen))
+    return (extractor, unfrozen, cut_, policy) if cut_ else None
 
 
 # Said by the trunk and the finetune stage: the regime differs from online augmentation's.
