@@ -1,5 +1,6 @@
-"""The trunk cache: where the frozen base meets its trainable top, and fine-tuning on cached
-activations giving what fine-tuning on the images gives (augmentation off)."""
+"""The trunk cache: where the frozen base meets its trainable top, fine-tuning on cached
+activations giving what fine-tuning on the images gives (augmentation off, under mixed
+precision too), and offline augmentation's cached views."""
 
 from __future__ import annotations
 
