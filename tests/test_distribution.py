@@ -13,7 +13,7 @@ import pytest
 
 from transferline.errors import StageError
 
-SCRIPT = textwrap.dedent(
+TWO_CPUS = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
@@ -22,6 +22,10 @@ SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
     )
+    """
+)
+SCRIPT = TWO_CPUS + textwrap.dedent(
+    """
     import keras
     import numpy as np
     from transferline import backbones, features, finetune, heads, models, replicas, runtime
@@ -99,16 +103,22 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+def run_on_two_cpus(script: str, tmp_path) -> dict:
+    """Run `script` (it starts with TWO_CPUS) in a fresh process with `tmp_path` as its
+    argument; the JSON it prints last."""
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", script, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    res = run_on_two_cpus(SCRIPT, tmp_path)
     assert res["replicas"] == 2
     assert res["shape"] == [13, 1280] and res["folded"] > 0
     # same features, same order, as the plain (unfolded) model on one device
@@ -128,15 +138,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     np.testing.assert_allclose(res["val_best"], res["one_device_end"], rtol=1e-5)
 
 
-CACHED = textwrap.dedent(
+CACHED = TWO_CPUS + textwrap.dedent(
     """
-    import json, sys
-    from pathlib import Path
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     import numpy as np
     from transferline import backbones, finetune, heads, models, replicas, runtime, trunk
     from transferline.params import FinetuneParams
@@ -197,15 +200,7 @@ CACHED = textwrap.dedent(
 def test_the_trunk_cache_under_mirrored_strategy_matches_the_images(tmp_path):
     """Two replicas, a base cut at two tensors (DenseNet's concatenations): fine-tuning on
     the cache gives the losses and weights fine-tuning on the images gives."""
-    out = subprocess.run(
-        [sys.executable, "-c", CACHED, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_on_two_cpus(CACHED, tmp_path)
     assert res["boundary"] == ["conv5_block16_0_relu", "conv5_block15_concat"]
     plain, cached = res["runs"]
     assert len(plain["history"]) == len(cached["history"]) == 2
