@@ -27,7 +27,7 @@ def run(p: Params) -> None:
     stagekit.log.info("audit: %s", metrics or "not run")
     with stagekit.mlflow_run(p) as run:
         stagekit.log_stage_metrics(run, "audit", metrics)
-        stagekit.log_audit_artifacts(run)
+        stagekit.log_folders(run, stagekit.AUDIT_FOLDERS)
 
 
 if __name__ == "__main__":

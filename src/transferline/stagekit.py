@@ -279,17 +279,18 @@ def log_everything(run) -> None:
             run.log_history(rows, prefix=prefix)
             run.log_artifact(path, "plots")
     log_tables(run)
-    log_audit_artifacts(run)
-    figures = PLOTS / "evaluate"
-    for path in sorted(figures.glob("*")) if figures.is_dir() else []:
-        run.log_artifact(path, "plots/evaluate")
+    log_folders(run, (*AUDIT_FOLDERS, (PLOTS / "evaluate", "plots/evaluate")))
     for path in (Path("params.yaml"), Path("dvc.lock")):
         run.log_artifact(path)
 
 
-def log_audit_artifacts(run) -> None:
-    """The audit's CSVs and grids, where the audit stage wrote them."""
-    for folder, artifact_path in ((AUDIT, "audit"), (PLOTS / "audit", "plots/audit")):
+# The audit's CSVs and grids, and the run's artifact folder for each.
+AUDIT_FOLDERS = ((AUDIT, "audit"), (PLOTS / "audit", "plots/audit"))
+
+
+def log_folders(run, folders) -> None:
+    """Every file of each (folder, artifact path) pair whose folder exists, into the run."""
+    for folder, artifact_path in folders:
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
             run.log_artifact(path, artifact_path)
 

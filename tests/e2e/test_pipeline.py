@@ -320,6 +320,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     ]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots/evaluate")}
     assert "plots/evaluate/head_confusion.png" in artifacts
+    audit_logged = {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
+    assert "audit/label_issues.csv" in audit_logged  # the audit's CSVs and grids too
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "plots/audit")}
+    assert "plots/audit/label_issues.png" in grids
     assert "MLmodel" in logged_model_files(client, run)
     assert run.data.tags["device"] == "CPU" and run.data.tags["model.source"] == "finetune"
 
